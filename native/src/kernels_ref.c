@@ -1,0 +1,36 @@
+/* kernels_ref.c -- the portable reference of the two hot loops (see qes_internal.h). */
+#include "qes_internal.h"
+
+static uint32_t gen_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
+                              int seed_sign, uint16_t *off_out, int8_t *sign_out, uint16_t *slot_out) {
+    uint32_t m = 0;
+    for (uint32_t j = 0; j < n_draws; ++j) {
+        uint32_t x = qes_perm(k, j);
+        if (x >= n_valid) continue;
+        off_out[m] = (uint16_t)x;
+        sign_out[m] = (int8_t)(qes_draw_sign(k, x) * seed_sign);
+        slot_out[m] = (uint16_t)j;
+        ++m;
+    }
+    return m;
+}
+
+static void dense_step_ref(const qes_dense_args *a, const int32_t *acc, int32_t *r, qes_update_stats *st) {
+    for (uint32_t i = 0; i < a->n; ++i) {
+        int32_t step = acc[i] + qes_asr(a->beta_q14 * r[i] + (1 << 13), 14);
+        int32_t d = qes_asr(step + (1 << 15), 16);
+        if (d) {
+            int code = qes_elem_get(a->tr, a->data, a->base + i);
+            int32_t g = qes_gate(a->tr, code, d, a->anti_windup);
+            if (a->apply) {
+                if (g != d) st->dropped++;
+                if (g) { qes_elem_set(a->tr, a->data, a->base + i, code + g); st->changed++; }
+            }
+            d = g;
+        }
+        int32_t res = step - d * 65536;
+        r[i] = res > a->clamp_q16 ? a->clamp_q16 : (res < -a->clamp_q16 ? -a->clamp_q16 : res);
+    }
+}
+
+const qes_kernels qes_kernels_ref = {"portable", gen_chunk_ref, dense_step_ref};
