@@ -1,0 +1,81 @@
+"""Load libqes through cffi (ABI mode) and pick its backend.
+
+The declarations are read from the installed ``qes.h`` (between BEGIN CDEF and END CDEF), so
+the binding can never drift from the header.  The backend is chosen by the environment
+variable ``QES_EDGE_BACKEND`` (``auto`` | ``portable`` | ``avx2``) and reported by
+:data:`backend`; asking for one that is not available raises, it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import cffi
+
+_HERE = Path(__file__).resolve().parent
+_LIB_NAMES = {"linux": "libqes.so", "darwin": "libqes.dylib"}
+
+
+class NativeLibraryMissing(ImportError):
+    pass
+
+
+def _find(name: str) -> Path:
+    override = os.environ.get("QES_EDGE_LIB")
+    candidates = [Path(override)] if override else []
+    candidates += [_HERE / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise NativeLibraryMissing(
+        f"libqes ({name}) was not found next to {__file__}. The package was installed without "
+        "its native build: reinstall with `pip install .` from the checkout (needs a C compiler "
+        "and CMake: apt-get install build-essential cmake), or point QES_EDGE_LIB at a built libqes."
+    )
+
+
+def _header_text(lib_path: Path) -> str:
+    for h in (lib_path.parent / "include" / "qes.h", _HERE / "include" / "qes.h",
+              _HERE.parent / "native" / "include" / "qes.h"):
+        if h.is_file():
+            text = h.read_text()
+            m = re.search(r"/\* BEGIN CDEF \*/(.*)/\* END CDEF \*/", text, re.S)
+            if m:
+                return m.group(1)
+    raise NativeLibraryMissing("qes.h (the binding's declarations) is missing from the installation")
+
+
+_lib_path = _find(_LIB_NAMES.get(sys.platform, "libqes.so"))
+ffi = cffi.FFI()
+ffi.cdef(_header_text(_lib_path))
+lib = ffi.dlopen(str(_lib_path))
+
+BACKENDS = {"portable": lib.QES_BACKEND_PORTABLE, "avx2": lib.QES_BACKEND_AVX2}
+
+
+def available_backends() -> list[str]:
+    return [name for name, code in BACKENDS.items() if lib.qes_backend_available(code)]
+
+
+def set_backend(name: str) -> str:
+    """Select the kernel table; 'auto' picks the fastest available. Returns the active name."""
+    if name == "auto":
+        lib.qes_set_backend(lib.QES_BACKEND_AUTO)
+    elif name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose auto, {', '.join(BACKENDS)}")
+    elif lib.qes_set_backend(BACKENDS[name]) != lib.QES_OK:
+        raise RuntimeError(
+            f"backend {name!r} is not available here (available: {', '.join(available_backends())})")
+    return get_backend()
+
+
+def get_backend() -> str:
+    code = lib.qes_get_backend()
+    return next(name for name, c in BACKENDS.items() if c == code)
+
+
+backend = set_backend(os.environ.get("QES_EDGE_BACKEND", "auto"))
+library_path = str(_lib_path)

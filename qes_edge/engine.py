@@ -1,0 +1,236 @@
+"""The QES engine on one tensor's raw GGUF bytes: codes, noise, perturb/restore, update.
+
+A :class:`CodeTensor` wraps memory that holds a tensor's blocks -- a NumPy array (a GGUF
+file mapped or read into memory) or a raw address (a llama.cpp weight buffer) -- and edits
+the integer codes in place through libqes.  Every failure is a :class:`QESError` that names
+the tensor; nothing is written when an argument is rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ._native import ffi, lib
+from .fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14
+from .quant import QESError, TypeInfo, type_info, type_name
+
+SEED_MAX = 2**31 - 1
+SIGMA_MAX = 0.5
+
+
+def _fail(tensor: str, qtype, err: int, what: str) -> QESError:
+    reason = ffi.string(lib.qes_strerror(err)).decode()
+    return QESError(f"tensor {tensor!r} ({type_name(qtype)}): {what}: {reason}")
+
+
+def sigma_threshold(sigma: float) -> int:
+    """p32 = floor(sigma*sqrt(2/pi)*2^32): the probability that a code moves, in 32-bit fixed point."""
+    try:
+        s = float(sigma)
+    except (TypeError, ValueError):
+        raise QESError(f"sigma must be a number, got {sigma!r}") from None
+    out = ffi.new("uint32_t *")
+    if lib.qes_sigma_threshold(s, out) != lib.QES_OK:
+        raise QESError(f"sigma {sigma!r} is not usable: it must be finite, > 0 and <= {SIGMA_MAX}")
+    return int(out[0])
+
+
+def tensor_id(name: str) -> int:
+    raw = name.encode("utf-8")
+    return int(lib.qes_tensor_id(raw, len(raw)))
+
+
+def _check_seed(seed, tensor: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise QESError(f"tensor {tensor!r}: seed must be an integer, got {seed!r}")
+    s = int(seed)
+    if s == 0 or abs(s) > SEED_MAX:
+        raise QESError(f"tensor {tensor!r}: seed {s} is outside the supported range: nonzero, |seed| <= 2^31-1")
+    return s
+
+
+@dataclass
+class Step:
+    """One recorded step: member seeds, their Q16 coefficients, and the noise threshold."""
+
+    seeds: np.ndarray
+    coefs_q16: np.ndarray
+    threshold: int
+
+    def __post_init__(self):
+        self.seeds = np.ascontiguousarray(self.seeds, dtype=np.int64)
+        self.coefs_q16 = np.ascontiguousarray(self.coefs_q16, dtype=np.int32)
+        if self.seeds.shape != self.coefs_q16.shape or self.seeds.ndim != 1:
+            raise QESError(f"a step needs as many coefficients as seeds ({self.seeds.shape} vs {self.coefs_q16.shape})")
+
+
+@dataclass
+class UpdateStats:
+    changed: int
+    dropped: int
+
+
+@dataclass
+class Perturbation:
+    """What restore needs to undo a perturbation exactly: the seed, threshold and applied-mask."""
+
+    tensor: "CodeTensor"
+    seed: int
+    threshold: int
+    mask: np.ndarray
+    applied: int
+    restored: bool = field(default=False)
+
+    def restore(self) -> None:
+        self.tensor.restore(self)
+
+
+class CodeTensor:
+    """A quantized tensor's raw blocks, edited in place."""
+
+    def __init__(self, name: str, qtype, n_elements: int, data=None, *, address: int | None = None,
+                 n_bytes: int | None = None, keepalive=None):
+        self.name = name
+        self.info: TypeInfo = type_info(qtype, name)
+        self.qtype = self.info.qtype
+        self.n_elements = int(n_elements)
+        if data is not None:
+            arr = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+            if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+                arr = arr.reshape(-1).view(np.uint8)
+            self._array = arr
+            self.n_bytes = arr.nbytes
+            self._ptr = ffi.cast("uint8_t *", arr.ctypes.data) if arr.nbytes else ffi.NULL
+            self.writable = bool(arr.flags.writeable)
+        else:
+            if not address:
+                raise QESError(f"tensor {name!r}: null buffer")
+            self._array = None
+            self.n_bytes = int(n_bytes)
+            self._ptr = ffi.cast("uint8_t *", address)
+            self.writable = True
+        self._keepalive = keepalive
+        self.id = tensor_id(name)
+        self._c = ffi.new("qes_tensor *", {"type": int(self.qtype), "n_elements": self.n_elements,
+                                          "data": self._ptr, "n_bytes": self.n_bytes, "id": self.id})
+        err = lib.qes_tensor_check(self._c)
+        if err != lib.QES_OK:
+            blocks = self.info.block_elems
+            raise _fail(name, self.qtype, err,
+                        f"{self.n_elements} elements (blocks of {blocks}) in {self.n_bytes} bytes")
+
+    def __repr__(self):
+        return f"CodeTensor({self.name!r}, {self.qtype.name}, n={self.n_elements})"
+
+    def _need_writable(self, what: str):
+        if not self.writable:
+            raise QESError(f"tensor {self.name!r}: cannot {what}: its buffer is read-only")
+
+    # -- codes -------------------------------------------------------------------------
+    def _span(self, start: int, count: int | None) -> tuple[int, int]:
+        count = self.n_elements - start if count is None else count
+        if start < 0 or count < 0 or start + count > self.n_elements:
+            raise QESError(f"tensor {self.name!r}: elements [{start}, {start + count}) are outside [0, {self.n_elements})")
+        return start, count
+
+    def codes(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        start, count = self._span(start, count)
+        out = np.empty(count, dtype=np.int32)
+        err = lib.qes_codes_get(self._c, start, count, ffi.cast("int32_t *", out.ctypes.data))
+        if err:
+            raise _fail(self.name, self.qtype, err, "reading codes")
+        return out
+
+    def set_codes(self, values, start: int = 0) -> None:
+        self._need_writable("set codes")
+        v = np.ascontiguousarray(values, dtype=np.int64)
+        if v.size and (v.min() < self.info.cmin or v.max() > self.info.cmax):
+            raise QESError(f"tensor {self.name!r} ({self.qtype.name}): codes must lie in "
+                           f"[{self.info.cmin}, {self.info.cmax}]")
+        v = v.astype(np.int32)
+        start, count = self._span(start, v.size)
+        err = lib.qes_codes_set(self._c, start, count, ffi.cast("int32_t *", v.ctypes.data))
+        if err:
+            raise _fail(self.name, self.qtype, err, "writing codes")
+
+    def levels(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Dequantized size of one code step for each element."""
+        start, count = self._span(start, count)
+        out = np.empty(count, dtype=np.float32)
+        err = lib.qes_levels(self._c, start, count, ffi.cast("float *", out.ctypes.data))
+        if err:
+            raise _fail(self.name, self.qtype, err, "reading levels")
+        return out
+
+    # -- noise -------------------------------------------------------------------------
+    def noise(self, seed: int, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+        """The draws of (seed, this tensor) in spec order: element indices and +-1."""
+        seed = _check_seed(seed, self.name)
+        n = ffi.new("uint64_t *")
+        err = lib.qes_noise(self.id, self.n_elements, seed, threshold, ffi.NULL, ffi.NULL, 0, n)
+        if err:
+            raise _fail(self.name, self.qtype, err, "noise")
+        pos = np.empty(n[0], dtype=np.uint64)
+        sign = np.empty(n[0], dtype=np.int8)
+        err = lib.qes_noise(self.id, self.n_elements, seed, threshold,
+                            ffi.cast("uint64_t *", pos.ctypes.data), ffi.cast("int8_t *", sign.ctypes.data),
+                            n[0], n)
+        if err:
+            raise _fail(self.name, self.qtype, err, "noise")
+        return pos, sign
+
+    # -- perturb / restore -------------------------------------------------------------
+    def perturb(self, seed: int, threshold: int) -> Perturbation:
+        self._need_writable("perturb")
+        seed = _check_seed(seed, self.name)
+        mask = np.empty(max(1, lib.qes_mask_bytes(self.n_elements, threshold)), dtype=np.uint8)
+        applied = ffi.new("uint64_t *")
+        err = lib.qes_perturb(self._c, seed, threshold, ffi.cast("uint8_t *", mask.ctypes.data), mask.nbytes, applied)
+        if err:
+            raise _fail(self.name, self.qtype, err, f"perturb(seed={seed})")
+        return Perturbation(self, seed, int(threshold), mask, int(applied[0]))
+
+    def restore(self, p: Perturbation) -> None:
+        if p.tensor is not self:
+            raise QESError(f"tensor {self.name!r}: this perturbation belongs to {p.tensor.name!r}")
+        if p.restored:
+            raise QESError(f"tensor {self.name!r}: perturbation seed {p.seed} was already restored")
+        err = lib.qes_restore(self._c, p.seed, p.threshold, ffi.cast("uint8_t *", p.mask.ctypes.data), p.mask.nbytes)
+        if err:
+            raise _fail(self.name, self.qtype, err, f"restore(seed={p.seed})")
+        p.restored = True
+
+    # -- update ------------------------------------------------------------------------
+    def update(self, steps: Sequence[Step], residual: np.ndarray | None = None, *, beta: float = 0.9,
+               clamp_q16: int = DEFAULT_CLAMP_Q16, anti_windup: bool = True, threads: int = 0) -> UpdateStats:
+        """Apply the last of ``steps``; the ones before it are replayed into the residual.
+
+        residual None: seed replay (the residual starts from zero at steps[0]).  Otherwise an
+        int32 Q16 array of n_elements, read and written back (stored-residual mode)."""
+        self._need_writable("update")
+        if not steps:
+            raise QESError(f"tensor {self.name!r}: update needs at least one step")
+        cs = ffi.new("qes_step[]", len(steps))
+        keep = []
+        for i, st in enumerate(steps):
+            keep.append(st)
+            cs[i].seeds = ffi.cast("int64_t *", st.seeds.ctypes.data) if st.seeds.size else ffi.NULL
+            cs[i].coefs = ffi.cast("int32_t *", st.coefs_q16.ctypes.data) if st.coefs_q16.size else ffi.NULL
+            cs[i].n_members = st.seeds.size
+            cs[i].threshold = st.threshold
+        rptr = ffi.NULL
+        if residual is not None:
+            if residual.dtype != np.int32 or residual.shape != (self.n_elements,) or not residual.flags.c_contiguous:
+                raise QESError(f"tensor {self.name!r}: residual must be a contiguous int32 array of {self.n_elements}")
+            rptr = ffi.cast("int32_t *", residual.ctypes.data)
+        params = ffi.new("qes_update_params *", {"beta_q14": beta_to_q14(beta), "clamp_q16": clamp_q16,
+                                                 "flags": lib.QES_UPDATE_ANTI_WINDUP if anti_windup else 0,
+                                                 "n_threads": threads})
+        stats = ffi.new("qes_update_stats *")
+        err = lib.qes_update(self._c, cs, len(steps), rptr, params, stats)
+        if err:
+            raise _fail(self.name, self.qtype, err, "update")
+        return UpdateStats(int(stats.changed), int(stats.dropped))
