@@ -27,6 +27,11 @@ def _find(name: str) -> Path:
     override = os.environ.get("QES_EDGE_LIB")
     candidates = [Path(override)] if override else []
     candidates += [_HERE / name]
+    try:  # running from a source checkout: use the build that `pip install .` put in site-packages
+        from importlib.metadata import PackageNotFoundError, distribution
+        candidates.append(Path(distribution("qes-edge").locate_file(f"qes_edge/{name}")))
+    except PackageNotFoundError:
+        pass
     for c in candidates:
         if c.is_file():
             return c

@@ -52,6 +52,13 @@ def _check_seed(seed, tensor: str) -> int:
     return s
 
 
+def _check_threshold(threshold, tensor: str) -> int:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or not 0 < int(threshold) < 2**32:
+        raise QESError(f"tensor {tensor!r}: noise threshold must be an integer in (0, 2^32), got {threshold!r} "
+                       "(use sigma_threshold(sigma))")
+    return int(threshold)
+
+
 @dataclass
 class Step:
     """One recorded step: member seeds, their Q16 coefficients, and the noise threshold."""
@@ -169,6 +176,7 @@ class CodeTensor:
     def noise(self, seed: int, threshold: int) -> tuple[np.ndarray, np.ndarray]:
         """The draws of (seed, this tensor) in spec order: element indices and +-1."""
         seed = _check_seed(seed, self.name)
+        threshold = _check_threshold(threshold, self.name)
         n = ffi.new("uint64_t *")
         err = lib.qes_noise(self.id, self.n_elements, seed, threshold, ffi.NULL, ffi.NULL, 0, n)
         if err:
@@ -186,6 +194,7 @@ class CodeTensor:
     def perturb(self, seed: int, threshold: int) -> Perturbation:
         self._need_writable("perturb")
         seed = _check_seed(seed, self.name)
+        threshold = _check_threshold(threshold, self.name)
         mask = np.empty(max(1, lib.qes_mask_bytes(self.n_elements, threshold)), dtype=np.uint8)
         applied = ffi.new("uint64_t *")
         err = lib.qes_perturb(self._c, seed, threshold, ffi.cast("uint8_t *", mask.ctypes.data), mask.nbytes, applied)
@@ -220,7 +229,7 @@ class CodeTensor:
             cs[i].seeds = ffi.cast("int64_t *", st.seeds.ctypes.data) if st.seeds.size else ffi.NULL
             cs[i].coefs = ffi.cast("int32_t *", st.coefs_q16.ctypes.data) if st.coefs_q16.size else ffi.NULL
             cs[i].n_members = st.seeds.size
-            cs[i].threshold = st.threshold
+            cs[i].threshold = _check_threshold(st.threshold, self.name)
         rptr = ffi.NULL
         if residual is not None:
             if residual.dtype != np.int32 or residual.shape != (self.n_elements,) or not residual.flags.c_contiguous:

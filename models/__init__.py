@@ -1,0 +1,1 @@
+"""Model helpers outside the package: making test copies of the default model (no weights here)."""
