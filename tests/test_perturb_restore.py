@@ -1,0 +1,83 @@
+"""Perturb / restore: property tests on random blocks of every type, codes at both range ends."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from conftest import random_blocks
+from qes_edge import _native
+from qes_edge.engine import CodeTensor, sigma_threshold
+from qes_edge.quant import TRAINABLE, QESError
+
+seeds = st.integers(1, 2**31 - 1).flatmap(lambda s: st.sampled_from([s, -s]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qtype=st.sampled_from(TRAINABLE), n_blocks=st.integers(1, 130), rng_seed=st.integers(0, 2**32 - 1),
+       extreme=st.sampled_from([0.0, 0.3, 1.0]), seed=seeds, sigma=st.floats(0.001, 0.5),
+       backend=st.sampled_from(_native.available_backends()))
+def test_perturb_restore_is_exact(qtype, n_blocks, rng_seed, extreme, seed, sigma, backend):
+    rng = np.random.default_rng(rng_seed)
+    data, n = random_blocks(qtype, n_blocks, rng, extreme)
+    t = CodeTensor("blk.0.ffn_up.weight", qtype, n, data)
+    before = data.copy()
+    codes = t.codes()
+    p32 = sigma_threshold(sigma)
+    _native.set_backend(backend)
+    try:
+        pert = t.perturb(seed, p32)
+        after = t.codes()
+        # the same codes as the reference's gated perturbation
+        assert np.array_equal(after, R.perturb(codes, t.info.cmin, t.info.cmax, t.name, seed, p32))
+        assert pert.applied == np.count_nonzero(after != codes)
+        assert np.all(np.abs(after - codes) <= 1)
+        assert after.min() >= t.info.cmin and after.max() <= t.info.cmax
+        pert.restore()
+    finally:
+        _native.set_backend("auto")
+    assert np.array_equal(before, data), "restore did not return every byte"
+
+
+@pytest.mark.parametrize("qtype", TRAINABLE, ids=lambda q: q.name)
+def test_gating_at_range_ends(qtype):
+    """Every code at cmax: the + moves are gated, the - moves applied; and the mirror seed the reverse."""
+    rng = np.random.default_rng(1)
+    data, n = random_blocks(qtype, 4096 // (32 if qtype.value < 10 else 256) * 8, rng)
+    t = CodeTensor("blk.3.ffn_down.weight", qtype, n, data)
+    t.set_codes(np.full(n, t.info.cmax))
+    before = data.copy()
+    p32 = sigma_threshold(0.2)
+    pos, sign = t.noise(17, p32)
+    p = t.perturb(17, p32)
+    assert p.applied == np.count_nonzero(sign < 0) > 0
+    assert np.array_equal(t.codes()[pos[sign < 0].astype(np.int64)], np.full((sign < 0).sum(), t.info.cmax - 1))
+    p.restore()
+    assert np.array_equal(before, data)
+    q = t.perturb(-17, p32)
+    assert q.applied == np.count_nonzero(sign > 0)
+    q.restore()
+    assert np.array_equal(before, data)
+
+
+def test_restore_twice_or_elsewhere_is_refused():
+    rng = np.random.default_rng(2)
+    data, n = random_blocks(TRAINABLE[0], 1000, rng)
+    a = CodeTensor("a", TRAINABLE[0], n, data)
+    b = CodeTensor("b", TRAINABLE[0], n, data.copy())
+    p = a.perturb(3, sigma_threshold(0.01))
+    with pytest.raises(QESError, match="belongs to 'a'"):
+        b.restore(p)
+    p.restore()
+    with pytest.raises(QESError, match="already restored"):
+        p.restore()
+
+
+def test_read_only_buffer_is_refused():
+    rng = np.random.default_rng(3)
+    data, n = random_blocks(TRAINABLE[1], 64, rng)
+    data.flags.writeable = False
+    t = CodeTensor("ro", TRAINABLE[1], n, data)
+    with pytest.raises(QESError, match="read-only"):
+        t.perturb(1, sigma_threshold(0.01))
