@@ -59,9 +59,12 @@ _Static_assert(QES_BYTES_Q6_K == 210, "Q6_K block");
 #endif
 
 /* --- nibble / bit helpers ------------------------------------------------- */
-QES_INLINE int qes_nib_get(const uint8_t *b, int hi) { return hi ? (*b >> 4) : (*b & 0xF); }
+/* branch-free: which nibble is random across draws, and a mispredicted branch costs more
+   than the whole update of a code */
+QES_INLINE int qes_nib_get(const uint8_t *b, int hi) { return (*b >> (hi << 2)) & 0xF; }
 QES_INLINE void qes_nib_set(uint8_t *b, int hi, int v) {
-    *b = hi ? (uint8_t)((*b & 0x0F) | (v << 4)) : (uint8_t)((*b & 0xF0) | (v & 0xF));
+    int sh = hi << 2;
+    *b = (uint8_t)((*b & ~(0xF << sh)) | ((v & 0xF) << sh));
 }
 QES_INLINE int qes_bit_get(const uint8_t *bits, int i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 QES_INLINE void qes_bit_set(uint8_t *bits, int i, int v) {
@@ -145,36 +148,38 @@ QES_INLINE void qes_code_set(int type, uint8_t *blk, int i, int v) {
 /* --- per-type facts -------------------------------------------------------- */
 typedef struct {
     int type;
-    int block_elems;   /* elements per block */
+    int block_elems;   /* elements per block (a power of two) */
+    int block_shift;   /* log2(block_elems) */
     int block_bytes;   /* bytes per block */
     int cmin, cmax;    /* code range */
 } qes_type_traits;
 
 QES_INLINE int qes_traits(int type, qes_type_traits *t) {
     t->type = type;
+    t->block_shift = 0;
     switch (type) {
-    case QES_Q4_0: t->block_elems = QES_QK;   t->block_bytes = QES_BYTES_Q4_0; t->cmin = 0; t->cmax = 15; return 1;
-    case QES_Q4_1: t->block_elems = QES_QK;   t->block_bytes = QES_BYTES_Q4_1; t->cmin = 0; t->cmax = 15; return 1;
-    case QES_Q5_0: t->block_elems = QES_QK;   t->block_bytes = QES_BYTES_Q5_0; t->cmin = 0; t->cmax = 31; return 1;
-    case QES_Q5_1: t->block_elems = QES_QK;   t->block_bytes = QES_BYTES_Q5_1; t->cmin = 0; t->cmax = 31; return 1;
-    case QES_Q8_0: t->block_elems = QES_QK;   t->block_bytes = QES_BYTES_Q8_0; t->cmin = -128; t->cmax = 127; return 1;
-    case QES_Q2_K: t->block_elems = QES_QK_K; t->block_bytes = QES_BYTES_Q2_K; t->cmin = 0; t->cmax = 3; return 1;
-    case QES_Q3_K: t->block_elems = QES_QK_K; t->block_bytes = QES_BYTES_Q3_K; t->cmin = 0; t->cmax = 7; return 1;
-    case QES_Q4_K: t->block_elems = QES_QK_K; t->block_bytes = QES_BYTES_Q4_K; t->cmin = 0; t->cmax = 15; return 1;
-    case QES_Q5_K: t->block_elems = QES_QK_K; t->block_bytes = QES_BYTES_Q5_K; t->cmin = 0; t->cmax = 31; return 1;
-    case QES_Q6_K: t->block_elems = QES_QK_K; t->block_bytes = QES_BYTES_Q6_K; t->cmin = 0; t->cmax = 63; return 1;
+    case QES_Q4_0: t->block_elems = QES_QK;   t->block_shift = 5; t->block_bytes = QES_BYTES_Q4_0; t->cmin = 0; t->cmax = 15; return 1;
+    case QES_Q4_1: t->block_elems = QES_QK;   t->block_shift = 5; t->block_bytes = QES_BYTES_Q4_1; t->cmin = 0; t->cmax = 15; return 1;
+    case QES_Q5_0: t->block_elems = QES_QK;   t->block_shift = 5; t->block_bytes = QES_BYTES_Q5_0; t->cmin = 0; t->cmax = 31; return 1;
+    case QES_Q5_1: t->block_elems = QES_QK;   t->block_shift = 5; t->block_bytes = QES_BYTES_Q5_1; t->cmin = 0; t->cmax = 31; return 1;
+    case QES_Q8_0: t->block_elems = QES_QK;   t->block_shift = 5; t->block_bytes = QES_BYTES_Q8_0; t->cmin = -128; t->cmax = 127; return 1;
+    case QES_Q2_K: t->block_elems = QES_QK_K; t->block_shift = 8; t->block_bytes = QES_BYTES_Q2_K; t->cmin = 0; t->cmax = 3; return 1;
+    case QES_Q3_K: t->block_elems = QES_QK_K; t->block_shift = 8; t->block_bytes = QES_BYTES_Q3_K; t->cmin = 0; t->cmax = 7; return 1;
+    case QES_Q4_K: t->block_elems = QES_QK_K; t->block_shift = 8; t->block_bytes = QES_BYTES_Q4_K; t->cmin = 0; t->cmax = 15; return 1;
+    case QES_Q5_K: t->block_elems = QES_QK_K; t->block_shift = 8; t->block_bytes = QES_BYTES_Q5_K; t->cmin = 0; t->cmax = 31; return 1;
+    case QES_Q6_K: t->block_elems = QES_QK_K; t->block_shift = 8; t->block_bytes = QES_BYTES_Q6_K; t->cmin = 0; t->cmax = 63; return 1;
     default: t->block_elems = 0; t->block_bytes = 0; t->cmin = 0; t->cmax = 0; return 0;
     }
 }
 
-/* Element e of a tensor: block e / block_elems, index e % block_elems (block_elems is a power of 2). */
+/* Element e of a tensor: block e >> block_shift, index e & (block_elems - 1). */
 QES_INLINE int qes_elem_get(const qes_type_traits *t, const uint8_t *data, uint64_t e) {
-    uint64_t b = e / (uint64_t)t->block_elems;
-    return qes_code_get(t->type, data + b * (uint64_t)t->block_bytes, (int)(e % (uint64_t)t->block_elems));
+    uint64_t b = e >> t->block_shift;
+    return qes_code_get(t->type, data + b * (uint64_t)t->block_bytes, (int)(e & (uint64_t)(t->block_elems - 1)));
 }
 QES_INLINE void qes_elem_set(const qes_type_traits *t, uint8_t *data, uint64_t e, int v) {
-    uint64_t b = e / (uint64_t)t->block_elems;
-    qes_code_set(t->type, data + b * (uint64_t)t->block_bytes, (int)(e % (uint64_t)t->block_elems), v);
+    uint64_t b = e >> t->block_shift;
+    qes_code_set(t->type, data + b * (uint64_t)t->block_bytes, (int)(e & (uint64_t)(t->block_elems - 1)), v);
 }
 
 #endif /* QES_BLOCKS_H */

@@ -15,6 +15,14 @@ static uint32_t gen_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t
     return m;
 }
 
+static void scatter_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
+                              int32_t signed_coef, int32_t *acc) {
+    for (uint32_t j = 0; j < n_draws; ++j) {
+        uint32_t x = qes_perm(k, j);
+        if (x < n_valid) acc[x] += qes_draw_sign(k, x) * signed_coef;
+    }
+}
+
 static void dense_step_ref(const qes_dense_args *a, const int32_t *acc, int32_t *r, qes_update_stats *st) {
     for (uint32_t i = 0; i < a->n; ++i) {
         int32_t step = acc[i] + qes_asr(a->beta_q14 * r[i] + (1 << 13), 14);
@@ -33,4 +41,4 @@ static void dense_step_ref(const qes_dense_args *a, const int32_t *acc, int32_t 
     }
 }
 
-const qes_kernels qes_kernels_ref = {"portable", gen_chunk_ref, dense_step_ref};
+const qes_kernels qes_kernels_ref = {"portable", gen_chunk_ref, scatter_chunk_ref, dense_step_ref};

@@ -33,9 +33,14 @@ typedef struct {
 typedef void (*qes_dense_step_fn)(const qes_dense_args *a, const int32_t *acc, int32_t *r,
                                   qes_update_stats *stats);
 
+/* acc[x] += eps * coef for every draw x of a chunk (eps with the seed's sign applied). */
+typedef void (*qes_scatter_chunk_fn)(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
+                                     int32_t signed_coef, int32_t *acc);
+
 typedef struct {
     const char *name;
     qes_gen_chunk_fn gen_chunk;
+    qes_scatter_chunk_fn scatter_chunk;
     qes_dense_step_fn dense_step;
 } qes_kernels;
 

@@ -15,8 +15,6 @@
 
 typedef struct {
     int32_t acc[QES_CHUNK], r[QES_CHUNK];
-    uint16_t off[QES_CHUNK], slot[QES_CHUNK];
-    int8_t sign[QES_CHUNK];
     qes_update_stats stats;
 } tile_buf;
 
@@ -48,9 +46,8 @@ static void update_tile(void *vctx, uint64_t c, int thread) {
             int32_t coef = st->coefs[i];
             if (coef == 0) continue;
             qes_chunk_key k = qes_make_chunk_key(u->t->id, (uint64_t)(seed < 0 ? -seed : seed), c);
-            uint32_t m = u->kern->gen_chunk(&k, qes_chunk_draws(&k, st->threshold), valid,
-                                            seed < 0 ? -1 : 1, b->off, b->sign, b->slot);
-            for (uint32_t j = 0; j < m; ++j) b->acc[b->off[j]] += b->sign[j] > 0 ? coef : -coef;
+            u->kern->scatter_chunk(&k, qes_chunk_draws(&k, st->threshold), valid,
+                                   seed < 0 ? -coef : coef, b->acc);
         }
         a.apply = (s + 1 == u->n_steps);
         u->kern->dense_step(&a, b->acc, r, &b->stats);

@@ -57,6 +57,29 @@ static uint32_t gen_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_
     return m;
 }
 
+static void scatter_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
+                               int32_t signed_coef, int32_t *acc) {
+    uint32_t j = 0;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i skey = _mm256_set1_epi32((int)k->sign_key);
+    const __m256i pos = _mm256_set1_epi32(signed_coef), neg = _mm256_set1_epi32(-signed_coef);
+    if (n_valid == QES_CHUNK) {
+        for (; j + 8 <= n_draws; j += 8) {
+            __m256i x = perm_x8(k, _mm256_add_epi32(lane, _mm256_set1_epi32((int)j)));
+            __m256i h = mix32_x8(_mm256_xor_si256(x, skey));
+            __m256i v = _mm256_blendv_epi8(neg, pos, _mm256_srai_epi32(h, 31)); /* top bit set -> +coef */
+            int32_t xs[8], vs[8];
+            _mm256_storeu_si256((__m256i *)xs, x);
+            _mm256_storeu_si256((__m256i *)vs, v);
+            for (int l = 0; l < 8; ++l) acc[xs[l]] += vs[l];
+        }
+    }
+    for (; j < n_draws; ++j) {
+        uint32_t x = qes_perm(k, j);
+        if (x < n_valid) acc[x] += qes_draw_sign(k, x) * signed_coef;
+    }
+}
+
 static void dense_step_avx2(const qes_dense_args *a, const int32_t *acc, int32_t *r, qes_update_stats *st) {
     const __m256i beta = _mm256_set1_epi32(a->beta_q14), half14 = _mm256_set1_epi32(1 << 13);
     const __m256i half16 = _mm256_set1_epi32(1 << 15);
@@ -93,4 +116,4 @@ static void dense_step_avx2(const qes_dense_args *a, const int32_t *acc, int32_t
     }
 }
 
-const qes_kernels qes_kernels_avx2 = {"avx2", gen_chunk_avx2, dense_step_avx2};
+const qes_kernels qes_kernels_avx2 = {"avx2", gen_chunk_avx2, scatter_chunk_avx2, dense_step_avx2};
