@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge import _native
-from qes_edge.engine import Step, sigma_threshold
+from qes_edge.engine import Step, mirrored, sigma_threshold
 from qes_edge.fixed_point import coefs_to_q16
 from qes_edge.gguf_model import GGUFModel
 from qes_edge.models import default_model_path
@@ -68,7 +68,7 @@ def replay_steps(rng, k, pairs, sigma, alpha):
     steps = []
     for _ in range(k + 1):
         base = rng.integers(1, 2**31 - 1, size=pairs)
-        seeds = np.stack([base, -base], axis=1).reshape(-1)
+        seeds = mirrored(base)
         coefs = np.clip(rng.normal(size=2 * pairs), -3, 3)
         steps.append(Step(seeds, coefs_to_q16(coefs, alpha, sigma), p32))
     return steps
@@ -104,7 +104,7 @@ def main(argv=None):
     p32 = sigma_threshold(a.sigma)
     rng = np.random.default_rng(0)
     pairs = a.population // 2
-    member_seeds = np.stack([np.arange(1, pairs + 1), -np.arange(1, pairs + 1)], axis=1).reshape(-1)
+    member_seeds = mirrored(np.arange(1, pairs + 1))
     backends = _native.available_backends() if a.backend == "all" else [a.backend]
     steps = replay_steps(rng, a.window, pairs, a.sigma, a.alpha)
     before = [t._array.copy() for t in tensors]

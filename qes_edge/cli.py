@@ -74,7 +74,7 @@ def demo(model: Optional[Path] = ModelOpt,
          prompt: str = typer.Option("The capital of France is", help="Prompt for the llama.cpp check.")):
     """Run the engine end to end on a real model: llama.cpp inference, perturb/restore of every
     trainable tensor with an exact-restore check, and one seed-replay update."""
-    from .engine import Step, sigma_threshold
+    from .engine import Step, mirrored, sigma_threshold
     from .fixed_point import coefs_to_q16
     from .llama_runtime import load_llama
 
@@ -97,7 +97,7 @@ def demo(model: Optional[Path] = ModelOpt,
 
     digest0 = m.weights_digest(tensors)
     pairs = population // 2
-    seeds = [s for i in range(1, pairs + 1) for s in (i, -i)]
+    seeds = mirrored(range(1, pairs + 1)).tolist()
     moved = 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
@@ -122,7 +122,7 @@ def demo(model: Optional[Path] = ModelOpt,
     for _ in range(window + 1):
         base = rng.integers(1, 2**31 - 1, size=pairs)
         coefs = np.clip(rng.normal(size=population), -3, 3)
-        steps.append(Step(np.stack([base, -base], 1).reshape(-1), coefs_to_q16(coefs, alpha, sigma), p32))
+        steps.append(Step(mirrored(base), coefs_to_q16(coefs, alpha, sigma), p32))
     t0 = time.perf_counter()
     changed = sum(t.update(steps, threads=threads).changed for t in tensors)
     console.print(f"seed-replay update (K={window}, population {population}): {changed:,} codes changed in "

@@ -59,6 +59,12 @@ def _check_threshold(threshold, tensor: str) -> int:
     return int(threshold)
 
 
+def mirrored(bases) -> np.ndarray:
+    """Antithetic population from positive base seeds: [b1, -b1, b2, -b2, ...]."""
+    b = np.asarray(bases, dtype=np.int64).reshape(-1)
+    return np.stack([b, -b], axis=1).reshape(-1)
+
+
 @dataclass
 class Step:
     """One recorded step: member seeds, their Q16 coefficients, and the noise threshold."""

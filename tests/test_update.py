@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import reference as R
 from conftest import random_blocks
 from qes_edge import _native
-from qes_edge.engine import CodeTensor, Step, sigma_threshold
+from qes_edge.engine import CodeTensor, Step, mirrored, sigma_threshold
 from qes_edge.fixed_point import beta_to_q14, coefs_to_q16
 from qes_edge.quant import TRAINABLE, QESError
 
@@ -17,7 +17,7 @@ def random_steps(rng, n_steps, n_pairs, sigma, alpha):
     steps = []
     for _ in range(n_steps):
         base = rng.integers(1, 2**31 - 1, size=n_pairs)
-        seeds = np.stack([base, -base], axis=1).reshape(-1)
+        seeds = mirrored(base)
         c = np.clip(rng.normal(size=2 * n_pairs), -3, 3)
         steps.append(Step(seeds, coefs_to_q16(c, alpha, sigma), sigma_threshold(sigma)))
     return steps
