@@ -1,24 +1,54 @@
 """llama.cpp through llama-cpp-python, loaded the way qes-edge needs it.
 
-use_mmap=False: weights live in an ordinary writable CPU buffer (DESIGN.md: with mmap they sit
-in llama.cpp's read-only file mapping).  The evaluation helpers clear the context's memory
-first, because a cached prompt prefix would hide a change of the weights."""
+DESIGN.md, "Where the weights live": with use_mmap=False and llama.cpp's extra buffer types
+off (no CPU_REPACK / AMX copies), every weight sits in one ordinary writable CPU buffer, so the
+tensor the forward pass reads is the one libqes edits in place.  `Llama(...)` does not expose
+use_extra_bufts, so the model parameters it asks llama.cpp for are adjusted while it loads.
+
+The evaluation helpers clear the context's memory first: a cached prompt prefix would hide a
+change of the weights."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 
-def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False):
+
+def _llama_cpp():
     try:
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp import llama_cpp as C
     except ImportError as e:
         raise RuntimeError("llama-cpp-python is not installed: run scripts/install.sh (it builds it with "
                            "the flags that work on every x86-64 CPU)") from e
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
-                 use_mmap=False, verbose=verbose)
+    return llama_cpp, C
+
+
+@contextlib.contextmanager
+def _no_extra_buffers(C):
+    orig = C.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_model_default_params = orig
+
+
+def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False):
+    llama_cpp, C = _llama_cpp()
+    with _no_extra_buffers(C):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
+                               use_mmap=False, verbose=verbose)
 
 
 def forward(llm, tokens) -> None:
@@ -26,6 +56,13 @@ def forward(llm, tokens) -> None:
     llm.reset()
     llm._ctx.kv_cache_clear()  # llama_memory_clear: no cached prefix survives
     llm.eval(tokens)
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits of the last evaluated position (a copy)."""
+    _, C = _llama_cpp()
+    ptr = C.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
 def time_forward(llm, tokens, repeats: int = 5) -> float:

@@ -1,0 +1,87 @@
+"""The model driver: a llama.cpp model whose trainable weights libqes edits in place.
+
+At start-up it proves the edits reach the forward pass: perturb one tensor, see the logits of
+a fixed prompt change, restore, see them come back bit for bit.  If not, it refuses to train."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .engine import CodeTensor, sigma_threshold
+from .gguf_model import DEFAULT_FROZEN, GGUFModel
+from .llama_runtime import forward, last_logits, load_llama
+from .llama_weights import capture_weights, weight_code_tensors
+from .quant import QESError
+
+SELF_CHECK_PROMPT = b"The quick brown fox jumps over the lazy dog. The capital of France is"
+
+
+class SelfCheckFailed(RuntimeError):
+    pass
+
+
+class ModelDriver:
+    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
+                 frozen=DEFAULT_FROZEN, self_check: bool = True):
+        self.path = Path(path)
+        self.file = GGUFModel(self.path)
+        planned = self.file.code_tensors(frozen)  # refuses untrainable types by name, before llama.cpp runs
+        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads)
+        self.weights = capture_weights(self.llm)
+        self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
+        for live, disk in zip(self.tensors, planned):
+            if (live.qtype, live.n_elements, live.n_bytes) != (disk.qtype, disk.n_elements, disk.n_bytes):
+                raise QESError(f"tensor {live.name!r}: llama.cpp holds {live.qtype.name} x {live.n_elements} "
+                               f"in {live.n_bytes} bytes, the file says {disk.qtype.name} x {disk.n_elements}")
+            if not np.array_equal(live.codes(0, min(4096, live.n_elements)), disk.codes(0, min(4096, disk.n_elements))):
+                raise QESError(f"tensor {live.name!r}: llama.cpp's copy differs from the file (repacked?)")
+        self.n_codes = sum(t.n_elements for t in self.tensors)
+        if self_check:
+            self.self_check()
+
+    # -- evaluation --------------------------------------------------------------------
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        raw = text.encode() if isinstance(text, str) else text
+        return self.llm.tokenize(raw, add_bos=add_bos, special=special)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Next-token logits after tokens, from an empty context."""
+        forward(self.llm, tokens)
+        return last_logits(self.llm)
+
+    def weights_digest(self) -> str:
+        """sha256 over the trainable tensors' bytes, in order, with their names."""
+        import ctypes
+        h = hashlib.sha256()
+        for t in self.tensors:
+            h.update(t.name.encode())
+            h.update(ctypes.string_at(self._address(t), t.n_bytes))
+        return h.hexdigest()
+
+    @staticmethod
+    def _address(t: CodeTensor) -> int:
+        from ._native import ffi
+        return int(ffi.cast("uintptr_t", t._ptr))
+
+    # -- the start-up proof ------------------------------------------------------------
+    def self_check(self) -> None:
+        tokens = self.tokenize(SELF_CHECK_PROMPT)
+        base = self.logits(tokens)
+        again = self.logits(tokens)
+        if not np.array_equal(base, again):
+            raise SelfCheckFailed("two evaluations of the same prompt gave different logits: "
+                                  "evaluation is not deterministic, rewards would be noise")
+        target = max(self.tensors, key=lambda t: t.n_elements)
+        digest = self.weights_digest()
+        p = target.perturb(1, sigma_threshold(0.05))
+        moved = self.logits(tokens)
+        p.restore()
+        back = self.logits(tokens)
+        if np.array_equal(moved, base):
+            raise SelfCheckFailed(f"perturbing {target.name} ({p.applied} codes) did not change the logits: "
+                                  "the forward pass does not read the tensors qes-edge edits")
+        if not np.array_equal(back, base) or self.weights_digest() != digest:
+            raise SelfCheckFailed(f"restoring {target.name} did not bring the logits back bit for bit")
