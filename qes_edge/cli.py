@@ -128,29 +128,160 @@ def demo(model: Optional[Path] = ModelOpt,
     console.print(f"seed-replay update (K={window}, population {population}): {changed:,} codes changed in "
                   f"{time.perf_counter() - t0:.2f} s")
     if out:
-        write_model(path, m, tensors, out)
+        m.write(tensors, out)
         console.print(f"wrote {out}")
 
 
-def write_model(src: Path, m, tensors, out: Path) -> None:
-    """Copy src to out with the tensors' current bytes, atomically (temp file, fsync, rename)."""
-    import shutil
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    offsets = {t.name: t.data_offset for t in m.reader.tensors}  # absolute offsets in the file
-    with open(tmp, "r+b") as f:
-        for t in tensors:
-            f.seek(offsets[t.name])
-            f.write(np.ascontiguousarray(t._array).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
+def _default_ledger(model_path: Path, task: str, seed: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    return Path("runs") / f"{model_path.stem}.{safe}.s{seed}.qes"
+
+
+@app.command()
+def train(model: Optional[Path] = ModelOpt,
+          task: str = typer.Option("sentiment", help="sentiment | countdown | jsonl | module:function (a reward)."),
+          data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
+          steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
+          population: int = typer.Option(16, min=2, help="Members per step, as mirrored pairs (even)."),
+          sigma: float = typer.Option(0.01, help="Noise scale in code units (about 0.8*sigma of codes move)."),
+          alpha: float = typer.Option(0.001, help="Step size: step = alpha/sigma * sum c_i eps_i + beta * residual."),
+          beta: float = typer.Option(0.9, help="Residual decay of error feedback."),
+          window: int = typer.Option(50, min=0, help="Steps replayed into the residual (seed-replay mode)."),
+          error_feedback: bool = typer.Option(True, "--error-feedback/--no-error-feedback", help="Accumulate rounding residuals (QES) or not (QuZO-style)."),
+          residual: str = typer.Option("replay", help="replay: rebuild the residual from the ledger; stored: keep int32 per code in memory."),
+          batch: int = typer.Option(24, min=1, help="Prompts per step (all members see the same ones)."),
+          seed: int = typer.Option(0, help="Run seed: prompts and member seeds derive from it and the step."),
+          ledger: Optional[Path] = typer.Option(None, help="Ledger file (default runs/<model>.<task>.s<seed>.qes)."),
+          eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
+          threads: int = typer.Option(0, help="Threads for llama.cpp and the update (0: all cores)."),
+          n_ctx: int = typer.Option(512, help="llama.cpp context size.")):
+    """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
+    re-run with the same ledger resumes where it stopped."""
+    from .driver import ModelDriver, SelfCheckFailed
+    from .gguf_model import file_sha256
+    from .ledger import Ledger, LedgerError
+    from .models import ModelNotFound, resolve_model
+    from .tasks import load_task
+    from .trainer import Trainer, TrainConfig, TrainingStopped
+
     try:
-        os.fsync(dfd)
+        path = resolve_model(model)
+    except ModelNotFound as e:
+        _fail(str(e))
+    cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma, alpha=alpha,
+                      beta=beta, window=window, error_feedback=error_feedback, residual=residual, batch=batch,
+                      seed=seed, n_ctx=n_ctx)
+    try:
+        cfg.validate()
+    except (ValueError, QESError) as e:
+        _fail(str(e))
+    ledger_path = ledger or _default_ledger(path, task, seed)
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    sha = file_sha256(path)
+    try:
+        lg = Ledger(ledger_path)
+        runs = lg.runs()
+        if runs:
+            run = runs[-1]
+            if run.base_sha256 != sha:
+                _fail(f"ledger {ledger_path} belongs to base model sha256 {run.base_sha256[:16]}…, "
+                      f"not {path.name} ({sha[:16]}…): refusing to mix them")
+            lg.verify(run.run_id)
+            cfg = TrainConfig.from_record(run.config)
+            console.print(f"resuming run {run.run_id[:8]} from {ledger_path} (its recorded config is used)")
+        else:
+            run = lg.create_run(sha, path.name, cfg.record(), _native.lib.qes_noise_spec_version())
+    except LedgerError as e:
+        _fail(str(e))
+    try:
+        task_obj = load_task(cfg.task, cfg.data, cfg.seed)
+        driver = ModelDriver(path, n_ctx=cfg.n_ctx, n_threads=threads or None, frozen=tuple(cfg.frozen))
+    except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
+        _fail(str(e))
+    trainer = Trainer(driver, task_obj, lg, run, cfg, threads=threads)
+    console.print(f"{path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
+                  f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
+                  f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; ledger {ledger_path}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            done = lg.last_step(run.run_id)
+            if done is not None:
+                bar = progress.add_task("replaying ledger", total=done.step + 1, info="")
+                trainer.catch_up(lambda i, n: progress.update(bar, completed=i))
+            heldout = task_obj.heldout_examples()
+
+            def evaluate():
+                m = task_obj.evaluate(driver, heldout)
+                lg.record_eval(run.run_id, len(trainer.history), "heldout", m)
+                progress.console.print(f"step {len(trainer.history)} held-out: " +
+                                       ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+            if not any(e["step"] == len(trainer.history) for e in lg.evals(run.run_id)):
+                evaluate()
+            bar = progress.add_task("training", total=steps, completed=len(trainer.history), info="")
+            while len(trainer.history) < steps:
+                rec = trainer.step()
+                t = rec.timings
+                overhead = (t["perturb_s"] + t["restore_s"] + t["update_s"]) / max(t["eval_s"], 1e-9)
+                progress.update(bar, completed=len(trainer.history),
+                                info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
+                if (eval_every and len(trainer.history) % eval_every == 0) or len(trainer.history) == steps:
+                    evaluate()
+    except (TrainingStopped, LedgerError) as e:
+        _fail(str(e))
     finally:
-        os.close(dfd)
+        lg.close()
+    console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
+
+
+@app.command()
+def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
+           out: Path = typer.Option(..., help="Where to write the trained GGUF."),
+           base: Optional[Path] = typer.Option(None, help="Base model (default: the default model, if the ledger names it)."),
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           threads: int = typer.Option(0, help="Threads for the update (0: all cores).")):
+    """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
+    hash; exits non-zero on any mismatch."""
+    from .gguf_model import GGUFModel, file_sha256
+    from .ledger import Ledger, LedgerError
+    from .models import DEFAULT_FILE, ModelNotFound, resolve_model
+    from .trainer import TrainConfig, UpdateState, apply_recorded_step
+
+    if not ledger.is_file():
+        _fail(f"ledger not found: {ledger}")
+    try:
+        lg = Ledger(ledger)
+        run = lg.run(run_id)
+        n = lg.verify(run.run_id)
+    except LedgerError as e:
+        _fail(str(e))
+    if base is None and run.base_name != DEFAULT_FILE:
+        _fail(f"the ledger's base model is {run.base_name}: pass it with --base")
+    try:
+        base_path = resolve_model(base)
+    except ModelNotFound as e:
+        _fail(str(e))
+    if file_sha256(base_path) != run.base_sha256:
+        _fail(f"{base_path} is not this run's base model (sha256 differs from {run.base_sha256[:16]}…)")
+    cfg = TrainConfig.from_record(run.config)
+    m = GGUFModel(base_path)
+    tensors = m.code_tensors(tuple(cfg.frozen))
+    state = UpdateState(cfg, tensors)
+    history = []
+    try:
+        with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=console) as progress:
+            bar = progress.add_task("replay", total=n)
+            for rec in lg.steps(run.run_id):
+                apply_recorded_step(tensors, state, history, rec, threads)
+                history.append(rec)
+                progress.advance(bar)
+    except LedgerError as e:
+        console.print(f"[bold red]mismatch:[/] {e}")
+        raise typer.Exit(1)
+    m.write(tensors, out)
+    console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
 
 
 @app.command()

@@ -5,12 +5,11 @@ a fixed prompt change, restore, see them come back bit for bit.  If not, it refu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from .engine import CodeTensor, sigma_threshold
+from .engine import CodeTensor, digest_tensors, sigma_threshold
 from .gguf_model import DEFAULT_FROZEN, GGUFModel
 from .llama_runtime import forward, last_logits, load_llama
 from .llama_weights import capture_weights, weight_code_tensors
@@ -52,19 +51,15 @@ class ModelDriver:
         forward(self.llm, tokens)
         return last_logits(self.llm)
 
-    def weights_digest(self) -> str:
-        """sha256 over the trainable tensors' bytes, in order, with their names."""
-        import ctypes
-        h = hashlib.sha256()
-        for t in self.tensors:
-            h.update(t.name.encode())
-            h.update(ctypes.string_at(self._address(t), t.n_bytes))
-        return h.hexdigest()
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        """Greedy completion from an empty context (no cached prefix survives a weight change)."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"]
 
-    @staticmethod
-    def _address(t: CodeTensor) -> int:
-        from ._native import ffi
-        return int(ffi.cast("uintptr_t", t._ptr))
+    def weights_digest(self) -> str:
+        return digest_tensors(self.tensors)
 
     # -- the start-up proof ------------------------------------------------------------
     def self_check(self) -> None:

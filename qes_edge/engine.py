@@ -59,6 +59,16 @@ def _check_threshold(threshold, tensor: str) -> int:
     return int(threshold)
 
 
+def digest_tensors(tensors) -> str:
+    """sha256 over (name, bytes) of each tensor in order: the weights hash the ledger records."""
+    import hashlib
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.name.encode())
+        h.update(ffi.buffer(t._ptr, t.n_bytes))
+    return h.hexdigest()
+
+
 def mirrored(bases) -> np.ndarray:
     """Antithetic population from positive base seeds: [b1, -b1, b2, -b2, ...]."""
     b = np.asarray(bases, dtype=np.int64).reshape(-1)

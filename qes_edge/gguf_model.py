@@ -6,12 +6,14 @@ never leave a half-edited model behind."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
 
-from .engine import CodeTensor
+from .engine import CodeTensor, digest_tensors
 from .quant import QESError, is_trainable, type_name
 
 #: Tensors a default run leaves alone although their type holds codes: the token embedding is
@@ -62,8 +64,24 @@ class GGUFModel:
         return out
 
     def weights_digest(self, tensors: list[CodeTensor]) -> str:
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(t.name.encode())
-            h.update(np.ascontiguousarray(t._array).data)
-        return h.hexdigest()
+        return digest_tensors(tensors)
+
+    def write(self, tensors: list[CodeTensor], out: str | Path) -> None:
+        """Copy the file to out with the tensors' current bytes, atomically: a temporary file in the
+        same folder, fsync, rename, fsync of the folder.  A crash leaves the old out or none."""
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(self.path, tmp)
+        offsets = {t.name: t.data_offset for t in self.reader.tensors}  # absolute file offsets
+        with open(tmp, "r+b") as f:
+            for t in tensors:
+                f.seek(offsets[t.name])
+                f.write(np.ascontiguousarray(t._array).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -47,7 +47,13 @@ def _migration_0001_initial(db: sqlite_utils.Database) -> None:
     }, pk=("run_id", "step"), foreign_keys=[("run_id", "runs", "run_id")])
 
 
-MIGRATIONS = [("0001_initial", _migration_0001_initial)]
+def _migration_0002_evals(db: sqlite_utils.Database) -> None:
+    # held-out evaluations: observations of a run, not training state (not hash-chained)
+    db["evals"].create({"run_id": str, "step": int, "split": str, "metrics": str, "created": float},
+                       pk=("run_id", "step", "split"), foreign_keys=[("run_id", "runs", "run_id")])
+
+
+MIGRATIONS = [("0001_initial", _migration_0001_initial), ("0002_evals", _migration_0002_evals)]
 
 
 def canonical_json(obj) -> str:
@@ -226,6 +232,16 @@ class Ledger:
                 raise LedgerError(f"run {run_id}: step {rec.step} was edited or does not chain to step {rec.step - 1}")
             prev, n = rec.hash, n + 1
         return n
+
+    def record_eval(self, run_id: str, step: int, split: str, metrics: dict) -> None:
+        with self.db.conn:
+            self.db["evals"].upsert({"run_id": run_id, "step": step, "split": split,
+                                     "metrics": canonical_json(metrics), "created": time.time()},
+                                    pk=("run_id", "step", "split"))
+
+    def evals(self, run_id: str) -> list[dict]:
+        rows = self.db.execute("select step, split, metrics from evals where run_id = ? order by step", [run_id])
+        return [{"step": s, "split": sp, **json.loads(m)} for s, sp, m in rows.fetchall()]
 
     def close(self) -> None:
         self.db.conn.close()

@@ -1,0 +1,11 @@
+"""Tasks: where prompts come from and how a model's behaviour is turned into a reward.
+
+Built in: `sentiment` (multiple choice by logits: the fast path on CPUs), `countdown` (the
+paper's arithmetic game, generated), `jsonl` (exact or regex match against the user's JSONL).
+Any `module:function` reward (prompt, completion, example) -> float works with `--data`."""
+
+from __future__ import annotations
+
+from .base import Example, Task, load_task
+
+__all__ = ["Example", "Task", "load_task"]

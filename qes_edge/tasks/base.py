@@ -1,0 +1,88 @@
+"""The task interface and the loader for `--task NAME|module:function`."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: Any = None
+    choices: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+class RewardFailure(Exception):
+    """A reward that raised or was not a finite number: recorded as a failed member."""
+
+
+class Task:
+    """A task has training examples, held-out examples, and scores a batch on a model."""
+
+    name = "task"
+
+    def train_examples(self) -> Sequence[Example]:
+        raise NotImplementedError
+
+    def heldout_examples(self) -> Sequence[Example]:
+        raise NotImplementedError
+
+    def rewards(self, model, batch: Sequence[Example]) -> np.ndarray:
+        """One float per example; raises RewardFailure when the reward cannot be computed."""
+        raise NotImplementedError
+
+    def evaluate(self, model, examples: Sequence[Example]) -> dict[str, float]:
+        r = self.rewards(model, examples)
+        return {"reward": float(np.mean(r))}
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+def checked_reward(value, where: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise RewardFailure(f"{where}: reward {value!r} is not a number") from None
+    if not math.isfinite(v):
+        raise RewardFailure(f"{where}: reward is {v}")
+    return v
+
+
+def load_callable(spec: str) -> Callable:
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise ValueError(f"expected module:function, got {spec!r}")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load reward {spec!r}: {e}") from None
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable")
+    return obj
+
+
+def load_task(spec: str, data: str | None = None, seed: int = 0, **kw) -> Task:
+    if spec == "sentiment":
+        from .sentiment import SentimentTask
+        return SentimentTask(seed=seed, **kw)
+    if spec == "countdown":
+        from .countdown import CountdownTask
+        return CountdownTask(seed=seed, **kw)
+    if spec == "jsonl":
+        from .jsonl import JsonlTask
+        if not data:
+            raise ValueError("--task jsonl needs --data FILE.jsonl")
+        return JsonlTask(data, seed=seed, **kw)
+    if ":" in spec:
+        from .jsonl import CallableRewardTask
+        if not data:
+            raise ValueError(f"--task {spec} needs --data FILE.jsonl with the prompts")
+        return CallableRewardTask(load_callable(spec), data, seed=seed, **kw)
+    raise ValueError(f"unknown task {spec!r}: use sentiment, countdown, jsonl or module:function")

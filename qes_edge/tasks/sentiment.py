@@ -1,0 +1,82 @@
+"""Word polarity from the AFINN lexicon, scored by the logits of the answer (no generation).
+
+Why this task for the proof of learning: SmolLM2-135M-Instruct has headroom on it (it calls
+most words positive: ~0.67 held-out accuracy), one forward pass per example makes a step
+affordable on a 2-core CPU, and evaluation is deterministic, so small differences between
+mirrored members are signal, not noise.  Reward: p(correct class) over the two classes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .base import Example, Task
+
+TEMPLATE = ("<|im_start|>user\nIs the word \"{word}\" positive or negative? Answer with one word."
+            "<|im_end|>\n<|im_start|>assistant\nAnswer:")
+CLASSES = {"positive": (" positive", " Positive"), "negative": (" negative", " Negative")}
+
+
+def afinn_words(min_abs: int = 2) -> list[tuple[str, str]]:
+    import importlib.util
+    spec = importlib.util.find_spec("afinn")
+    if spec is None:
+        raise RuntimeError("the sentiment task needs the AFINN lexicon: pip install afinn")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "AFINN-en-165.txt")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            word, _, val = line.rstrip("\n").rpartition("\t")
+            if word and " " not in word and abs(int(val)) >= min_abs:
+                out.append((word, "positive" if int(val) > 0 else "negative"))
+    return sorted(out)
+
+
+class SentimentTask(Task):
+    name = "sentiment"
+
+    def __init__(self, seed: int = 0, heldout: int = 200, min_abs: int = 2):
+        words = afinn_words(min_abs)
+        order = np.random.default_rng(12345).permutation(len(words))  # fixed split, whatever the run seed
+        self._heldout = [self._example(*words[i]) for i in order[:heldout]]
+        self._train = [self._example(*words[i]) for i in order[heldout:]]
+        self._token_ids = None
+
+    @staticmethod
+    def _example(word, label):
+        return Example(TEMPLATE.format(word=word), answer=label, choices=tuple(CLASSES), meta={"word": word})
+
+    def train_examples(self):
+        return self._train
+
+    def heldout_examples(self):
+        return self._heldout
+
+    def _ids(self, model):
+        if self._token_ids is None:
+            self._token_ids = {c: [model.tokenize(v, add_bos=False)[0] for v in variants]
+                               for c, variants in CLASSES.items()}
+        return self._token_ids
+
+    def probabilities(self, model, batch) -> np.ndarray:
+        """p(correct class) per example, from one forward pass each."""
+        ids = self._ids(model)
+        out = np.empty(len(batch))
+        for i, ex in enumerate(batch):
+            logits = model.logits(model.tokenize(ex.prompt)).astype(np.float64)
+            sel = {c: logits[v] for c, v in ids.items()}
+            top = max(float(x.max()) for x in sel.values())
+            mass = {c: float(np.exp(x - top).sum()) for c, x in sel.items()}
+            out[i] = mass[ex.answer] / sum(mass.values())
+        return out
+
+    def rewards(self, model, batch):
+        return self.probabilities(model, batch)
+
+    def evaluate(self, model, examples):
+        p = self.probabilities(model, examples)
+        pos = np.array([ex.answer == "positive" for ex in examples])
+        return {"reward": float(p.mean()), "accuracy": float((p > 0.5).mean()),
+                "accuracy_positive": float((p[pos] > 0.5).mean()) if pos.any() else float("nan"),
+                "accuracy_negative": float((p[~pos] > 0.5).mean()) if (~pos).any() else float("nan")}

@@ -1,0 +1,180 @@
+"""The QES training loop over a ModelDriver, recording every step in the ledger.
+
+One step: draw the step's prompts and member seeds from (run seed, step); for each member
+perturb every trainable tensor, score the prompts, restore; turn rewards into coefficients,
+quantize them once; apply the error-feedback update (the last K ledger steps replayed into the
+residual, or the stored residual); hash the weights; append the row.  The update is a pure
+function of (codes, ledger rows), shared with `replay` through `apply_recorded_step`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import __version__, _native
+from .coefficients import coefficients
+from .engine import CodeTensor, Step, digest_tensors, mirrored, sigma_threshold
+from .fixed_point import DEFAULT_CLAMP_Q16, coefs_to_q16
+from .ledger import Ledger, LedgerError, Run, StepRecord
+from .tasks.base import RewardFailure, Task
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sentiment"
+    data: str | None = None
+    population: int = 16
+    sigma: float = 0.01
+    alpha: float = 0.001
+    beta: float = 0.9
+    window: int = 50
+    error_feedback: bool = True
+    residual: str = "replay"          # "replay" (seed replay) or "stored" (int32 per code)
+    anti_windup: bool = True
+    coef_scheme: str = "zscore"
+    coef_clip: float = 3.0
+    batch: int = 24
+    seed: int = 0
+    n_ctx: int = 512
+    frozen: list = field(default_factory=lambda: ["token_embd.weight", "output.weight"])
+
+    def validate(self) -> None:
+        if self.population < 2 or self.population % 2:
+            raise ValueError("population must be an even number >= 2 (mirrored pairs)")
+        if self.residual not in ("replay", "stored"):
+            raise ValueError("residual must be 'replay' or 'stored'")
+        if self.window < 0 or self.batch < 1:
+            raise ValueError("window must be >= 0 and batch >= 1")
+        sigma_threshold(self.sigma)
+        coefs_to_q16([self.coef_clip], self.alpha, self.sigma)
+
+    def record(self) -> dict:
+        """Everything that decides the bits, as stored in the ledger."""
+        d = asdict(self)
+        d.update(threshold=sigma_threshold(self.sigma), clamp_q16=DEFAULT_CLAMP_Q16,
+                 noise_spec=_native.lib.qes_noise_spec_version(), engine=__version__)
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def member_seeds(run_seed: int, step: int, population: int) -> np.ndarray:
+    rng = np.random.default_rng([run_seed & 0xFFFFFFFF, step, 1])
+    return mirrored(rng.integers(1, 2**31 - 1, population // 2))
+
+
+def batch_indices(run_seed: int, step: int, n_examples: int, batch: int) -> np.ndarray:
+    rng = np.random.default_rng([run_seed & 0xFFFFFFFF, step, 2])
+    return rng.choice(n_examples, size=min(batch, n_examples), replace=False)
+
+
+class UpdateState:
+    """What the update needs besides the codes: the stored residuals (stored mode only)."""
+
+    def __init__(self, cfg: TrainConfig, tensors: Sequence[CodeTensor]):
+        self.cfg = cfg
+        self.residuals = ([np.zeros(t.n_elements, np.int32) for t in tensors]
+                          if cfg.residual == "stored" and cfg.error_feedback else None)
+
+    def window(self, history: Sequence[StepRecord], current: StepRecord) -> list[Step]:
+        steps = [current]
+        if self.cfg.error_feedback and self.residuals is None and self.cfg.window > 0:
+            steps = list(history[-self.cfg.window:]) + steps
+        return [Step(r.seeds, r.coefs_q16, r.threshold) for r in steps]
+
+    def apply(self, tensors, history, current, threads=0) -> int:
+        steps = self.window(history, current)
+        beta = self.cfg.beta if self.cfg.error_feedback else 0.0
+        changed = 0
+        for i, t in enumerate(tensors):
+            res = self.residuals[i] if self.residuals is not None else None
+            changed += t.update(steps, res, beta=beta, anti_windup=self.cfg.anti_windup, threads=threads).changed
+        return changed
+
+
+def apply_recorded_step(tensors, state: UpdateState, history: list[StepRecord], rec: StepRecord,
+                        threads: int = 0) -> None:
+    """Replay one ledger row onto the codes and check the recorded weights hash."""
+    state.apply(tensors, history, rec, threads)
+    got = digest_tensors(tensors)
+    if got != rec.weights_sha256:
+        raise LedgerError(f"step {rec.step}: the rebuilt weights hash {got[:16]}… differs from the recorded "
+                          f"{rec.weights_sha256[:16]}… (different base model, engine or a corrupted ledger)")
+
+
+class Trainer:
+    def __init__(self, driver, task: Task, ledger: Ledger, run: Run, cfg: TrainConfig, threads: int = 0):
+        self.driver, self.task, self.ledger, self.run, self.cfg = driver, task, ledger, run, cfg
+        self.threads = threads
+        self.tensors = driver.tensors
+        self.state = UpdateState(cfg, self.tensors)
+        self.history: list[StepRecord] = []
+        self.train = list(task.train_examples())
+        self.p32 = sigma_threshold(cfg.sigma)
+
+    def catch_up(self, on_step: Callable[[int, int], None] | None = None) -> int:
+        """Bring the live weights to the ledger's last step (resume): replay every recorded row."""
+        records = list(self.ledger.steps(self.run.run_id))
+        for rec in records:
+            apply_recorded_step(self.tensors, self.state, self.history, rec, self.threads)
+            self.history.append(rec)
+            if on_step:
+                on_step(rec.step + 1, len(records))
+        return len(records)
+
+    def evaluate_member(self, seed: int, batch) -> tuple[float, str | None, float, float, float]:
+        t0 = time.perf_counter()
+        perts = [t.perturb(int(seed), self.p32) for t in self.tensors]
+        t1 = time.perf_counter()
+        failure = None
+        try:
+            reward = float(np.mean(self.task.rewards(self.driver, batch)))
+        except RewardFailure as e:
+            reward, failure = float("nan"), str(e)
+        t2 = time.perf_counter()
+        for p in perts:
+            p.restore()
+        return reward, failure, t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    def step(self) -> StepRecord:
+        cfg, step = self.cfg, len(self.history)
+        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch)]
+        seeds = member_seeds(cfg.seed, step, cfg.population)
+        rewards = np.empty(len(seeds))
+        failures: list[str] = []
+        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
+        for i, s in enumerate(seeds):
+            r, fail, tp, te, tr = self.evaluate_member(s, batch)
+            rewards[i] = r
+            t["perturb_s"] += tp
+            t["eval_s"] += te
+            t["restore_s"] += tr
+            if fail:
+                failures.append(f"member {i} (seed {s}): {fail}")
+        if len(failures) > len(seeds) // 2:
+            raise TrainingStopped(f"step {step}: {len(failures)} of {len(seeds)} members failed their reward; "
+                                  f"first: {failures[0]}")
+        c = coefficients(rewards, cfg.coef_scheme, cfg.coef_clip)
+        rec = StepRecord(step=step, threshold=self.p32, seeds=seeds, coefs_q16=coefs_to_q16(c, cfg.alpha, cfg.sigma),
+                         rewards=rewards, weights_sha256="", failures=len(failures))
+        t0 = time.perf_counter()
+        changed = self.state.apply(self.tensors, self.history, rec, self.threads)
+        t["update_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rec.weights_sha256 = digest_tensors(self.tensors)
+        t["digest_s"] = time.perf_counter() - t0
+        t["changed"] = changed
+        rec.timings = {k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}
+        self.ledger.append_step(self.run.run_id, rec)
+        self.history.append(rec)
+        return rec
