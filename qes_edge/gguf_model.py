@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGUFReader
 
 from .engine import CodeTensor, digest_tensors
+from .gguf_check import GGUFInvalid, check_gguf
 from .quant import QESError, is_trainable, type_name
 
 #: Tensors a default run leaves alone although their type holds codes: the token embedding is
@@ -32,6 +33,10 @@ def file_sha256(path: str | Path, bufsize: int = 1 << 20) -> str:
 class GGUFModel:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        try:
+            self.header = check_gguf(self.path)  # our own strict checks first
+        except GGUFInvalid as e:
+            raise QESError(str(e)) from None
         try:
             self.reader = GGUFReader(self.path, "c")
         except Exception as e:  # gguf raises assorted errors on malformed files

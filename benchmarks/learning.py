@@ -1,0 +1,112 @@
+"""Proof of learning: QES with error feedback against the same loop without it (QuZO-style),
+on the sentiment task, over several run seeds; held-out accuracy before, during and after.
+
+    python benchmarks/learning.py [--steps 40] [--seeds 0 1 2] [--eval-every 10]
+
+Writes benchmarks/results/learning.json and learning.png (the ledgers go to
+benchmarks/results/ledgers/, not committed).  Why this task: see qes_edge/tasks/sentiment.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qes_edge.driver import ModelDriver
+from qes_edge.gguf_model import file_sha256
+from qes_edge.ledger import Ledger
+from qes_edge.models import default_model_path
+from qes_edge.tasks import load_task
+from qes_edge.trainer import Trainer, TrainConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_one(driver, task, cfg: TrainConfig, steps: int, eval_every: int, ledger_path: Path) -> dict:
+    base = [t.codes() for t in driver.tensors]
+    ledger_path.unlink(missing_ok=True)
+    lg = Ledger(ledger_path)
+    run = lg.create_run(file_sha256(driver.path), driver.path.name, cfg.record(), 1)
+    tr = Trainer(driver, task, lg, run, cfg)
+    heldout = task.heldout_examples()
+    curve = [{"step": 0, **task.evaluate(driver, heldout)}]
+    rewards, timings = [], []
+    t0 = time.time()
+    for s in range(1, steps + 1):
+        rec = tr.step()
+        rewards.append(float(np.nanmean(rec.rewards)))
+        timings.append(rec.timings)
+        if s % eval_every == 0 or s == steps:
+            curve.append({"step": s, **task.evaluate(driver, heldout)})
+            print(f"  step {s}: train reward {rewards[-1]:.3f}  held-out {curve[-1]['accuracy']:.3f} "
+                  f"p {curve[-1]['reward']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    changed = sum(int((t.codes() != b).sum()) for t, b in zip(driver.tensors, base))
+    for t, b in zip(driver.tensors, base):  # back to the base model for the next run
+        t.set_codes(b)
+    lg.close()
+    ev = sum(x["eval_s"] for x in timings)
+    ov = sum(x["perturb_s"] + x["restore_s"] + x["update_s"] for x in timings)
+    return {"curve": curve, "train_reward": rewards, "codes_changed": changed,
+            "codes_changed_fraction": changed / driver.n_codes, "seconds": time.time() - t0,
+            "eval_s": ev, "overhead_s": ov, "overhead_ratio": ov / ev}
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"error feedback": "tab:blue", "no error feedback": "tab:orange"}
+    for r in result["runs"]:
+        c = colors[r["variant"]]
+        steps = [p["step"] for p in r["curve"]]
+        ax[0].plot(steps, [p["accuracy"] for p in r["curve"]], "o-", color=c, alpha=0.7,
+                   label=f"{r['variant']} (seed {r['seed']})")
+        ax[1].plot(np.arange(1, len(r["train_reward"]) + 1), r["train_reward"], color=c, alpha=0.6)
+    ax[0].set(xlabel="step", ylabel="held-out accuracy (200 words)", title="SmolLM2-135M Q4_1, sentiment")
+    ax[1].set(xlabel="step", ylabel="mean member reward (p correct)", title="training reward")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--alpha-ef", type=float, default=0.001)
+    ap.add_argument("--alpha-noef", type=float, default=0.00125)
+    a = ap.parse_args(argv)
+    driver = ModelDriver(default_model_path(), n_ctx=256)
+    task = load_task("sentiment")
+    runs = []
+    (RESULTS / "ledgers").mkdir(parents=True, exist_ok=True)
+    for seed in a.seeds:
+        for ef in (True, False):
+            variant = "error feedback" if ef else "no error feedback"
+            cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, sigma=0.01,
+                              alpha=a.alpha_ef if ef else a.alpha_noef, error_feedback=ef, seed=seed, n_ctx=256)
+            print(f"seed {seed}, {variant}, alpha {cfg.alpha}", flush=True)
+            r = run_one(driver, task, cfg, a.steps, a.eval_every,
+                        RESULTS / "ledgers" / f"sentiment-s{seed}-{'ef' if ef else 'noef'}.qes")
+            runs.append({"seed": seed, "variant": variant, "alpha": cfg.alpha, **r})
+            result = {"task": "sentiment", "model": driver.path.name, "steps": a.steps, "population": a.population,
+                      "batch": a.batch, "sigma": 0.01, "runs": runs, "date": time.strftime("%Y-%m-%d")}
+            (RESULTS / "learning.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, RESULTS / "learning.png")
+    for variant in ("error feedback", "no error feedback"):
+        rs = [r for r in runs if r["variant"] == variant]
+        before = np.mean([r["curve"][0]["accuracy"] for r in rs])
+        after = [r["curve"][-1]["accuracy"] for r in rs]
+        print(f"{variant}: held-out accuracy {before:.3f} -> {np.mean(after):.3f} (per seed {after}); "
+              f"overhead {np.mean([r['overhead_ratio'] for r in rs]):.1%} of eval time")
+
+
+if __name__ == "__main__":
+    main()
