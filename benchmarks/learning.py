@@ -1,7 +1,7 @@
 """Proof of learning: QES with error feedback against the same loop without it (QuZO-style),
 on the sentiment task, over several run seeds; held-out accuracy before, during and after.
 
-    python benchmarks/learning.py [--steps 40] [--seeds 0 1 2] [--eval-every 10]
+    python benchmarks/learning.py [--steps 30] [--seeds 0 1 2] [--eval-every 10]
 
 Writes benchmarks/results/learning.json and learning.png (the ledgers go to
 benchmarks/results/ledgers/, not committed).  Why this task: see qes_edge/tasks/sentiment.py."""
@@ -75,7 +75,7 @@ def plot(result, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--population", type=int, default=16)

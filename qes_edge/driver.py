@@ -51,6 +51,21 @@ class ModelDriver:
         forward(self.llm, tokens)
         return last_logits(self.llm)
 
+    def eval_prefix(self, tokens) -> None:
+        """Evaluate a prefix shared by several examples, from an empty context; logits_suffix then
+        evaluates each example's rest on top of it (the prefix costs once per member, not per example)."""
+        forward(self.llm, tokens)
+        self._n_prefix = len(tokens)
+
+    def logits_suffix(self, tokens) -> np.ndarray:
+        """Next-token logits after prefix + tokens: the context is rolled back to the prefix first."""
+        n = getattr(self, "_n_prefix", None)
+        if n is None:
+            raise RuntimeError("logits_suffix before eval_prefix")
+        self.llm.n_tokens = n  # eval() drops every cached position from here on
+        self.llm.eval(tokens)
+        return last_logits(self.llm)
+
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy completion from an empty context (no cached prefix survives a weight change)."""
         self.llm.reset()

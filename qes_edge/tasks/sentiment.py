@@ -1,7 +1,8 @@
 """Word polarity from the AFINN lexicon, scored by the logits of the answer (no generation).
 
 Why this task for the proof of learning: SmolLM2-135M-Instruct has headroom on it (it calls
-most words positive: ~0.67 held-out accuracy), one forward pass per example makes a step
+most words positive: 0.61 held-out accuracy, 0.96 on positive words and 0.39 on negative ones
+with this prompt), one forward pass per example makes a step
 affordable on a 2-core CPU, and evaluation is deterministic, so small differences between
 mirrored members are signal, not noise.  Reward: p(correct class) over the two classes."""
 
@@ -13,8 +14,11 @@ import numpy as np
 
 from .base import Example, Task
 
-TEMPLATE = ("<|im_start|>user\nIs the word \"{word}\" positive or negative? Answer with one word."
-            "<|im_end|>\n<|im_start|>assistant\nAnswer:")
+# the word comes last but for the answer cue, so everything before it is one shared prefix:
+# evaluated once per member, then each example costs only its ~12 suffix tokens
+PREFIX = ("<|im_start|>system\nYou classify the sentiment of single words.<|im_end|>\n"
+          "<|im_start|>user\nPositive or negative?\nWord:")
+SUFFIX = " {word}<|im_end|>\n<|im_start|>assistant\nAnswer:"
 CLASSES = {"positive": (" positive", " Positive"), "negative": (" negative", " Negative")}
 
 
@@ -45,7 +49,8 @@ class SentimentTask(Task):
 
     @staticmethod
     def _example(word, label):
-        return Example(TEMPLATE.format(word=word), answer=label, choices=tuple(CLASSES), meta={"word": word})
+        return Example(PREFIX + SUFFIX.format(word=word), answer=label, choices=tuple(CLASSES),
+                       meta={"suffix": SUFFIX.format(word=word), "word": word})
 
     def train_examples(self):
         return self._train
@@ -63,8 +68,9 @@ class SentimentTask(Task):
         """p(correct class) per example, from one forward pass each."""
         ids = self._ids(model)
         out = np.empty(len(batch))
+        model.eval_prefix(model.tokenize(PREFIX))  # identical logits to a full evaluation, per member
         for i, ex in enumerate(batch):
-            logits = model.logits(model.tokenize(ex.prompt)).astype(np.float64)
+            logits = model.logits_suffix(model.tokenize(ex.meta["suffix"], add_bos=False)).astype(np.float64)
             sel = {c: logits[v] for c, v in ids.items()}
             top = max(float(x.max()) for x in sel.values())
             mass = {c: float(np.exp(x - top).sum()) for c, x in sel.items()}

@@ -1,0 +1,109 @@
+"""Rewards and coefficients: the safe arithmetic evaluator, Countdown scoring, JSONL tasks,
+user callables that fail, and the z-score / rank coefficients."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from qes_edge.coefficients import coefficients
+from qes_edge.tasks import load_task
+from qes_edge.tasks.base import RewardFailure
+from qes_edge.tasks.countdown import make_problem, score
+from qes_edge.tasks.safe_arith import UnsafeExpression, evaluate
+
+
+@pytest.mark.parametrize("expr, value, used", [
+    ("1+2*3", 7, [1, 2, 3]), ("(10-4)/3", 2, [10, 4, 3]), (" 7 * (3 + 5) ", 56, [7, 3, 5]), ("9/2", 4.5, [9, 2]),
+])
+def test_safe_arith_evaluates_exactly(expr, value, used):
+    v, u = evaluate(expr)
+    assert v == value and u == used
+
+
+@pytest.mark.parametrize("expr", [
+    "2**3**4", "9**9**9**9", "__import__('os').system('true')", "a+1", "(1).__class__", "1 if 1 else 2",
+    "1/0", "(" * 25 + "1" + "+1)" * 25, "1" * 20, "1+" * 80 + "1", "[1,2]", "-1", "lambda: 1", "", "1;2",
+])
+def test_safe_arith_refuses_everything_else_quickly(expr):
+    t0 = time.perf_counter()
+    with pytest.raises(UnsafeExpression):
+        evaluate(expr)
+    assert time.perf_counter() - t0 < 0.05
+
+
+def test_countdown_score():
+    assert score("<answer>(3+5)*7</answer>", [3, 5, 7], 56) == 1.0
+    assert score("reasoning... <answer>3+5+7 = 15</answer>", [7, 5, 3], 15) == 1.0
+    assert score("<answer>3*5*7</answer>", [3, 5, 7], 56) == 0.1      # right format, wrong value
+    assert score("<answer>56</answer>", [3, 5, 7], 56) == 0.1          # not using the numbers
+    assert score("<answer>3**5</answer>", [3, 5], 243) == 0.0          # refused, no power operator
+    assert score("the answer is 56", [3, 5, 7], 56) == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        nums, target = make_problem(rng)
+        assert 1 <= target <= 999 and len(nums) == 3
+
+
+def test_coefficients_zscore_and_rank():
+    r = np.array([1.0, 0.0, 0.5, 0.5, 0.2, 0.9])
+    z = coefficients(r, "zscore")
+    assert abs(z.mean()) < 1e-12 and abs(z.std() - 1) < 1e-12
+    assert np.all(np.abs(coefficients(np.r_[100.0, np.zeros(99)], "zscore")) <= 3.0)
+    k = coefficients(r, "rank")
+    assert k.min() == -0.5 and k.max() == 0.5 and np.argmax(k) == 0
+    assert np.all(coefficients(np.full(6, 0.3)) == 0)
+
+
+def test_failed_member_zeroes_its_pair():
+    r = np.array([0.9, np.nan, 0.1, 0.4, 0.6, 0.2])
+    c = coefficients(r)
+    assert c[0] == 0 and c[1] == 0 and np.all(c[2:] != 0)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs --data"):
+        load_task("jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+        load_task("jsonl", str(bad))
+    with pytest.raises(ValueError, match="string 'prompt'"):
+        load_task("jsonl", str(write_jsonl(tmp_path / "p.jsonl", [{"q": 1}] * 5)))
+    with pytest.raises(ValueError, match="cannot load reward"):
+        load_task("nosuchmodule:fn", str(write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "x"}] * 5)))
+
+
+class FakeModel:
+    def generate(self, prompt, max_tokens):
+        return prompt.upper()
+
+
+def raising_reward(prompt, completion, example):
+    raise KeyError("boom")
+
+
+def nan_reward(prompt, completion, example):
+    return float("nan")
+
+
+def exact_reward(prompt, completion, example):
+    return float(completion == prompt.upper())
+
+
+def test_callable_rewards_fail_loudly(tmp_path):
+    data = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"P{i}"} for i in range(10)]))
+    ok = load_task(f"{__name__}:exact_reward", data)
+    assert ok.rewards(FakeModel(), ok.train_examples()).tolist() == [1.0] * len(ok.train_examples())
+    for fn, msg in (("raising_reward", "raised KeyError"), ("nan_reward", "reward is nan")):
+        t = load_task(f"{__name__}:{fn}", data)
+        with pytest.raises(RewardFailure, match=msg):
+            t.rewards(FakeModel(), t.train_examples())
+    exact = load_task("jsonl", data)
+    assert exact.rewards(FakeModel(), exact.train_examples()).tolist() == [1.0] * len(exact.train_examples())
