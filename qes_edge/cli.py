@@ -46,12 +46,10 @@ def info(model: Optional[Path] = ModelOpt):
     table = Table(title=str(path))
     for col in ("type", "tensors", "elements", "MB", "trainable"):
         table.add_column(col, justify="right" if col != "type" else "left")
-    from gguf import GGMLQuantizationType as QT
-
-    from .quant import is_trainable
+    from .quant import QT, is_trainable
     for name, row in sorted(m.summary().items()):
         table.add_row(name, str(row["tensors"]), f"{row['elements']:,}", f"{row['bytes'] / 1e6:.1f}",
-                      "codes" if is_trainable(QT[name]) else "left alone")
+                      "codes" if name in QT.__members__ and is_trainable(QT[name]) else "left alone")
     console.print(table)
     try:
         tensors = m.code_tensors()
@@ -291,9 +289,8 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
           sigma: float = typer.Option(0.01, help="Noise scale in code units."),
           limit: int = typer.Option(20, help="Draws to print (0: all).")):
     """Print the noise draws of (tensor, seed, sigma) as JSON lines: the spec's reference output."""
-    from gguf import GGMLQuantizationType as QT
-
     from .engine import CodeTensor, sigma_threshold
+    from .quant import QT
     if n % 32:
         _fail("n must be a multiple of 32 (whole blocks)")
     try:

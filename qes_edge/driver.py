@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine import CodeTensor, digest_tensors, sigma_threshold
-from .gguf_model import DEFAULT_FROZEN, GGUFModel
+from ._native import ffi
+from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
 from .llama_runtime import forward, last_logits, load_llama
 from .llama_weights import capture_weights, weight_code_tensors
 from .quant import QESError
@@ -26,17 +27,20 @@ class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
                  frozen=DEFAULT_FROZEN, self_check: bool = True):
         self.path = Path(path)
-        self.file = GGUFModel(self.path)
-        planned = self.file.code_tensors(frozen)  # refuses untrainable types by name, before llama.cpp runs
+        # our own validation of the file and of every trainable type, before llama.cpp sees it
+        planned = trainable_infos(GGUFModel(self.path).header.tensors, frozen)
         self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads)
         self.weights = capture_weights(self.llm)
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
-        for live, disk in zip(self.tensors, planned):
-            if (live.qtype, live.n_elements, live.n_bytes) != (disk.qtype, disk.n_elements, disk.n_bytes):
-                raise QESError(f"tensor {live.name!r}: llama.cpp holds {live.qtype.name} x {live.n_elements} "
-                               f"in {live.n_bytes} bytes, the file says {disk.qtype.name} x {disk.n_elements}")
-            if not np.array_equal(live.codes(0, min(4096, live.n_elements)), disk.codes(0, min(4096, disk.n_elements))):
-                raise QESError(f"tensor {live.name!r}: llama.cpp's copy differs from the file (repacked?)")
+        with open(self.path, "rb") as f:
+            for live, disk in zip(self.tensors, planned):
+                if (int(live.qtype), live.n_elements, live.n_bytes) != (disk.ggml_type, disk.n_elements, disk.n_bytes):
+                    raise QESError(f"tensor {live.name!r}: llama.cpp holds {live.qtype.name} x {live.n_elements} "
+                                   f"in {live.n_bytes} bytes, the file says type {disk.ggml_type} x {disk.n_elements}")
+                f.seek(disk.offset)
+                head = min(4096, live.n_bytes)
+                if f.read(head) != bytes(ffi.buffer(live._ptr, head)):
+                    raise QESError(f"tensor {live.name!r}: llama.cpp's copy differs from the file (repacked?)")
         self.n_codes = sum(t.n_elements for t in self.tensors)
         if self_check:
             self.self_check()

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from .quant import GGML_TYPES
 
 MAGIC = b"GGUF"
 MAX_COUNT = 1 << 24          # tensors or metadata entries: far beyond any real model
@@ -182,13 +182,11 @@ def _check(head, size: int, path: Path) -> Header:
             n *= d
             if n > MAX_DIM:
                 r.fail(f"tensor {name!r}: element count {dims} overflows")
-        try:
-            qt = GGMLQuantizationType(t)
-            block, tsize = GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
+        if t not in GGML_TYPES:
             r.fail(f"tensor {name!r} has unknown type {t}")
+        tname, block, tsize = GGML_TYPES[t]
         if dims[0] % block:
-            r.fail(f"tensor {name!r}: row of {dims[0]} elements is not a whole number of {qt.name} blocks of {block}")
+            r.fail(f"tensor {name!r}: row of {dims[0]} elements is not a whole number of {tname} blocks of {block}")
         if off % alignment:
             r.fail(f"tensor {name!r}: offset {off} is not aligned to {alignment}")
         infos.append((name, dims, t, off, n // block * tsize))

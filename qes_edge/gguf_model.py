@@ -1,7 +1,8 @@
-"""A GGUF file's trainable tensors as CodeTensors over an in-memory, copy-on-write mapping.
+"""A GGUF file's trainable tensors as CodeTensors over a private, copy-on-write mapping.
 
-Edits never reach the file on disk: the mapping is private (numpy 'c' mode), so a crash can
-never leave a half-edited model behind."""
+The header is read by our own validator (gguf_check); the tensor bytes are mapped, never read
+in full, so opening a model costs almost no memory until its codes are edited.  Edits never
+reach the file on disk (the mapping is private), so a crash cannot leave a half-edited model."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
-
 from .engine import CodeTensor, digest_tensors
-from .gguf_check import GGUFInvalid, check_gguf
-from .quant import QESError, is_trainable, type_name
+from .gguf_check import GGUFInvalid, TensorInfo, check_gguf
+from .quant import FLOAT_TYPES, QT, QESError, is_trainable, type_name
 
 #: Tensors a default run leaves alone although their type holds codes: the token embedding is
 #: tied to the output head in small models and dominates their size.
@@ -30,6 +29,21 @@ def file_sha256(path: str | Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def trainable_infos(tensors: tuple[TensorInfo, ...], frozen=DEFAULT_FROZEN) -> list[TensorInfo]:
+    """The tensors a run trains: every one whose type holds integer codes, except the frozen names.
+    A tensor with no ordered code (IQ*, ...) that would be trained is refused with its name."""
+    out = []
+    floats = {int(t) for t in FLOAT_TYPES}
+    for t in tensors:
+        if t.name in frozen or t.ggml_type in floats:
+            continue
+        if not is_trainable(t.ggml_type):
+            raise QESError(f"tensor {t.name!r}: {type_name(t.ggml_type)} has no ordered integer code that qes-edge "
+                           "can train; freeze it or use a model quantized to Q4_0..Q8_0 or K-quants")
+        out.append(t)
+    return out
+
+
 class GGUFModel:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -37,35 +51,29 @@ class GGUFModel:
             self.header = check_gguf(self.path)  # our own strict checks first
         except GGUFInvalid as e:
             raise QESError(str(e)) from None
-        try:
-            self.reader = GGUFReader(self.path, "c")
-        except Exception as e:  # gguf raises assorted errors on malformed files
-            raise QESError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._map = None
 
-    def tensor_bytes(self, t) -> np.ndarray:
-        return self.reader.data[t.data_offset:t.data_offset + t.n_bytes]
+    @property
+    def data(self) -> np.memmap:
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        return self._map
+
+    def tensor_bytes(self, t: TensorInfo) -> np.ndarray:
+        return self.data[t.offset:t.offset + t.n_bytes]
 
     def code_tensors(self, frozen=DEFAULT_FROZEN) -> list[CodeTensor]:
-        """Every tensor whose type holds integer codes, except the frozen names.  A tensor of a
-        type with no ordered code (IQ*) that would be trained is refused with its name."""
-        out = []
-        for t in self.reader.tensors:
-            if t.name in frozen or t.tensor_type.name in ("F32", "F16", "BF16", "F64"):
-                continue
-            if not is_trainable(t.tensor_type):
-                raise QESError(f"tensor {t.name!r}: {type_name(t.tensor_type)} has no ordered integer code "
-                               "that qes-edge can train; freeze it or use a model quantized to Q4_0..Q8_0 or K-quants")
-            out.append(CodeTensor(t.name, t.tensor_type, int(t.n_elements), self.tensor_bytes(t)))
-        return out
+        return [CodeTensor(t.name, t.ggml_type, t.n_elements, self.tensor_bytes(t))
+                for t in trainable_infos(self.header.tensors, frozen)]
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per type: tensor count, elements and bytes."""
         out: dict[str, dict[str, int]] = {}
-        for t in self.reader.tensors:
-            row = out.setdefault(t.tensor_type.name, {"tensors": 0, "elements": 0, "bytes": 0})
+        for t in self.header.tensors:
+            row = out.setdefault(type_name(t.ggml_type), {"tensors": 0, "elements": 0, "bytes": 0})
             row["tensors"] += 1
-            row["elements"] += int(t.n_elements)
-            row["bytes"] += int(t.n_bytes)
+            row["elements"] += t.n_elements
+            row["bytes"] += t.n_bytes
         return out
 
     def weights_digest(self, tensors: list[CodeTensor]) -> str:
@@ -77,7 +85,7 @@ class GGUFModel:
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.copyfile(self.path, tmp)
-        offsets = {t.name: t.data_offset for t in self.reader.tensors}  # absolute file offsets
+        offsets = {t.name: t.offset for t in self.header.tensors}  # absolute file offsets
         with open(tmp, "r+b") as f:
             for t in tensors:
                 f.seek(offsets[t.name])
@@ -90,3 +98,6 @@ class GGUFModel:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+__all__ = ["GGUFModel", "DEFAULT_FROZEN", "file_sha256", "trainable_infos", "QT"]

@@ -55,3 +55,10 @@ def test_codes_out_of_range_write_nothing():
 def test_sigma_errors_name_the_limit():
     with pytest.raises(QESError, match="<= 0.5"):
         sigma_threshold(0.7)
+
+
+def test_type_table_matches_gguf():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from qes_edge.quant import GGML_TYPES
+    assert {int(k): (k.name, *v) for k, v in GGML_QUANT_SIZES.items()} == GGML_TYPES

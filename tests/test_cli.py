@@ -49,7 +49,7 @@ def test_missing_or_foreign_model(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 10)
     res = runner.invoke(app, ["info", "--model", str(junk)])
-    assert res.exit_code == 2 and "not a readable GGUF" in res.output
+    assert res.exit_code == 2 and "not a GGUF file" in res.output
 
 
 @pytest.mark.slow
