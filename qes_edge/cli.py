@@ -160,6 +160,7 @@ def train(model: Optional[Path] = ModelOpt,
     from .ledger import Ledger, LedgerError
     from .models import ModelNotFound, resolve_model
     from .tasks import load_task
+    from .tasks.base import RewardFailure
     from .trainer import Trainer, TrainConfig, TrainingStopped
 
     try:
@@ -211,7 +212,11 @@ def train(model: Optional[Path] = ModelOpt,
             heldout = task_obj.heldout_examples()
 
             def evaluate():
-                m = task_obj.evaluate(driver, heldout)
+                try:
+                    m = task_obj.evaluate(driver, heldout)
+                except RewardFailure as e:
+                    progress.console.print(f"[yellow]held-out evaluation failed:[/] {e}")
+                    return
                 lg.record_eval(run.run_id, len(trainer.history), "heldout", m)
                 progress.console.print(f"step {len(trainer.history)} held-out: " +
                                        ", ".join(f"{k} {v:.3f}" for k, v in m.items()))

@@ -1,0 +1,98 @@
+"""Training end to end on the real model: the driver's self-check, train -> ledger -> replay
+bit for bit, resume, reward failures, refusal of a foreign base model."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qes_edge.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def driver(default_model):
+    from qes_edge.driver import ModelDriver
+    return ModelDriver(default_model, n_ctx=256)
+
+
+def test_self_check_fails_when_edits_do_not_reach_the_forward_pass(driver, default_model):
+    from qes_edge.driver import SelfCheckFailed
+    from qes_edge.gguf_model import GGUFModel
+    live = driver.tensors
+    try:
+        driver.tensors = GGUFModel(default_model).code_tensors()  # a copy llama.cpp never reads
+        with pytest.raises(SelfCheckFailed, match="did not change the logits"):
+            driver.self_check()
+    finally:
+        driver.tensors = live
+    driver.self_check()
+
+
+def train(tmp_path, *extra, steps=2):
+    ledger = tmp_path / "run.qes"
+    res = runner.invoke(app, ["train", "--steps", str(steps), "--population", "4", "--batch", "3",
+                              "--ledger", str(ledger), "--n-ctx", "256", *extra])
+    return ledger, res
+
+
+def test_train_replay_resume(tmp_path, driver):
+    from qes_edge.ledger import Ledger
+    ledger, res = train(tmp_path)
+    assert res.exit_code == 0, res.output
+    lg = Ledger(ledger)
+    run = lg.run()
+    assert lg.verify(run.run_id) == 2
+    recs = list(lg.steps(run.run_id))
+    assert all(len(r.seeds) == 4 and np.array_equal(r.seeds[1::2], -r.seeds[0::2]) for r in recs)
+    assert recs[0].timings["eval_s"] > 0 and run.config["population"] == 4
+    assert [e["step"] for e in lg.evals(run.run_id)] == [0, 2]
+    lg.close()
+    # resume to 3 steps: the first two are replayed, not redone
+    _, res = train(tmp_path, steps=3)
+    assert res.exit_code == 0, res.output and "resuming run" in res.output
+    lg = Ledger(ledger)
+    assert lg.verify(lg.run().run_id) == 3
+    last = lg.last_step(lg.run().run_id)
+    lg.close()
+    # replay from the base model and the ledger alone gives the recorded weights
+    out = tmp_path / "trained.gguf"
+    res = runner.invoke(app, ["replay", "--ledger", str(ledger), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    from qes_edge.gguf_model import GGUFModel
+    m = GGUFModel(out)
+    assert m.weights_digest(m.code_tensors()) == last.weights_sha256
+    # a tampered ledger is refused by replay with a non-zero exit
+    import sqlite3
+    with sqlite3.connect(ledger) as c:
+        c.execute("update steps set coefs_q16 = ? where step = 1", [np.zeros(4, "<i4").tobytes()])
+    res = runner.invoke(app, ["replay", "--ledger", str(ledger), "--out", str(tmp_path / "x.gguf")])
+    assert res.exit_code != 0 and "step 1 was edited" in " ".join(res.output.split())
+
+
+def test_foreign_base_model_is_refused(tmp_path, model_of_type):
+    ledger, res = train(tmp_path, steps=1)
+    assert res.exit_code == 0, res.output
+    other = model_of_type("Q8_0")
+    res = runner.invoke(app, ["train", "--model", str(other), "--steps", "2", "--ledger", str(ledger)])
+    assert res.exit_code == 2 and "refusing to mix" in " ".join(res.output.split())
+    res = runner.invoke(app, ["replay", "--ledger", str(ledger), "--base", str(other), "--out", str(tmp_path / "o.gguf")])
+    assert res.exit_code == 2 and "not this run's base model" in " ".join(res.output.split())
+
+
+def flaky_reward(prompt, completion, example):
+    """Fails for every prompt, so every member fails."""
+    raise RuntimeError("reward server down")
+
+
+def test_reward_failures_stop_with_a_clear_message(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say p{i}"}) for i in range(5)) + "\n")
+    ledger = tmp_path / "f.qes"
+    res = runner.invoke(app, ["train", "--task", "test_train:flaky_reward", "--data", str(data), "--steps", "2",
+                              "--population", "2", "--batch", "4", "--ledger", str(ledger), "--n-ctx", "256"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "members failed their reward" in text and "reward server down" in text
