@@ -107,3 +107,27 @@ def test_callable_rewards_fail_loudly(tmp_path):
             t.rewards(FakeModel(), t.train_examples())
     exact = load_task("jsonl", data)
     assert exact.rewards(FakeModel(), exact.train_examples()).tolist() == [1.0] * len(exact.train_examples())
+
+
+class LogitModel:
+    """Logits that favour token id 7 (whatever the prompt)."""
+    def tokenize(self, text, add_bos=True):
+        return [7] if text.strip() == "yes" else [3] if text.strip() == "no" else [1, 2]
+
+    def logits(self, tokens):
+        out = np.zeros(10, np.float32)
+        out[7] = 2.0
+        return out
+
+
+def test_choice_task_scores_by_logits(tmp_path):
+    rows = [{"prompt": f"q{i}", "choices": [" yes", " no"], "answer": i % 2} for i in range(10)]
+    t = load_task("choice", str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    p_yes = np.exp(2) / (np.exp(2) + 1)
+    r = t.rewards(LogitModel(), t.train_examples())
+    want = [p_yes if ex.meta["answer"] == 0 else 1 - p_yes for ex in t.train_examples()]
+    assert np.allclose(r, want)
+    m = t.evaluate(LogitModel(), t.heldout_examples())
+    assert m["accuracy"] == np.mean([ex.meta["answer"] == 0 for ex in t.heldout_examples()])
+    with pytest.raises(ValueError, match="'answer' must be the index"):
+        load_task("choice", str(write_jsonl(tmp_path / "b.jsonl", [{**rows[0], "answer": 5}] * 5)))

@@ -1,6 +1,7 @@
 """Tasks: where prompts come from and how a model's behaviour is turned into a reward.
 
-Built in: `sentiment` (multiple choice by logits: the fast path on CPUs), `countdown` (the
+Built in: `sentiment` (multiple choice by logits: the fast path on CPUs), `choice` (multiple choice
+from the user's JSONL, by logits), `countdown` (the
 paper's arithmetic game, generated), `jsonl` (exact or regex match against the user's JSONL).
 Any `module:function` reward (prompt, completion, example) -> float works with `--data`."""
 

@@ -80,9 +80,14 @@ def load_task(spec: str, data: str | None = None, seed: int = 0, **kw) -> Task:
         if not data:
             raise ValueError("--task jsonl needs --data FILE.jsonl")
         return JsonlTask(data, seed=seed, **kw)
+    if spec == "choice":
+        from .jsonl import ChoiceTask
+        if not data:
+            raise ValueError("--task choice needs --data FILE.jsonl with prompt, choices and answer")
+        return ChoiceTask(data, seed=seed, **kw)
     if ":" in spec:
         from .jsonl import CallableRewardTask
         if not data:
             raise ValueError(f"--task {spec} needs --data FILE.jsonl with the prompts")
         return CallableRewardTask(load_callable(spec), data, seed=seed, **kw)
-    raise ValueError(f"unknown task {spec!r}: use sentiment, countdown, jsonl or module:function")
+    raise ValueError(f"unknown task {spec!r}: use sentiment, countdown, jsonl, choice or module:function")

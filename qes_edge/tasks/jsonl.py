@@ -77,3 +77,40 @@ class CallableRewardTask(JsonlTask):
 
     def describe(self):
         return {"name": f"{self.fn.__module__}:{self.fn.__name__}", "data": self.path}
+
+
+class ChoiceTask(JsonlTask):
+    """Multiple choice from JSONL {"prompt", "choices": [...], "answer": index}, scored by the logits
+    of each choice's first token after the prompt: one forward pass per example, no generation.
+    Reward: p(correct choice) renormalised over the choices."""
+
+    name = "choice"
+
+    def __init__(self, path, seed: int = 0, **kw):
+        super().__init__(path, seed=seed, **kw)
+        for ex in self._train + self._heldout:
+            ch, ans = ex.meta.get("choices"), ex.meta.get("answer")
+            if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
+                raise ValueError(f"{path}: every line needs 'choices', a list of at least two non-empty strings")
+            if not (isinstance(ans, int) and 0 <= ans < len(ch)):
+                raise ValueError(f"{path}: 'answer' must be the index of the right choice (got {ans!r})")
+
+    def probabilities(self, model, batch) -> np.ndarray:
+        out = np.empty(len(batch))
+        for i, ex in enumerate(batch):
+            ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
+            logits = model.logits(model.tokenize(ex.prompt)).astype(np.float64)[ids]
+            p = np.exp(logits - logits.max())
+            out[i] = p[ex.meta["answer"]] / p.sum()
+        return out
+
+    def rewards(self, model, batch):
+        return self.probabilities(model, batch)
+
+    def evaluate(self, model, examples):
+        hits, p = [], self.probabilities(model, examples)
+        for ex in examples:  # accuracy: the right choice has the highest logit
+            ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
+            logits = model.logits(model.tokenize(ex.prompt))[ids]
+            hits.append(int(np.argmax(logits)) == ex.meta["answer"])
+        return {"reward": float(p.mean()), "accuracy": float(np.mean(hits))}
