@@ -137,7 +137,7 @@ def _default_ledger(model_path: Path, task: str, seed: int) -> Path:
 
 @app.command()
 def train(model: Optional[Path] = ModelOpt,
-          task: str = typer.Option("sentiment", help="sentiment | countdown | jsonl | module:function (a reward)."),
+          task: str = typer.Option("sentiment", help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
           steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
           population: int = typer.Option(16, min=2, help="Members per step, as mirrored pairs (even)."),
