@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from .engine import CodeTensor, digest_tensors
 from .gguf_check import GGUFInvalid, TensorInfo, check_gguf
-from .quant import FLOAT_TYPES, QT, QESError, is_trainable, type_name
+from .quant import FLOAT_TYPES, QESError, is_trainable, type_name
 
 #: Tensors a default run leaves alone although their type holds codes: the token embedding is
 #: tied to the output head in small models and dominates their size.
@@ -99,5 +99,3 @@ class GGUFModel:
         finally:
             os.close(dfd)
 
-
-__all__ = ["GGUFModel", "DEFAULT_FROZEN", "file_sha256", "trainable_infos", "QT"]

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,7 +8,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # reference.py, helpers
 sys.path.append(str(ROOT))               # models/ (the requantize helper)
 
-from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from qes_edge.quant import TRAINABLE, type_info  # noqa: E402
 

@@ -3,7 +3,6 @@ fuzzer over mutated headers never gets anything but a clean GGUFInvalid."""
 
 import struct
 
-import numpy as np
 import pytest
 from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings

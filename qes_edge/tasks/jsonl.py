@@ -95,22 +95,21 @@ class ChoiceTask(JsonlTask):
             if not (isinstance(ans, int) and 0 <= ans < len(ch)):
                 raise ValueError(f"{path}: 'answer' must be the index of the right choice (got {ans!r})")
 
-    def probabilities(self, model, batch) -> np.ndarray:
-        out = np.empty(len(batch))
-        for i, ex in enumerate(batch):
-            ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
-            logits = model.logits(model.tokenize(ex.prompt)).astype(np.float64)[ids]
-            p = np.exp(logits - logits.max())
-            out[i] = p[ex.meta["answer"]] / p.sum()
-        return out
+    @staticmethod
+    def choice_logits(model, ex: Example) -> np.ndarray:
+        ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
+        return model.logits(model.tokenize(ex.prompt)).astype(np.float64)[ids]
+
+    @staticmethod
+    def p_correct(logits: np.ndarray, answer: int) -> float:
+        p = np.exp(logits - logits.max())
+        return float(p[answer] / p.sum())
 
     def rewards(self, model, batch):
-        return self.probabilities(model, batch)
+        return np.array([self.p_correct(self.choice_logits(model, ex), ex.meta["answer"]) for ex in batch])
 
     def evaluate(self, model, examples):
-        hits, p = [], self.probabilities(model, examples)
-        for ex in examples:  # accuracy: the right choice has the highest logit
-            ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
-            logits = model.logits(model.tokenize(ex.prompt))[ids]
-            hits.append(int(np.argmax(logits)) == ex.meta["answer"])
-        return {"reward": float(p.mean()), "accuracy": float(np.mean(hits))}
+        logits = [self.choice_logits(model, ex) for ex in examples]  # one forward pass each
+        p = [self.p_correct(lg, ex.meta["answer"]) for lg, ex in zip(logits, examples)]
+        hits = [int(np.argmax(lg)) == ex.meta["answer"] for lg, ex in zip(logits, examples)]
+        return {"reward": float(np.mean(p)), "accuracy": float(np.mean(hits))}
