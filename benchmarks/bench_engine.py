@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge import _native
-from qes_edge.engine import Step, mirrored, sigma_threshold
-from qes_edge.fixed_point import coefs_to_q16
+from qes_edge.engine import mirrored, random_steps, sigma_threshold
 from qes_edge.gguf_model import GGUFModel
 from qes_edge.models import default_model_path
 
@@ -63,17 +62,6 @@ def perturb_restore(tensors, p32, seeds):
     return (time.perf_counter() - t0) / len(seeds), changed / len(seeds)
 
 
-def replay_steps(rng, k, pairs, sigma, alpha):
-    p32 = sigma_threshold(sigma)
-    steps = []
-    for _ in range(k + 1):
-        base = rng.integers(1, 2**31 - 1, size=pairs)
-        seeds = mirrored(base)
-        coefs = np.clip(rng.normal(size=2 * pairs), -3, 3)
-        steps.append(Step(seeds, coefs_to_q16(coefs, alpha, sigma), p32))
-    return steps
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -106,7 +94,7 @@ def main(argv=None):
     pairs = a.population // 2
     member_seeds = mirrored(np.arange(1, pairs + 1))
     backends = _native.available_backends() if a.backend == "all" else [a.backend]
-    steps = replay_steps(rng, a.window, pairs, a.sigma, a.alpha)
+    steps = random_steps(rng, a.window + 1, a.population, a.sigma, a.alpha)
     before = [t._array.copy() for t in tensors]
     rows, digests = [], {}
     for backend in backends:

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge.driver import ModelDriver
-from qes_edge.engine import mirrored
-from qes_edge.fixed_point import coefs_to_q16
+from qes_edge.engine import random_steps
 from qes_edge.gguf_model import file_sha256
 from qes_edge.ledger import Ledger, StepRecord
 from qes_edge.models import default_model_path
@@ -47,10 +46,9 @@ def main(argv=None):
         lg = Ledger(Path(d) / "o.qes")
         run = lg.create_run(file_sha256(path), path.name, cfg.record(), 1)
         tr = Trainer(driver, load_task("sentiment"), lg, run, cfg)
-        for k in range(a.window):  # steady state: a full window to replay
-            tr.history.append(StepRecord(-a.window + k, tr.p32, mirrored(rng.integers(1, 2**31 - 1, a.population // 2)),
-                                         coefs_to_q16(np.clip(rng.normal(size=a.population), -3, 3), cfg.alpha, cfg.sigma),
-                                         np.zeros(a.population), ""))
+        # steady state: a full window to replay
+        for k, st in enumerate(random_steps(rng, a.window, a.population, cfg.sigma, cfg.alpha)):
+            tr.history.append(StepRecord(k - a.window, st.threshold, st.seeds, st.coefs_q16, np.zeros(a.population), ""))
         hist = tr.history
         for s in range(a.steps):
             tr.history = hist[-a.window:]

@@ -66,7 +66,9 @@ def available_backends() -> list[str]:
 
 
 def set_backend(name: str) -> str:
-    """Select the kernel table; 'auto' picks the fastest available. Returns the active name."""
+    """Select the kernel table; 'auto' picks the fastest available. Returns the active name,
+    also reported by the module attribute `backend`."""
+    global backend
     if name == "auto":
         lib.qes_set_backend(lib.QES_BACKEND_AUTO)
     elif name not in BACKENDS:
@@ -74,7 +76,8 @@ def set_backend(name: str) -> str:
     elif lib.qes_set_backend(BACKENDS[name]) != lib.QES_OK:
         raise RuntimeError(
             f"backend {name!r} is not available here (available: {', '.join(available_backends())})")
-    return get_backend()
+    backend = get_backend()
+    return backend
 
 
 def get_backend() -> str:

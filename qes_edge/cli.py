@@ -71,8 +71,7 @@ def demo(model: Optional[Path] = ModelOpt,
          prompt: str = typer.Option("The capital of France is", help="Prompt for the llama.cpp check.")):
     """Run the engine end to end on a real model: llama.cpp inference, perturb/restore of every
     trainable tensor with an exact-restore check, and one seed-replay update."""
-    from .engine import Step, mirrored, sigma_threshold
-    from .fixed_point import coefs_to_q16
+    from .engine import mirrored, random_steps, sigma_threshold
     from .llama_runtime import load_llama
 
     if population % 2:
@@ -114,12 +113,7 @@ def demo(model: Optional[Path] = ModelOpt,
     if not exact:
         raise typer.Exit(1)
 
-    rng = np.random.default_rng(0)
-    steps = []
-    for _ in range(window + 1):
-        base = rng.integers(1, 2**31 - 1, size=pairs)
-        coefs = np.clip(rng.normal(size=population), -3, 3)
-        steps.append(Step(mirrored(base), coefs_to_q16(coefs, alpha, sigma), p32))
+    steps = random_steps(np.random.default_rng(0), window + 1, population, sigma, alpha)
     t0 = time.perf_counter()
     changed = sum(t.update(steps, threads=threads).changed for t in tensors)
     console.print(f"seed-replay update (K={window}, population {population}): {changed:,} codes changed in "

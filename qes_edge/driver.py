@@ -12,7 +12,7 @@ import numpy as np
 from .engine import CodeTensor, digest_tensors, sigma_threshold
 from ._native import ffi
 from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
-from .llama_runtime import forward, last_logits, load_llama
+from .llama_runtime import clear, forward, last_logits, load_llama
 from .llama_weights import capture_weights, weight_code_tensors
 from .quant import QESError
 
@@ -72,8 +72,7 @@ class ModelDriver:
 
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy completion from an empty context (no cached prefix survives a weight change)."""
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        clear(self.llm)
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"]
 

@@ -75,6 +75,19 @@ def mirrored(bases) -> np.ndarray:
     return np.stack([b, -b], axis=1).reshape(-1)
 
 
+def random_steps(rng: np.random.Generator, n_steps: int, population: int, sigma: float, alpha: float) -> list["Step"]:
+    """Steps of mirrored members with N(0,1) coefficients clipped to +-3, as a run would record
+    them: for the demo and the benchmarks, which need a realistic window without training."""
+    from .fixed_point import coefs_to_q16
+    p32 = sigma_threshold(sigma)
+    steps = []
+    for _ in range(n_steps):
+        seeds = mirrored(rng.integers(1, 2**31 - 1, size=population // 2))
+        coefs = np.clip(rng.normal(size=population), -3, 3)
+        steps.append(Step(seeds, coefs_to_q16(coefs, alpha, sigma), p32))
+    return steps
+
+
 @dataclass
 class Step:
     """One recorded step: member seeds, their Q16 coefficients, and the noise threshold."""

@@ -51,10 +51,15 @@ def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
                                use_mmap=False, verbose=verbose)
 
 
+def clear(llm) -> None:
+    """Empty the context: no cached prefix survives (llama_memory_clear)."""
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+
+
 def forward(llm, tokens) -> None:
     """One full forward pass of tokens from an empty context."""
-    llm.reset()
-    llm._ctx.kv_cache_clear()  # llama_memory_clear: no cached prefix survives
+    clear(llm)
     llm.eval(tokens)
 
 

@@ -8,19 +8,13 @@ from hypothesis import strategies as st
 import reference as R
 from conftest import random_blocks
 from qes_edge import _native
-from qes_edge.engine import CodeTensor, Step, mirrored, sigma_threshold
+from qes_edge.engine import CodeTensor, Step, random_steps, sigma_threshold
 from qes_edge.fixed_point import beta_to_q14, coefs_to_q16
 from qes_edge.quant import TRAINABLE, QESError
 
 
-def random_steps(rng, n_steps, n_pairs, sigma, alpha):
-    steps = []
-    for _ in range(n_steps):
-        base = rng.integers(1, 2**31 - 1, size=n_pairs)
-        seeds = mirrored(base)
-        c = np.clip(rng.normal(size=2 * n_pairs), -3, 3)
-        steps.append(Step(seeds, coefs_to_q16(c, alpha, sigma), sigma_threshold(sigma)))
-    return steps
+def random_pair_steps(rng, n_steps, n_pairs, sigma, alpha):
+    return random_steps(rng, n_steps, 2 * n_pairs, sigma, alpha)
 
 
 def ref_steps(steps):
@@ -39,7 +33,7 @@ def test_update_matches_reference(qtype, n_blocks, rng_seed, n_steps, n_pairs, s
     data, n = random_blocks(qtype, n_blocks, rng, extreme=0.2)
     t = CodeTensor("blk.5.ffn_up.weight", qtype, n, data)
     codes = t.codes()
-    steps = random_steps(rng, n_steps, n_pairs, sigma, alpha)
+    steps = random_pair_steps(rng, n_steps, n_pairs, sigma, alpha)
     if stored:  # stored-residual mode: one step, a starting residual
         steps = steps[-1:]
         residual = rng.integers(-98304, 98305, size=n).astype(np.int32)
@@ -63,7 +57,7 @@ def test_threads_and_backends_give_same_bytes():
     rng = np.random.default_rng(11)
     qtype = TRAINABLE[1]  # Q4_1, the default model's type
     data, n = random_blocks(qtype, 20000, rng)  # 640k elements, 40 tiles
-    steps = random_steps(rng, 8, 15, 0.01, 0.001)
+    steps = random_pair_steps(rng, 8, 15, 0.01, 0.001)
     outputs = set()
     for backend in _native.available_backends():
         for threads in (1, 2, 5):
