@@ -41,8 +41,10 @@ def run_one(driver, task, cfg: TrainConfig, steps: int, eval_every: int, ledger_
         timings.append(rec.timings)
         if s % eval_every == 0 or s == steps:
             curve.append({"step": s, **task.evaluate(driver, heldout)})
-            print(f"  step {s}: train reward {rewards[-1]:.3f}  held-out {curve[-1]['accuracy']:.3f} "
-                  f"p {curve[-1]['reward']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+            c = curve[-1]
+            print(f"  step {s}: train reward {rewards[-1]:.3f}  held-out balanced accuracy "
+                  f"{c['balanced_accuracy']:.3f} (pos {c['accuracy_positive']:.2f} neg {c['accuracy_negative']:.2f}) "
+                  f"AUROC {c['auroc']:.3f} p {c['reward']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
     changed = sum(int((t.codes() != b).sum()) for t, b in zip(driver.tensors, base))
     for t, b in zip(driver.tensors, base):  # back to the base model for the next run
         t.set_codes(b)
@@ -58,16 +60,21 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"error feedback": "tab:blue", "no error feedback": "tab:orange"}
+    styles = ["o-", "s--", "^:", "d-."]
     for r in result["runs"]:
-        c = colors[r["variant"]]
+        c, st = colors[r["variant"]], styles[result["seeds"].index(r["seed"]) % len(styles)]
         steps = [p["step"] for p in r["curve"]]
-        ax[0].plot(steps, [p["accuracy"] for p in r["curve"]], "o-", color=c, alpha=0.7,
+        ax[0].plot(steps, [p["balanced_accuracy"] for p in r["curve"]], st, color=c, alpha=0.7,
                    label=f"{r['variant']} (seed {r['seed']})")
-        ax[1].plot(np.arange(1, len(r["train_reward"]) + 1), r["train_reward"], color=c, alpha=0.6)
-    ax[0].set(xlabel="step", ylabel="held-out accuracy (200 words)", title="SmolLM2-135M Q4_1, sentiment")
-    ax[1].set(xlabel="step", ylabel="mean member reward (p correct)", title="training reward")
+        ax[1].plot(steps, [p["auroc"] for p in r["curve"]], st, color=c, alpha=0.7)
+        ax[2].plot(np.arange(1, len(r["train_reward"]) + 1), r["train_reward"], color=c, alpha=0.5)
+    n = result["heldout"]
+    ax[0].set(xlabel="step", ylabel=f"held-out balanced accuracy ({n} words)",
+              title="SmolLM2-135M Q4_1, sentiment")
+    ax[1].set(xlabel="step", ylabel="held-out AUROC of p(positive)", title="discrimination (prior-free)")
+    ax[2].set(xlabel="step", ylabel="mean member reward (p correct)", title="training reward")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -75,11 +82,11 @@ def plot(result, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--population", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--alpha-ef", type=float, default=0.001)
     ap.add_argument("--alpha-noef", type=float, default=0.00125)
     a = ap.parse_args(argv)
@@ -97,15 +104,17 @@ def main(argv=None):
                         RESULTS / "ledgers" / f"sentiment-s{seed}-{'ef' if ef else 'noef'}.qes")
             runs.append({"seed": seed, "variant": variant, "alpha": cfg.alpha, **r})
             result = {"task": "sentiment", "model": driver.path.name, "steps": a.steps, "population": a.population,
-                      "batch": a.batch, "sigma": 0.01, "runs": runs, "date": time.strftime("%Y-%m-%d")}
+                      "batch": a.batch, "balanced_batches": cfg.balance, "sigma": 0.01, "seeds": a.seeds,
+                      "heldout": len(task.heldout_examples()), "runs": runs, "date": time.strftime("%Y-%m-%d")}
             (RESULTS / "learning.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "learning.png")
     for variant in ("error feedback", "no error feedback"):
         rs = [r for r in runs if r["variant"] == variant]
-        before = np.mean([r["curve"][0]["accuracy"] for r in rs])
-        after = [r["curve"][-1]["accuracy"] for r in rs]
-        print(f"{variant}: held-out accuracy {before:.3f} -> {np.mean(after):.3f} (per seed {after}); "
-              f"overhead {np.mean([r['overhead_ratio'] for r in rs]):.1%} of eval time")
+        for metric in ("balanced_accuracy", "auroc", "reward"):
+            before = rs[0]["curve"][0][metric]
+            after = [round(r["curve"][-1][metric], 3) for r in rs]
+            print(f"{variant}: held-out {metric} {before:.3f} -> mean {np.mean(after):.3f} (per seed {after})")
+        print(f"{variant}: overhead {np.mean([r['overhead_ratio'] for r in rs]):.1%} of eval time")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class TrainConfig:
     coef_scheme: str = "zscore"
     coef_clip: float = 3.0
     batch: int = 24
+    balance: bool = True              # class-balanced batches when the task has classes
     seed: int = 0
     n_ctx: int = 512
     frozen: list = field(default_factory=lambda: ["token_embd.weight", "output.weight"])
@@ -65,6 +66,7 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, d: dict) -> "TrainConfig":
+        d = {"balance": False, **d}  # ledgers written before balanced batches drew them at random
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -73,9 +75,23 @@ def member_seeds(run_seed: int, step: int, population: int) -> np.ndarray:
     return mirrored(rng.integers(1, 2**31 - 1, population // 2))
 
 
-def batch_indices(run_seed: int, step: int, n_examples: int, batch: int) -> np.ndarray:
+def batch_indices(run_seed: int, step: int, n_examples: int, batch: int, strata=None) -> np.ndarray:
+    """The step's training examples, a pure function of (run seed, step).  With `strata` (a class
+    label per example) every class gets an equal share (the remainder to classes drawn at random,
+    a class smaller than its share gives all it has), so that a class prior the model has is not
+    what the first steps learn to flip."""
     rng = np.random.default_rng([run_seed & 0xFFFFFFFF, step, 2])
-    return rng.choice(n_examples, size=min(batch, n_examples), replace=False)
+    if strata is None:
+        return rng.choice(n_examples, size=min(batch, n_examples), replace=False)
+    if len(strata) != n_examples:
+        raise ValueError(f"{len(strata)} class labels for {n_examples} examples")
+    labels = sorted(set(strata), key=lambda x: (type(x).__name__, str(x)))
+    members = {c: np.flatnonzero([s == c for s in strata]) for c in labels}
+    share = np.full(len(labels), batch // len(labels))
+    share[rng.choice(len(labels), size=batch % len(labels), replace=False)] += 1
+    picked = [rng.choice(members[c], size=min(int(k), len(members[c])), replace=False)
+              for c, k in zip(labels, share)]
+    return rng.permutation(np.concatenate(picked))
 
 
 class UpdateState:
@@ -120,6 +136,7 @@ class Trainer:
         self.state = UpdateState(cfg, self.tensors)
         self.history: list[StepRecord] = []
         self.train = list(task.train_examples())
+        self.strata = task.strata() if cfg.balance else None
         self.p32 = sigma_threshold(cfg.sigma)
 
     def catch_up(self, on_step: Callable[[int, int], None] | None = None) -> int:
@@ -148,7 +165,7 @@ class Trainer:
 
     def step(self) -> StepRecord:
         cfg, step = self.cfg, len(self.history)
-        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch)]
+        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch, self.strata)]
         seeds = member_seeds(cfg.seed, step, cfg.population)
         rewards = np.empty(len(seeds))
         failures: list[str] = []

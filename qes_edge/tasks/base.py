@@ -33,6 +33,10 @@ class Task:
     def heldout_examples(self) -> Sequence[Example]:
         raise NotImplementedError
 
+    def strata(self) -> Sequence | None:
+        """A class label per training example, for class-balanced batches; None: no classes."""
+        return None
+
     def rewards(self, model, batch: Sequence[Example]) -> np.ndarray:
         """One float per example; raises RewardFailure when the reward cannot be computed."""
         raise NotImplementedError
@@ -43,6 +47,19 @@ class Task:
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative
+    (ties count half), from the Mann-Whitney rank sum."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2  # ties share the mean of their ranks (1-based)
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def checked_reward(value, where: str) -> float:

@@ -105,6 +105,9 @@ class ChoiceTask(JsonlTask):
         p = np.exp(logits - logits.max())
         return float(p[answer] / p.sum())
 
+    def strata(self):
+        return [ex.meta["answer"] for ex in self._train]
+
     def rewards(self, model, batch):
         return np.array([self.p_correct(self.choice_logits(model, ex), ex.meta["answer"]) for ex in batch])
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .base import Example, Task
+from .base import Example, Task, auroc
 
 # the word comes last but for the answer cue, so everything before it is one shared prefix:
 # evaluated once per member, then each example costs only its ~12 suffix tokens
@@ -43,8 +43,12 @@ class SentimentTask(Task):
     def __init__(self, seed: int = 0, heldout: int = 200, min_abs: int = 2):
         words = afinn_words(min_abs)
         order = np.random.default_rng(12345).permutation(len(words))  # fixed split, whatever the run seed
-        self._heldout = [self._example(*words[i]) for i in order[:heldout]]
-        self._train = [self._example(*words[i]) for i in order[heldout:]]
+        # held out: the first heldout/2 words of each class in that order, so accuracy is not a class prior
+        held = set()
+        for label in CLASSES:
+            held.update([i for i in order if words[i][1] == label][:heldout // 2])
+        self._heldout = [self._example(*words[i]) for i in order if i in held]
+        self._train = [self._example(*words[i]) for i in order if i not in held]
         self._token_ids = None
 
     @staticmethod
@@ -57,6 +61,9 @@ class SentimentTask(Task):
 
     def heldout_examples(self):
         return self._heldout
+
+    def strata(self):
+        return [ex.answer for ex in self._train]
 
     def _ids(self, model):
         if self._token_ids is None:
@@ -81,8 +88,13 @@ class SentimentTask(Task):
         return self.probabilities(model, batch)
 
     def evaluate(self, model, examples):
+        """Accuracy, per class and balanced, and the AUROC of p(positive): the AUROC does not move
+        when only the model's leaning to one class moves, so a rise in it is learned discrimination."""
         p = self.probabilities(model, examples)
         pos = np.array([ex.answer == "positive" for ex in examples])
+        acc_pos = float((p[pos] > 0.5).mean()) if pos.any() else float("nan")
+        acc_neg = float((p[~pos] > 0.5).mean()) if (~pos).any() else float("nan")
         return {"reward": float(p.mean()), "accuracy": float((p > 0.5).mean()),
-                "accuracy_positive": float((p[pos] > 0.5).mean()) if pos.any() else float("nan"),
-                "accuracy_negative": float((p[~pos] > 0.5).mean()) if (~pos).any() else float("nan")}
+                "accuracy_positive": acc_pos, "accuracy_negative": acc_neg,
+                "balanced_accuracy": (acc_pos + acc_neg) / 2,
+                "auroc": auroc(np.where(pos, p, 1 - p), pos)}
