@@ -111,3 +111,27 @@ def test_update_bad_input():
     with pytest.raises(QESError, match="at least one step"):
         t.update([])
     assert np.array_equal(t.codes(), CodeTensor("x", TRAINABLE[0], n, data.copy()).codes())  # nothing written
+
+
+@pytest.mark.parametrize("backend", _native.available_backends())
+def test_members_sharing_a_seed_are_merged_exactly(backend):
+    """libqes scatters each |seed| of a step once with the members' net coefficient: a repeated
+    seed, a mirrored pair whose coefficients cancel and a lone member all match the reference,
+    which scatters member by member."""
+    rng = np.random.default_rng(21)
+    qtype = TRAINABLE[1]
+    data, n = random_blocks(qtype, 3000, rng)
+    t = CodeTensor("blk.1.attn_q.weight", qtype, n, data)
+    p32 = sigma_threshold(0.05)
+    seeds = np.array([5, 5, -5, 7, -7, 11, 13, -13], dtype=np.int64)
+    coefs = np.array([9000, -4000, 3000, 2500, 2500, -7000, 0, 6000], dtype=np.int32)  # 7's pair cancels
+    steps = [Step(seeds, coefs, p32), Step(seeds[::-1].copy(), coefs, p32)]
+    ref_codes, _, ref_changed = R.update(t.codes(), t.info.cmin, t.info.cmax, t.name, ref_steps(steps),
+                                         None, beta_to_q14(0.9), 98304, True)
+    _native.set_backend(backend)
+    try:
+        stats = t.update(steps, beta=0.9)
+    finally:
+        _native.set_backend("auto")
+    assert stats.changed == ref_changed > 0
+    assert np.array_equal(t.codes(), ref_codes)

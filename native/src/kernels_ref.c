@@ -23,9 +23,10 @@ static void scatter_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t
     }
 }
 
-static void dense_step_ref(const qes_dense_args *a, const int32_t *acc, int32_t *r, qes_update_stats *st) {
+static void dense_step_ref(const qes_dense_args *a, int32_t *acc, int32_t *r, qes_update_stats *st) {
     for (uint32_t i = 0; i < a->n; ++i) {
         int32_t step = acc[i] + qes_asr(a->beta_q14 * r[i] + (1 << 13), 14);
+        acc[i] = 0; /* ready for the next step's scatter */
         int32_t d = qes_asr(step + (1 << 15), 16);
         if (d) {
             int code = qes_elem_get(a->tr, a->data, a->base + i);

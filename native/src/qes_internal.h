@@ -20,7 +20,7 @@ typedef uint32_t (*qes_gen_chunk_fn)(const qes_chunk_key *k, uint32_t n_draws, u
 
 /* One error-feedback step over a tile of n elements starting at element base:
  *   step = acc + round(beta * r);  delta = round(step);  gate delta against the codes;
- *   r = clamp(step - delta);  apply delta to the codes when apply != 0. */
+ *   r = clamp(step - delta);  apply delta to the codes when apply != 0;  acc is left zeroed. */
 typedef struct {
     const qes_type_traits *tr;
     uint8_t *data;
@@ -30,7 +30,7 @@ typedef struct {
     int anti_windup;
     int apply;
 } qes_dense_args;
-typedef void (*qes_dense_step_fn)(const qes_dense_args *a, const int32_t *acc, int32_t *r,
+typedef void (*qes_dense_step_fn)(const qes_dense_args *a, int32_t *acc, int32_t *r,
                                   qes_update_stats *stats);
 
 /* acc[x] += eps * coef for every draw x of a chunk (eps with the seed's sign applied). */

@@ -8,7 +8,11 @@
  *   gate d against the current code (anti-windup: drop it; else cut it at the range end)
  *   r[e]    = clamp(step[e] - d[e] * 2^16, +-clamp_q16)
  * and only the last step writes d into the codes.  r starts at zero (seed replay) or at the
- * stored residual.  Tiles are independent, so threads change nothing in the result. */
+ * stored residual.  Tiles are independent, so threads change nothing in the result.
+ *
+ * Members +s and -s draw the same positions with opposite signs, so each step's members are
+ * first merged by |seed| into one term with the net coefficient: a mirrored pair is scattered
+ * once.  Integer sums are exact (|acc| <= sum |coef| <= 2^30), so the bits do not change. */
 #include <stdlib.h>
 #include <string.h>
 #include "qes_internal.h"
@@ -19,9 +23,20 @@ typedef struct {
 } tile_buf;
 
 typedef struct {
+    uint64_t seed;      /* |seed| */
+    int32_t coef;       /* the net signed coefficient of every member with that |seed| */
+} term;
+
+typedef struct {
+    const term *terms;
+    uint32_t n_terms;
+    uint32_t threshold;
+} merged_step;
+
+typedef struct {
     qes_tensor *t;
     qes_type_traits tr;
-    const qes_step *steps;
+    const merged_step *steps;
     uint32_t n_steps;
     int32_t *residual;
     const qes_update_params *p;
@@ -38,16 +53,12 @@ static void update_tile(void *vctx, uint64_t c, int thread) {
     if (!u->residual) memset(r, 0, valid * sizeof(int32_t));
     qes_dense_args a = {&u->tr, u->t->data, base, valid, u->p->beta_q14, u->p->clamp_q16,
                         (u->p->flags & QES_UPDATE_ANTI_WINDUP) != 0, 0};
+    memset(b->acc, 0, valid * sizeof(int32_t)); /* dense_step leaves it zeroed for the next step */
     for (uint32_t s = 0; s < u->n_steps; ++s) {
-        const qes_step *st = &u->steps[s];
-        memset(b->acc, 0, valid * sizeof(int32_t));
-        for (uint32_t i = 0; i < st->n_members; ++i) {
-            int64_t seed = st->seeds[i];
-            int32_t coef = st->coefs[i];
-            if (coef == 0) continue;
-            qes_chunk_key k = qes_make_chunk_key(u->t->id, (uint64_t)(seed < 0 ? -seed : seed), c);
-            u->kern->scatter_chunk(&k, qes_chunk_draws(&k, st->threshold), valid,
-                                   seed < 0 ? -coef : coef, b->acc);
+        const merged_step *st = &u->steps[s];
+        for (uint32_t i = 0; i < st->n_terms; ++i) {
+            qes_chunk_key k = qes_make_chunk_key(u->t->id, st->terms[i].seed, c);
+            u->kern->scatter_chunk(&k, qes_chunk_draws(&k, st->threshold), valid, st->terms[i].coef, b->acc);
         }
         a.apply = (s + 1 == u->n_steps);
         u->kern->dense_step(&a, b->acc, r, &b->stats);
@@ -85,6 +96,31 @@ static int check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step
     return QES_OK;
 }
 
+static int by_seed(const void *a, const void *b) {
+    uint64_t x = ((const term *)a)->seed, y = ((const term *)b)->seed;
+    return (x > y) - (x < y);
+}
+
+/* One term per distinct |seed| with a nonzero net coefficient, in |seed| order. */
+static uint32_t merge_members(const qes_step *st, term *out) {
+    uint32_t n = 0, m = 0;
+    for (uint32_t i = 0; i < st->n_members; ++i) {
+        int64_t seed = st->seeds[i];
+        if (st->coefs[i] == 0) continue;
+        out[n].seed = (uint64_t)(seed < 0 ? -seed : seed);
+        out[n++].coef = seed < 0 ? -st->coefs[i] : st->coefs[i];
+    }
+    qsort(out, n, sizeof(term), by_seed);
+    for (uint32_t i = 0; i < n; ++i) {
+        if (m && out[m - 1].seed == out[i].seed) out[m - 1].coef += out[i].coef;
+        else out[m++] = out[i];
+    }
+    n = 0;
+    for (uint32_t i = 0; i < m; ++i)
+        if (out[i].coef) out[n++] = out[i];
+    return n;
+}
+
 int qes_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *residual,
                const qes_update_params *params, qes_update_stats *stats) {
     update_ctx u;
@@ -93,10 +129,22 @@ int qes_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *
     uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
     int nt = params->n_threads > 0 ? params->n_threads : qes_default_threads();
     if ((uint64_t)nt > chunks) nt = (int)chunks;
-    u.t = t; u.steps = steps; u.n_steps = n_steps; u.residual = residual; u.p = params;
+    uint64_t n_members = 0;
+    for (uint32_t s = 0; s < n_steps; ++s) n_members += steps[s].n_members;
+    merged_step *merged = (merged_step *)calloc(n_steps, sizeof(merged_step));
+    term *terms = (term *)malloc((size_t)(n_members ? n_members : 1) * sizeof(term));
+    if (!merged || !terms) { free(merged); free(terms); return QES_ERR_NOMEM; }
+    uint64_t at = 0;
+    for (uint32_t s = 0; s < n_steps; ++s) {
+        merged[s].terms = terms + at;
+        merged[s].n_terms = merge_members(&steps[s], terms + at);
+        merged[s].threshold = steps[s].threshold;
+        at += steps[s].n_members;
+    }
+    u.t = t; u.steps = merged; u.n_steps = n_steps; u.residual = residual; u.p = params;
     u.kern = qes_active_kernels();
     u.bufs = (tile_buf **)calloc((size_t)nt, sizeof(tile_buf *));
-    if (!u.bufs) return QES_ERR_NOMEM;
+    if (!u.bufs) { free(merged); free(terms); return QES_ERR_NOMEM; }
     for (int i = 0; i < nt; ++i)
         if (!(u.bufs[i] = (tile_buf *)calloc(1, sizeof(tile_buf)))) { err = QES_ERR_NOMEM; break; }
     if (!err) err = qes_parallel_for(chunks, nt, update_tile, &u);
@@ -106,6 +154,8 @@ int qes_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *
         free(u.bufs[i]);
     }
     free(u.bufs);
+    free(merged);
+    free(terms);
     if (stats) *stats = total;
     return err;
 }

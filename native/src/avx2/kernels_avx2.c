@@ -80,7 +80,7 @@ static void scatter_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_
     }
 }
 
-static void dense_step_avx2(const qes_dense_args *a, const int32_t *acc, int32_t *r, qes_update_stats *st) {
+static void dense_step_avx2(const qes_dense_args *a, int32_t *acc, int32_t *r, qes_update_stats *st) {
     const __m256i beta = _mm256_set1_epi32(a->beta_q14), half14 = _mm256_set1_epi32(1 << 13);
     const __m256i half16 = _mm256_set1_epi32(1 << 15);
     const __m256i hi = _mm256_set1_epi32(a->clamp_q16), lo = _mm256_set1_epi32(-a->clamp_q16);
@@ -89,6 +89,7 @@ static void dense_step_avx2(const qes_dense_args *a, const int32_t *acc, int32_t
         __m256i rv = _mm256_loadu_si256((const __m256i *)(r + i));
         __m256i step = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(acc + i)),
             _mm256_srai_epi32(_mm256_add_epi32(_mm256_mullo_epi32(beta, rv), half14), 14));
+        _mm256_storeu_si256((__m256i *)(acc + i), _mm256_setzero_si256()); /* ready for the next step */
         __m256i d = _mm256_srai_epi32(_mm256_add_epi32(step, half16), 16);
         if (!_mm256_testz_si256(d, d)) { /* rare: gate the nonzero deltas against the codes */
             int32_t dl[8];
