@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge import _native
-from qes_edge.engine import mirrored, random_steps, sigma_threshold
+from qes_edge.engine import TensorGroup, mirrored, random_steps, sigma_threshold
 from qes_edge.gguf_model import GGUFModel
 from qes_edge.models import default_model_path
 
@@ -51,14 +51,15 @@ def memcpy_time(tensors, repeats=5):
     return median_time(copy_all, repeats)
 
 
-def perturb_restore(tensors, p32, seeds):
+def perturb_restore(tensors, p32, seeds, threads):
+    """As the trainer does it: every tensor in one call per member, on `threads` cores."""
+    group = TensorGroup(tensors, threads)
     changed = 0
     t0 = time.perf_counter()
     for seed in seeds:
-        ps = [t.perturb(int(seed), p32) for t in tensors]
-        changed += sum(p.applied for p in ps)
-        for p in ps:
-            p.restore()
+        p = group.perturb(int(seed), p32)
+        changed += int(p.applied.sum())
+        p.restore()
     return (time.perf_counter() - t0) / len(seeds), changed / len(seeds)
 
 
@@ -99,7 +100,7 @@ def main(argv=None):
     rows, digests = [], {}
     for backend in backends:
         _native.set_backend(backend)
-        t_pr, changed = perturb_restore(tensors, p32, member_seeds)
+        t_pr, changed = perturb_restore(tensors, p32, member_seeds, a.threads)
         t0 = time.perf_counter()
         upd_changed = sum(t.update(steps, threads=a.threads).changed for t in tensors)
         t_upd = time.perf_counter() - t0

@@ -71,7 +71,7 @@ def demo(model: Optional[Path] = ModelOpt,
          prompt: str = typer.Option("The capital of France is", help="Prompt for the llama.cpp check.")):
     """Run the engine end to end on a real model: llama.cpp inference, perturb/restore of every
     trainable tensor with an exact-restore check, and one seed-replay update."""
-    from .engine import mirrored, random_steps, sigma_threshold
+    from .engine import TensorGroup, mirrored, random_steps, sigma_threshold
     from .llama_runtime import load_llama
 
     if population % 2:
@@ -97,14 +97,14 @@ def demo(model: Optional[Path] = ModelOpt,
     moved = 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    group = TensorGroup(tensors)
     t0 = time.perf_counter()
     with progress:
         task = progress.add_task("perturb + restore", total=len(seeds))
         for seed in seeds:
-            ps = [t.perturb(seed, p32) for t in tensors]
-            moved += sum(p.applied for p in ps)
-            for p in ps:
-                p.restore()
+            p = group.perturb(seed, p32)
+            moved += int(p.applied.sum())
+            p.restore()
             progress.advance(task)
     t_pr = (time.perf_counter() - t0) / len(seeds)
     exact = m.weights_digest(tensors) == digest0

@@ -272,3 +272,71 @@ class CodeTensor:
         if err:
             raise _fail(self.name, self.qtype, err, "update")
         return UpdateStats(int(stats.changed), int(stats.dropped))
+
+
+@dataclass
+class GroupPerturbation:
+    """One seed's perturbation of every tensor of a TensorGroup; restore() undoes it exactly."""
+
+    group: "TensorGroup"
+    seed: int
+    threshold: int
+    masks: list
+    applied: np.ndarray
+    restored: bool = field(default=False)
+
+    def restore(self) -> None:
+        self.group.restore(self)
+
+
+class TensorGroup:
+    """Tensors perturbed and restored together: one call into libqes for all of them, spread
+    over the cores in groups of chunks.  The bytes are those of perturbing them one by one."""
+
+    def __init__(self, tensors: Sequence[CodeTensor], threads: int = 0):
+        self.tensors = list(tensors)
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise QESError("a tensor group needs distinct tensors (a name appears twice)")
+        for t in self.tensors:
+            t._need_writable("perturb")
+        self.threads = int(threads)
+        self._cts = ffi.new("qes_tensor *[]", [t._c for t in self.tensors])
+
+    def _masks(self, threshold: int, masks=None):
+        if masks is None:
+            masks = [np.empty(max(1, lib.qes_mask_bytes(t.n_elements, threshold)), dtype=np.uint8)
+                     for t in self.tensors]
+        ptrs = ffi.new("uint8_t *[]", [ffi.cast("uint8_t *", m.ctypes.data) for m in masks])
+        sizes = np.array([m.nbytes for m in masks], dtype=np.uint64)
+        return masks, ptrs, sizes
+
+    def _fail(self, err: int, failed: int, what: str) -> QESError:
+        t = self.tensors[failed] if 0 <= failed < len(self.tensors) else self.tensors[0]
+        return _fail(t.name, t.qtype, err, what)
+
+    def perturb(self, seed: int, threshold: int) -> GroupPerturbation:
+        where = self.tensors[0].name if self.tensors else "group"
+        seed, threshold = _check_seed(seed, where), _check_threshold(threshold, where)
+        masks, ptrs, sizes = self._masks(threshold)
+        applied = np.zeros(len(self.tensors), dtype=np.uint64)
+        failed = ffi.new("uint32_t *")
+        err = lib.qes_perturb_many(self._cts, len(self.tensors), seed, threshold, ptrs,
+                                   ffi.cast("uint64_t *", sizes.ctypes.data), self.threads,
+                                   ffi.cast("uint64_t *", applied.ctypes.data), failed)
+        if err:
+            raise self._fail(err, failed[0], f"perturb(seed={seed})")
+        return GroupPerturbation(self, seed, threshold, masks, applied)
+
+    def restore(self, p: GroupPerturbation) -> None:
+        if p.group is not self:
+            raise QESError("this perturbation belongs to another tensor group")
+        if p.restored:
+            raise QESError(f"perturbation seed {p.seed} was already restored")
+        _, ptrs, sizes = self._masks(p.threshold, p.masks)
+        failed = ffi.new("uint32_t *")
+        err = lib.qes_restore_many(self._cts, len(self.tensors), p.seed, p.threshold, ptrs,
+                                   ffi.cast("uint64_t *", sizes.ctypes.data), self.threads, failed)
+        if err:
+            raise self._fail(err, failed[0], f"restore(seed={p.seed})")
+        p.restored = True

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__, _native
 from .coefficients import coefficients
-from .engine import CodeTensor, Step, digest_tensors, mirrored, sigma_threshold
+from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
 from .fixed_point import DEFAULT_CLAMP_Q16, coefs_to_q16
 from .ledger import Ledger, LedgerError, Run, StepRecord
 from .tasks.base import RewardFailure, Task
@@ -133,6 +133,7 @@ class Trainer:
         self.driver, self.task, self.ledger, self.run, self.cfg = driver, task, ledger, run, cfg
         self.threads = threads
         self.tensors = driver.tensors
+        self.group = TensorGroup(self.tensors, threads)  # perturb/restore: one call, all cores
         self.state = UpdateState(cfg, self.tensors)
         self.history: list[StepRecord] = []
         self.train = list(task.train_examples())
@@ -151,16 +152,18 @@ class Trainer:
 
     def evaluate_member(self, seed: int, batch) -> tuple[float, str | None, float, float, float]:
         t0 = time.perf_counter()
-        perts = [t.perturb(int(seed), self.p32) for t in self.tensors]
+        pert = self.group.perturb(int(seed), self.p32)
         t1 = time.perf_counter()
         failure = None
         try:
             reward = float(np.mean(self.task.rewards(self.driver, batch)))
         except RewardFailure as e:
             reward, failure = float("nan"), str(e)
+        except BaseException:  # anything else stops the run, but never with the weights perturbed
+            pert.restore()
+            raise
         t2 = time.perf_counter()
-        for p in perts:
-            p.restore()
+        pert.restore()
         return reward, failure, t1 - t0, t2 - t1, time.perf_counter() - t2
 
     def step(self) -> StepRecord:

@@ -94,3 +94,32 @@ def test_failed_members_are_recorded_and_skipped(tmp_path):
     with pytest.raises(TrainingStopped, match="6 of 8 members failed"):
         tr.step()
     assert lg.verify(run.run_id) == 1  # nothing recorded for the stopped step
+
+
+class LabelledToyTask(ToyTask):
+    """Three quarters of the examples are class "a"; rewards record the classes each step saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def train_examples(self):
+        return [Example(f"x{i}", answer="a" if i % 4 else "b") for i in range(40)]
+
+    def strata(self):
+        return [ex.answer for ex in self.train_examples()]
+
+    def rewards(self, model, batch):
+        self.seen.append(sorted(ex.answer for ex in batch))
+        return super().rewards(model, batch)
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_trainer_draws_class_balanced_batches(tmp_path, balance):
+    cfg = TrainConfig(task="toy", population=2, sigma=0.2, alpha=0.05, batch=8, balance=balance)
+    task = LabelledToyTask()
+    drv, lg, run, tr = make(tmp_path, cfg, task)
+    for _ in range(6):
+        tr.step()
+    balanced = [s == ["a"] * 4 + ["b"] * 4 for s in task.seen]
+    assert all(balanced) if balance else not all(balanced)

@@ -106,6 +106,13 @@ uint64_t qes_mask_bytes(uint64_t n_elements, uint32_t p32);
 int qes_perturb(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask, uint64_t mask_bytes,
                 uint64_t *applied_out);
 int qes_restore(qes_tensor *t, int64_t seed, uint32_t p32, const uint8_t *mask, uint64_t mask_bytes);
+/* The same over n distinct tensors in one call, on n_threads (<= 0: all cores): the same bytes
+ * and masks as n single calls.  Arguments are checked for every tensor before any is touched; on an error
+ * *failed_out (may be NULL) names the tensor's index.  applied_out: n counts, or NULL. */
+int qes_perturb_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                     const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out, uint32_t *failed_out);
+int qes_restore_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                     const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out);
 
 /* Error-feedback update.  steps[0..n_steps-2] are replayed (residual only), steps[n_steps-1]
  * is applied to the codes.  residual: NULL for seed replay (starts from zero) or a per-element

@@ -27,22 +27,51 @@ static int check_args(const qes_tensor *t, qes_type_traits *tr, int64_t seed, ui
     return QES_OK;
 }
 
-static int run(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask_w, const uint8_t *mask_r,
-               uint64_t *applied_out) {
-    qes_type_traits tr;
-    qes_traits(t->type, &tr); /* arguments were checked by the caller */
-    chunk_draws *cd = (chunk_draws *)malloc(sizeof *cd);
-    if (!cd) return QES_ERR_NOMEM;
-    const qes_kernels *kern = qes_active_kernels();
-    uint64_t abs_seed = (uint64_t)(seed < 0 ? -seed : seed), applied = 0, foreign = 0;
-    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK, stride = qes_max_draws(p32);
-    int sgn = seed < 0 ? -1 : 1;
-    if (mask_w) memset(mask_w, 0, (size_t)qes_mask_bytes(t->n_elements, p32));
-    for (uint64_t c = 0; c < chunks; ++c) {
+/* Work is split into groups of 8 chunks: group g owns mask bytes [g*stride, (g+1)*stride), so
+ * threads never share a mask byte, and every group is independent of the others. */
+#define QES_GROUP_CHUNKS 8
+
+typedef struct {
+    qes_tensor **ts;
+    qes_type_traits *trs;
+    uint64_t *group_end;          /* cumulative group count per tensor */
+    uint32_t n;
+    int64_t seed;
+    uint32_t p32;
+    uint8_t **masks;
+    int write;                    /* 1: perturb (write the masks), 0: restore (read them) */
+    const qes_kernels *kern;
+    chunk_draws **cds;
+    uint64_t *applied;            /* per tensor, may be NULL; added to atomically */
+    uint32_t failed;              /* first tensor (lowest index) whose restore met a foreign mask */
+} many_ctx;
+
+static void run_group(void *vctx, uint64_t task, int thread) {
+    many_ctx *u = (many_ctx *)vctx;
+    uint32_t lo = 0, hi = u->n - 1;
+    while (lo < hi) { /* the tensor whose groups contain this task */
+        uint32_t mid = (lo + hi) / 2;
+        if (u->group_end[mid] > task) hi = mid; else lo = mid + 1;
+    }
+    qes_tensor *t = u->ts[lo];
+    const qes_type_traits tr = u->trs[lo];
+    chunk_draws *cd = u->cds[thread];
+    uint64_t g = task - (lo ? u->group_end[lo - 1] : 0);
+    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK, stride = qes_max_draws(u->p32);
+    uint64_t c0 = g * QES_GROUP_CHUNKS, c1 = c0 + QES_GROUP_CHUNKS < chunks ? c0 + QES_GROUP_CHUNKS : chunks;
+    uint64_t abs_seed = (uint64_t)(u->seed < 0 ? -u->seed : u->seed), applied = 0, foreign = 0;
+    int sgn = u->seed < 0 ? -1 : 1;
+    uint8_t *mask = u->masks[lo];
+    if (u->write) {
+        uint64_t b0 = g * stride, b1 = qes_mask_bytes(t->n_elements, u->p32);
+        if ((g + 1) * stride < b1) b1 = (g + 1) * stride;
+        memset(mask + b0, 0, (size_t)(b1 - b0));
+    }
+    for (uint64_t c = c0; c < c1; ++c) {
         qes_chunk_key k = qes_make_chunk_key(t->id, abs_seed, c);
         uint64_t base = c * QES_CHUNK, left = t->n_elements - base;
         uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
-        uint32_t m = kern->gen_chunk(&k, qes_chunk_draws(&k, p32), valid, sgn, cd->off, cd->sign, cd->slot);
+        uint32_t m = u->kern->gen_chunk(&k, qes_chunk_draws(&k, u->p32), valid, sgn, cd->off, cd->sign, cd->slot);
         /* the draws come in random order; visiting them bucket by bucket in address order lets
            the hardware prefetcher stream the tensor instead of missing at random.  Every element
            is drawn at most once, so the order changes nothing in the result. */
@@ -56,13 +85,13 @@ static int run(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask_w, const
             uint32_t i = cd->order[o];
             uint64_t e = base + cd->off[i], bit = c * stride + cd->slot[i];
             int code = qes_elem_get(&tr, t->data, e);
-            if (mask_w) { /* perturb: gate at the range ends */
+            if (u->write) { /* perturb: gate at the range ends */
                 int nc = code + cd->sign[i];
                 if (nc < tr.cmin || nc > tr.cmax) continue;
                 qes_elem_set(&tr, t->data, e, nc);
-                mask_w[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+                mask[bit >> 3] |= (uint8_t)(1u << (bit & 7));
                 ++applied;
-            } else if ((mask_r[bit >> 3] >> (bit & 7)) & 1) { /* restore what was applied */
+            } else if ((mask[bit >> 3] >> (bit & 7)) & 1) { /* restore what was applied */
                 int oc = code - cd->sign[i];
                 if (oc < tr.cmin || oc > tr.cmax) { ++foreign; continue; } /* not this seed's mask */
                 qes_elem_set(&tr, t->data, e, oc);
@@ -70,22 +99,75 @@ static int run(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask_w, const
             }
         }
     }
-    free(cd);
-    if (applied_out) *applied_out = applied;
-    return foreign ? QES_ERR_RANGE : QES_OK;
+    if (u->applied && applied) __atomic_fetch_add(&u->applied[lo], applied, __ATOMIC_RELAXED);
+    if (foreign) { /* keep the lowest index, whichever thread gets here first */
+        uint32_t cur = __atomic_load_n(&u->failed, __ATOMIC_RELAXED);
+        while (lo < cur && !__atomic_compare_exchange_n(&u->failed, &cur, lo, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    }
+}
+
+static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                    const uint64_t *mask_bytes, int32_t n_threads, int write, uint64_t *applied_out,
+                    uint32_t *failed_out) {
+    int err = QES_OK, nt = 0;
+    uint64_t groups = 0;
+    if (failed_out) *failed_out = 0;
+    if (n == 0) return QES_OK;
+    if (!ts || !masks || !mask_bytes) return QES_ERR_NULL;
+    if (n_threads > 1024) return QES_ERR_ARG;
+    many_ctx u = {ts, NULL, NULL, n, seed, p32, masks, write, qes_active_kernels(), NULL, applied_out, UINT32_MAX};
+    u.trs = (qes_type_traits *)malloc(sizeof(qes_type_traits) * n);
+    u.group_end = (uint64_t *)malloc(sizeof(uint64_t) * n);
+    if (!u.trs || !u.group_end) { err = QES_ERR_NOMEM; goto out; }
+    for (uint32_t i = 0; i < n; ++i) {
+        if ((err = ts[i] ? check_args(ts[i], &u.trs[i], seed, p32, masks[i], mask_bytes[i]) : QES_ERR_NULL)) {
+            if (failed_out) *failed_out = i;
+            goto out;
+        }
+        uint64_t chunks = (ts[i]->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+        groups += (chunks + QES_GROUP_CHUNKS - 1) / QES_GROUP_CHUNKS;
+        u.group_end[i] = groups;
+        if (applied_out) applied_out[i] = 0;
+    }
+    nt = n_threads > 0 ? n_threads : qes_default_threads();
+    if ((uint64_t)nt > groups) nt = (int)groups;
+    u.cds = (chunk_draws **)calloc((size_t)nt, sizeof(chunk_draws *));
+    if (!u.cds) { err = QES_ERR_NOMEM; goto out; }
+    for (int i = 0; i < nt; ++i)
+        if (!(u.cds[i] = (chunk_draws *)malloc(sizeof(chunk_draws)))) { err = QES_ERR_NOMEM; goto out; }
+    if ((err = qes_parallel_for(groups, nt, run_group, &u))) goto out;
+    if (u.failed != UINT32_MAX) {
+        err = QES_ERR_RANGE;
+        if (failed_out) *failed_out = u.failed;
+    }
+out:
+    if (u.cds)
+        for (int i = 0; i < nt; ++i) free(u.cds[i]);
+    free(u.cds);
+    free(u.trs);
+    free(u.group_end);
+    return err;
+}
+
+int qes_perturb_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                     const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out, uint32_t *failed_out) {
+    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 1, applied_out, failed_out);
+}
+
+int qes_restore_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                     const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out) {
+    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 0, NULL, failed_out);
 }
 
 int qes_perturb(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask, uint64_t mask_bytes,
                 uint64_t *applied_out) {
-    qes_type_traits tr;
-    int err = check_args(t, &tr, seed, p32, mask, mask_bytes);
-    if (err) return err;
-    return run(t, seed, p32, mask, NULL, applied_out);
+    uint64_t applied = 0;
+    int err = run_many(&t, 1, seed, p32, &mask, &mask_bytes, 1, 1, &applied, NULL);
+    if (applied_out) *applied_out = applied;
+    return err;
 }
 
 int qes_restore(qes_tensor *t, int64_t seed, uint32_t p32, const uint8_t *mask, uint64_t mask_bytes) {
-    qes_type_traits tr;
-    int err = check_args(t, &tr, seed, p32, mask, mask_bytes);
-    if (err) return err;
-    return run(t, seed, p32, NULL, mask, NULL);
+    uint8_t *m = (uint8_t *)mask; /* read only: restore never writes the mask */
+    return run_many(&t, 1, seed, p32, &m, &mask_bytes, 1, 0, NULL, NULL);
 }

@@ -171,9 +171,61 @@ static void test_bad_input(void) {
     free(t.data);
 }
 
+/* all tensors in one call on several threads: the bytes and masks of one call per tensor */
+static void test_perturb_many(void) {
+    uint32_t p32;
+    qes_sigma_threshold(0.05, &p32);
+    enum { N = 5 };
+    const uint64_t elems[N] = {256, 8 * 16384, 8 * 16384 + 512, 17 * 16384 - 256, 3 * 16384};
+    qes_tensor ts[N], copies[N];
+    qes_tensor *ptrs[N];
+    uint8_t *masks[N], *single[N], *orig[N];
+    uint64_t mb[N], applied[N], one;
+    for (int i = 0; i < N; ++i) {
+        int type = TYPES[(i * 3) % NTYPES];
+        qes_type_info info;
+        qes_type_query(type, &info);
+        char name[32];
+        snprintf(name, sizeof name, "blk.%d.ffn_up.weight", i);
+        ts[i] = make_tensor(type, elems[i] / info.block_elems, name);
+        copies[i] = ts[i];
+        copies[i].data = (uint8_t *)malloc(ts[i].n_bytes);
+        memcpy(copies[i].data, ts[i].data, ts[i].n_bytes);
+        orig[i] = (uint8_t *)malloc(ts[i].n_bytes);
+        memcpy(orig[i], ts[i].data, ts[i].n_bytes);
+        ptrs[i] = &ts[i];
+        mb[i] = qes_mask_bytes(ts[i].n_elements, p32);
+        masks[i] = (uint8_t *)malloc(mb[i]);
+        single[i] = (uint8_t *)malloc(mb[i]);
+    }
+    for (int threads = 1; threads <= 4; ++threads) {
+        for (int64_t seed = -2; seed <= 2; seed += 4) {
+            CHECK(qes_perturb_many(ptrs, N, seed, p32, masks, mb, threads, applied, NULL) == QES_OK, "perturb_many");
+            for (int i = 0; i < N; ++i) {
+                CHECK(qes_perturb(&copies[i], seed, p32, single[i], mb[i], &one) == QES_OK, "perturb");
+                CHECK(one == applied[i] && memcmp(single[i], masks[i], mb[i]) == 0 &&
+                      memcmp(copies[i].data, ts[i].data, ts[i].n_bytes) == 0,
+                      "threads %d tensor %d: perturb_many differs from perturb", threads, i);
+                qes_restore(&copies[i], seed, p32, single[i], mb[i]);
+            }
+            CHECK(qes_restore_many(ptrs, N, seed, p32, masks, mb, threads, NULL) == QES_OK, "restore_many");
+            for (int i = 0; i < N; ++i)
+                CHECK(memcmp(orig[i], ts[i].data, ts[i].n_bytes) == 0, "threads %d tensor %d: not restored", threads, i);
+        }
+    }
+    uint32_t bad = 99;
+    mb[3] -= 1;
+    CHECK(qes_perturb_many(ptrs, N, 1, p32, masks, mb, 2, applied, &bad) == QES_ERR_SIZE && bad == 3,
+          "a short mask is refused and named");
+    for (int i = 0; i < N; ++i)
+        CHECK(memcmp(orig[i], ts[i].data, ts[i].n_bytes) == 0, "a refused call touched tensor %d", i);
+    for (int i = 0; i < N; ++i) { free(ts[i].data); free(copies[i].data); free(orig[i]); free(masks[i]); free(single[i]); }
+}
+
 int main(void) {
     test_codecs();
     test_perturb_restore();
+    test_perturb_many();
     test_backends_agree();
     test_bad_input();
     printf("%d passed, %d failed\n", passed, failed);
