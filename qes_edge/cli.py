@@ -141,6 +141,7 @@ def train(model: Optional[Path] = ModelOpt,
           error_feedback: bool = typer.Option(True, "--error-feedback/--no-error-feedback", help="Accumulate rounding residuals (QES) or not (QuZO-style)."),
           residual: str = typer.Option("replay", help="replay: rebuild the residual from the ledger; stored: keep int32 per code in memory."),
           batch: int = typer.Option(24, min=1, help="Prompts per step (all members see the same ones)."),
+          balance: bool = typer.Option(True, "--balance/--no-balance", help="Class-balanced prompts per step when the task has classes."),
           seed: int = typer.Option(0, help="Run seed: prompts and member seeds derive from it and the step."),
           ledger: Optional[Path] = typer.Option(None, help="Ledger file (default runs/<model>.<task>.s<seed>.qes)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
@@ -162,7 +163,7 @@ def train(model: Optional[Path] = ModelOpt,
         _fail(str(e))
     cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma, alpha=alpha,
                       beta=beta, window=window, error_feedback=error_feedback, residual=residual, batch=batch,
-                      seed=seed, n_ctx=n_ctx)
+                      balance=balance, seed=seed, n_ctx=n_ctx)
     try:
         cfg.validate()
     except (ValueError, QESError) as e:
