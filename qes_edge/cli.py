@@ -232,6 +232,41 @@ def train(model: Optional[Path] = ModelOpt,
     console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
 
 
+@app.command("eval")
+def evaluate(model: Optional[Path] = ModelOpt,
+             task: str = typer.Option("sentiment", help="Task whose held-out examples to score (as for train)."),
+             data: Optional[Path] = typer.Option(None, help="JSONL data for the jsonl, choice and module:function tasks."),
+             seed: int = typer.Option(0, help="Task seed (as the run's, for generated tasks)."),
+             threads: int = typer.Option(0, help="Threads for llama.cpp (0: all cores)."),
+             n_ctx: int = typer.Option(512, help="llama.cpp context size."),
+             as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
+    """Score a model (the base, or one written by replay) on a task's held-out examples: the same
+    numbers train prints at its evaluations."""
+    from .driver import ModelDriver, SelfCheckFailed
+    from .models import ModelNotFound, resolve_model
+    from .tasks import load_task
+    from .tasks.base import RewardFailure
+
+    try:
+        path = resolve_model(model)
+        task_obj = load_task(task, str(data) if data else None, seed)
+        driver = ModelDriver(path, n_ctx=n_ctx, n_threads=threads or None)
+        metrics = task_obj.evaluate(driver, task_obj.heldout_examples())
+    except ModelNotFound as e:
+        _fail(str(e))
+    except (ValueError, QESError, RuntimeError, SelfCheckFailed, RewardFailure) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    table = Table(title=f"{path.name}: {task}, {len(task_obj.heldout_examples())} held-out examples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.3f}")
+    console.print(table)
+
+
 @app.command()
 def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
            out: Path = typer.Option(..., help="Where to write the trained GGUF."),

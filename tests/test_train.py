@@ -57,6 +57,7 @@ def test_train_replay_resume(tmp_path, driver):
     lg = Ledger(ledger)
     assert lg.verify(lg.run().run_id) == 3
     last = lg.last_step(lg.run().run_id)
+    recorded = [e for e in lg.evals(lg.run().run_id) if e["step"] == 3]
     lg.close()
     # replay from the base model and the ledger alone gives the recorded weights
     out = tmp_path / "trained.gguf"
@@ -65,6 +66,11 @@ def test_train_replay_resume(tmp_path, driver):
     from qes_edge.gguf_model import GGUFModel
     m = GGUFModel(out)
     assert m.weights_digest(m.code_tensors()) == last.weights_sha256
+    # and `eval` of the written file scores exactly what training measured on the live weights
+    res = runner.invoke(app, ["eval", "--model", str(out), "--n-ctx", "256", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output.strip().splitlines()[-1])
+    assert len(recorded) == 1 and got == {k: v for k, v in recorded[0].items() if k not in ("step", "split")}
     # a tampered ledger is refused by replay with a non-zero exit
     import sqlite3
     with sqlite3.connect(ledger) as c:
