@@ -1,7 +1,8 @@
 """Proof of learning: QES with error feedback against the same loop without it (QuZO-style),
 on the sentiment task, over several run seeds; held-out accuracy before, during and after.
 
-    python benchmarks/learning.py [--steps 30] [--seeds 0 1 2] [--eval-every 10]
+    python benchmarks/learning.py [--steps 50] [--seeds 0 1 2] [--variants ef noef]
+                                  [--alpha-ef A] [--alpha-noef A] [--append] [--plot-only]
 
 Writes benchmarks/results/learning.json and learning.png (the ledgers go to
 benchmarks/results/ledgers/, not committed).  Why this task: see qes_edge/tasks/sentiment.py."""
@@ -56,28 +57,48 @@ def run_one(driver, task, cfg: TrainConfig, steps: int, eval_every: int, ledger_
             "eval_s": ev, "overhead_s": ov, "overhead_ratio": ov / ev}
 
 
+def group(r) -> str:
+    return f"{r['variant']}, alpha {r['alpha']:g}"
+
+
 def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    colors = {"error feedback": "tab:blue", "no error feedback": "tab:orange"}
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    groups = sorted({group(r) for r in result["runs"]})
+    palettes = {"error feedback": ["tab:blue", "tab:purple", "tab:cyan"], "no error feedback": ["tab:orange", "tab:red"]}
+    colors = {}
+    for g in groups:  # blues for error feedback, oranges without it
+        pal = palettes[g.split(",")[0]]
+        colors[g] = pal[sum(1 for h in colors if h.split(",")[0] == g.split(",")[0]) % len(pal)]
     styles = ["o-", "s--", "^:", "d-."]
+    seeds = sorted({r["seed"] for r in result["runs"]})
     for r in result["runs"]:
-        c, st = colors[r["variant"]], styles[result["seeds"].index(r["seed"]) % len(styles)]
+        c, st = colors[group(r)], styles[seeds.index(r["seed"]) % len(styles)]
         steps = [p["step"] for p in r["curve"]]
         ax[0].plot(steps, [p["balanced_accuracy"] for p in r["curve"]], st, color=c, alpha=0.7,
-                   label=f"{r['variant']} (seed {r['seed']})")
+                   label=f"{group(r)} (seed {r['seed']})")
         ax[1].plot(steps, [p["auroc"] for p in r["curve"]], st, color=c, alpha=0.7)
         ax[2].plot(np.arange(1, len(r["train_reward"]) + 1), r["train_reward"], color=c, alpha=0.5)
-    n = result["heldout"]
-    ax[0].set(xlabel="step", ylabel=f"held-out balanced accuracy ({n} words)",
+    ax[0].set(xlabel="step", ylabel=f"held-out balanced accuracy ({result['heldout']} words)",
               title="SmolLM2-135M Q4_1, sentiment")
     ax[1].set(xlabel="step", ylabel="held-out AUROC of p(positive)", title="discrimination (prior-free)")
     ax[2].set(xlabel="step", ylabel="mean member reward (p correct)", title="training reward")
-    ax[0].legend(fontsize=7)
+    ax[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def summary(runs):
+    for g in sorted({group(r) for r in runs}):
+        rs = [r for r in runs if group(r) == g]
+        for metric in ("balanced_accuracy", "auroc", "reward"):
+            before = rs[0]["curve"][0][metric]
+            after = [round(r["curve"][-1][metric], 3) for r in rs]
+            print(f"{g}: held-out {metric} {before:.3f} -> mean {np.mean(after):.3f} "
+                  f"(seeds {[r['seed'] for r in rs]}: {after})")
+        print(f"{g}: overhead {np.mean([r['overhead_ratio'] for r in rs]):.1%} of eval time")
 
 
 def main(argv=None):
@@ -87,34 +108,45 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", choices=["ef", "noef"], default=["ef", "noef"])
     ap.add_argument("--alpha-ef", type=float, default=0.001)
     ap.add_argument("--alpha-noef", type=float, default=0.00125)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs already in learning.json (same steps, population and batch)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw learning.png from learning.json")
     a = ap.parse_args(argv)
+    out = RESULTS / "learning.json"
+    if a.plot_only:
+        result = json.loads(out.read_text())
+        plot(result, RESULTS / "learning.png")
+        summary(result["runs"])
+        return
+    runs = []
+    if a.append and out.exists():
+        old = json.loads(out.read_text())
+        if (old["steps"], old["population"], old["batch"]) != (a.steps, a.population, a.batch):
+            raise SystemExit("--append: learning.json holds runs of other settings")
+        runs = old["runs"]
     driver = ModelDriver(default_model_path(), n_ctx=256)
     task = load_task("sentiment")
-    runs = []
     (RESULTS / "ledgers").mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
-        for ef in (True, False):
+        for v in a.variants:
+            ef = v == "ef"
             variant = "error feedback" if ef else "no error feedback"
             cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, sigma=0.01,
                               alpha=a.alpha_ef if ef else a.alpha_noef, error_feedback=ef, seed=seed, n_ctx=256)
             print(f"seed {seed}, {variant}, alpha {cfg.alpha}", flush=True)
             r = run_one(driver, task, cfg, a.steps, a.eval_every,
-                        RESULTS / "ledgers" / f"sentiment-s{seed}-{'ef' if ef else 'noef'}.qes")
+                        RESULTS / "ledgers" / f"sentiment-s{seed}-{v}-a{cfg.alpha:g}.qes")
+            runs = [x for x in runs if (x["seed"], x["variant"], x["alpha"]) != (seed, variant, cfg.alpha)]
             runs.append({"seed": seed, "variant": variant, "alpha": cfg.alpha, **r})
             result = {"task": "sentiment", "model": driver.path.name, "steps": a.steps, "population": a.population,
-                      "batch": a.batch, "balanced_batches": cfg.balance, "sigma": 0.01, "seeds": a.seeds,
+                      "batch": a.batch, "balanced_batches": cfg.balance, "sigma": 0.01,
                       "heldout": len(task.heldout_examples()), "runs": runs, "date": time.strftime("%Y-%m-%d")}
-            (RESULTS / "learning.json").write_text(json.dumps(result, indent=1) + "\n")
+            out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "learning.png")
-    for variant in ("error feedback", "no error feedback"):
-        rs = [r for r in runs if r["variant"] == variant]
-        for metric in ("balanced_accuracy", "auroc", "reward"):
-            before = rs[0]["curve"][0][metric]
-            after = [round(r["curve"][-1][metric], 3) for r in rs]
-            print(f"{variant}: held-out {metric} {before:.3f} -> mean {np.mean(after):.3f} (per seed {after})")
-        print(f"{variant}: overhead {np.mean([r['overhead_ratio'] for r in rs]):.1%} of eval time")
+    summary(runs)
 
 
 if __name__ == "__main__":
