@@ -21,14 +21,15 @@ def ref_steps(steps):
     return [(s.seeds, s.coefs_q16, s.threshold) for s in steps]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(qtype=st.sampled_from(TRAINABLE), n_blocks=st.integers(1, 1100), rng_seed=st.integers(0, 2**32 - 1),
        n_steps=st.integers(1, 6), n_pairs=st.integers(1, 6), sigma=st.sampled_from([0.005, 0.01, 0.05, 0.3]),
        alpha=st.sampled_from([0.0005, 0.01, 0.2]), beta=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
        anti_windup=st.booleans(), stored=st.booleans(), threads=st.sampled_from([1, 2, 3]),
+       clamp=st.sampled_from([98304, 98304, 0, 1000, 32767, 32768, 131071]),
        backend=st.sampled_from(_native.available_backends()))
 def test_update_matches_reference(qtype, n_blocks, rng_seed, n_steps, n_pairs, sigma, alpha, beta,
-                                  anti_windup, stored, threads, backend):
+                                  anti_windup, stored, threads, clamp, backend):
     rng = np.random.default_rng(rng_seed)
     data, n = random_blocks(qtype, n_blocks, rng, extreme=0.2)
     t = CodeTensor("blk.5.ffn_up.weight", qtype, n, data)
@@ -36,15 +37,15 @@ def test_update_matches_reference(qtype, n_blocks, rng_seed, n_steps, n_pairs, s
     steps = random_pair_steps(rng, n_steps, n_pairs, sigma, alpha)
     if stored:  # stored-residual mode: one step, a starting residual
         steps = steps[-1:]
-        residual = rng.integers(-98304, 98305, size=n).astype(np.int32)
+        residual = rng.integers(-clamp, clamp + 1, size=n).astype(np.int32)
     else:
         residual = None
     ref_codes, ref_r, ref_changed = R.update(codes, t.info.cmin, t.info.cmax, t.name, ref_steps(steps),
-                                             residual, beta_to_q14(beta), 98304, anti_windup)
+                                             residual, beta_to_q14(beta), clamp, anti_windup)
     _native.set_backend(backend)
     try:
         res = residual.copy() if stored else None
-        stats = t.update(steps, res, beta=beta, anti_windup=anti_windup, threads=threads)
+        stats = t.update(steps, res, beta=beta, clamp_q16=clamp, anti_windup=anti_windup, threads=threads)
     finally:
         _native.set_backend("auto")
     assert np.array_equal(t.codes(), ref_codes)

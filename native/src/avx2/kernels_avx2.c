@@ -84,6 +84,9 @@ static void dense_step_avx2(const qes_dense_args *a, int32_t *acc, int32_t *r, q
     const __m256i beta = _mm256_set1_epi32(a->beta_q14), half14 = _mm256_set1_epi32(1 << 13);
     const __m256i half16 = _mm256_set1_epi32(1 << 15);
     const __m256i hi = _mm256_set1_epi32(a->clamp_q16), lo = _mm256_set1_epi32(-a->clamp_q16);
+    /* where every delta of 8 lanes is zero (nearly always), step lies in [-2^15, 2^15): with a
+       clamp of at least 2^15 it needs no clamping, and r = step */
+    const int no_clamp_when_zero = a->clamp_q16 >= (1 << 15);
     uint32_t i = 0;
     for (; i + 8 <= a->n; i += 8) {
         __m256i rv = _mm256_loadu_si256((const __m256i *)(r + i));
@@ -91,7 +94,12 @@ static void dense_step_avx2(const qes_dense_args *a, int32_t *acc, int32_t *r, q
             _mm256_srai_epi32(_mm256_add_epi32(_mm256_mullo_epi32(beta, rv), half14), 14));
         _mm256_storeu_si256((__m256i *)(acc + i), _mm256_setzero_si256()); /* ready for the next step */
         __m256i d = _mm256_srai_epi32(_mm256_add_epi32(step, half16), 16);
-        if (!_mm256_testz_si256(d, d)) { /* rare: gate the nonzero deltas against the codes */
+        int all_zero = _mm256_testz_si256(d, d);
+        if (all_zero && no_clamp_when_zero) {
+            _mm256_storeu_si256((__m256i *)(r + i), step);
+            continue;
+        }
+        if (!all_zero) { /* rare: gate the nonzero deltas against the codes */
             int32_t dl[8];
             _mm256_storeu_si256((__m256i *)dl, d);
             for (int l = 0; l < 8; ++l) {
