@@ -1,8 +1,8 @@
 """Word polarity from the AFINN lexicon, scored by the logits of the answer (no generation).
 
 Why this task for the proof of learning: SmolLM2-135M-Instruct has headroom on it (it calls
-most words positive: 0.61 held-out accuracy, 0.96 on positive words and 0.39 on negative ones
-with this prompt), one forward pass per example makes a step
+most words positive: 0.66 balanced held-out accuracy, 0.92 on positive words and 0.40 on
+negative ones with this prompt), one forward pass per example makes a step
 affordable on a 2-core CPU, and evaluation is deterministic, so small differences between
 mirrored members are signal, not noise.  Reward: p(correct class) over the two classes."""
 
