@@ -68,10 +68,10 @@ def plot(result, path):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     groups = sorted({group(r) for r in result["runs"]})
     palettes = {"error feedback": ["tab:blue", "tab:purple", "tab:cyan"], "no error feedback": ["tab:orange", "tab:red"]}
-    colors = {}
-    for g in groups:  # blues for error feedback, oranges without it
-        pal = palettes[g.split(",")[0]]
-        colors[g] = pal[sum(1 for h in colors if h.split(",")[0] == g.split(",")[0]) % len(pal)]
+    colors = {}  # blues for error feedback, oranges without it, one shade per alpha
+    for variant, pal in palettes.items():
+        for i, g in enumerate(g for g in groups if g.startswith(variant + ",")):
+            colors[g] = pal[i % len(pal)]
     styles = ["o-", "s--", "^:", "d-."]
     seeds = sorted({r["seed"] for r in result["runs"]})
     for r in result["runs"]:

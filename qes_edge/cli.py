@@ -252,9 +252,7 @@ def evaluate(model: Optional[Path] = ModelOpt,
         task_obj = load_task(task, str(data) if data else None, seed)
         driver = ModelDriver(path, n_ctx=n_ctx, n_threads=threads or None)
         metrics = task_obj.evaluate(driver, task_obj.heldout_examples())
-    except ModelNotFound as e:
-        _fail(str(e))
-    except (ValueError, QESError, RuntimeError, SelfCheckFailed, RewardFailure) as e:
+    except (ModelNotFound, ValueError, QESError, RuntimeError, SelfCheckFailed, RewardFailure) as e:
         _fail(str(e))
     if as_json:
         typer.echo(json.dumps(metrics))
