@@ -2,11 +2,20 @@
 
 Reward (format + answer): 0.1 for an <answer>...</answer> that parses as arithmetic, 1.0 when it
 uses each given number exactly once and equals the target.  Generated, so it needs generation:
-slower than the logit tasks on a CPU."""
+slower than the logit tasks on a CPU.
+
+Scoring is linear in a bounded input, whatever the model writes: only the first
+MAX_COMPLETION_CHARS characters of a completion are looked at, and the answer is found with
+str.find / str.rfind (a lazy regex such as ``<answer>(.*?)</answer>`` rescans the rest of the text
+from every unclosed ``<answer>``: 16000 of them took 28-52 s, 200000 over ten minutes).
+
+Which answer counts: the *first closed* one, i.e. the text between the first ``</answer>`` and
+the last ``<answer>`` before it.  Anything after that first closing tag is ignored, an
+``<answer>`` never closed (within the cap) gives 0, and so does a ``</answer>`` with no opening
+tag before it.  Of the answer, the part before the first ``=`` is the expression ("3+5 = 8");
+whitespace and newlines inside it are allowed (safe_arith.evaluate)."""
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
@@ -16,7 +25,10 @@ from .safe_arith import UnsafeExpression, evaluate
 PROMPT = ("<|im_start|>user\nUsing the numbers {nums}, create an equation that equals {target}. "
           "You can use + - * / and each number once. Show the equation in <answer> </answer> tags."
           "<|im_end|>\n<|im_start|>assistant\n")
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+OPEN, CLOSE = "<answer>", "</answer>"
+# far more than any answer within CountdownTask.max_tokens (64 tokens are a few hundred
+# characters); bounds the work of score() to microseconds whatever the completion
+MAX_COMPLETION_CHARS = 4096
 
 
 def make_problem(rng: np.random.Generator, n_numbers: int = 3) -> tuple[list[int], int]:
@@ -31,11 +43,27 @@ def make_problem(rng: np.random.Generator, n_numbers: int = 3) -> tuple[list[int
             return [int(v) for v in rng.permutation(nums)], int(value)
 
 
+def extract_answer(completion: str) -> str | None:
+    """The first closed answer's text (see the module docstring), or None; linear in the first
+    MAX_COMPLETION_CHARS characters, which are all it looks at."""
+    if not isinstance(completion, str):
+        return None
+    text = completion[:MAX_COMPLETION_CHARS]
+    end = text.find(CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(OPEN, 0, end)
+    if start < 0:
+        return None
+    return text[start + len(OPEN):end]
+
+
 def score(completion: str, nums: list[int], target: int) -> float:
-    m = ANSWER.search(completion)
-    if not m:
+    """1.0 right answer, 0.1 parsable arithmetic that is not it, 0.0 otherwise."""
+    answer = extract_answer(completion)
+    if answer is None:
         return 0.0
-    expr = m.group(1).split("=")[0]
+    expr = answer.split("=", 1)[0]
     try:
         value, used = evaluate(expr)
     except UnsafeExpression:
