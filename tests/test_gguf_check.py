@@ -26,14 +26,32 @@ def kv_u32(key, val):
     return s(key) + struct.pack("<II", 4, val)
 
 
+def kv_f32(key, val):
+    return s(key) + struct.pack("<If", 6, val)
+
+
+def kv_tokens(n):
+    return s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, n) + b"".join(s(f"t{i}") for i in range(n))
+
+
+#: the hyperparameters of the builder's tiny llama: 1 block, 64 wide, 4 heads, 2 KV heads, 2 tokens
+LLAMA_KVS = [kv_u32("llama.block_count", 1), kv_u32("llama.context_length", 2048),
+             kv_u32("llama.embedding_length", 64), kv_u32("llama.feed_forward_length", 128),
+             kv_u32("llama.attention.head_count", 4), kv_u32("llama.attention.head_count_kv", 2),
+             kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5), kv_f32("llama.rope.freq_base", 10000.0),
+             kv_u32("llama.rope.dimension_count", 16), kv_tokens(2)]
+
+
 def tinfo(name, dims, ttype, offset):
     return s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ttype, offset)
 
 
 def build(kvs=None, tensors=None, version=3, data=None, n_tensors=None, n_kv=None):
-    """A GGUF from parts: default two tensors, Q8_0 [64, 2] (136 bytes) and F32 [8] (32 bytes)."""
-    kvs = [kv_str("general.architecture", "llama"), kv_u32("general.alignment", 32)] if kvs is None else kvs
-    tensors = [tinfo("blk.0.w", (64, 2), 8, 0), tinfo("norm", (8,), 0, 160)] if tensors is None else tensors
+    """A GGUF from parts: by default a tiny but consistent llama (LLAMA_KVS) with two tensors,
+    token_embd.weight Q8_0 [64, 2] (136 bytes) and blk.0.attn_norm.weight F32 [8] (32 bytes)."""
+    kvs = [kv_str("general.architecture", "llama"), kv_u32("general.alignment", 32)] + LLAMA_KVS if kvs is None else kvs
+    tensors = [tinfo("token_embd.weight", (64, 2), 8, 0), tinfo("blk.0.attn_norm.weight", (8,), 0, 160)] \
+        if tensors is None else tensors
     head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
                                  len(kvs) if n_kv is None else n_kv)
     head += b"".join(kvs) + b"".join(tensors)
@@ -50,7 +68,9 @@ def write(tmp_path, raw, name="m.gguf"):
 def test_builder_makes_a_valid_file(tmp_path):
     p = write(tmp_path, build())
     h = check_gguf(p)
-    assert [t.name for t in h.tensors] == ["blk.0.w", "norm"]
+    assert [t.name for t in h.tensors] == ["token_embd.weight", "blk.0.attn_norm.weight"]
+    assert h.metadata["llama.block_count"] == 1 and h.metadata["llama.rope.freq_base"] == 10000.0
+    assert h.metadata["tokenizer.ggml.tokens"].count == 2
     r = GGUFReader(p)  # the gguf package agrees on every offset and size
     for t, rt in zip(h.tensors, r.tensors):
         assert (t.offset, t.n_bytes) == (rt.data_offset, rt.n_bytes)
