@@ -83,6 +83,11 @@ class ModelDriver:
     def self_check(self) -> None:
         tokens = self.tokenize(SELF_CHECK_PROMPT)
         base = self.logits(tokens)
+        # first: NaN != NaN, so NaN logits would otherwise be misreported as non-determinism
+        if not np.isfinite(base).all():
+            bad = int(np.count_nonzero(~np.isfinite(base)))
+            raise SelfCheckFailed(f"{self.path.name}: the self-check logits are not finite ({bad} of {base.size} "
+                                  "are NaN/inf): the model computes NaN/inf, check its hyperparameters")
         again = self.logits(tokens)
         if not np.array_equal(base, again):
             raise SelfCheckFailed("two evaluations of the same prompt gave different logits: "
