@@ -403,15 +403,21 @@ def check_hparams(header: Header, path) -> None:
     count(a + "rope.scaling.original_context_length", 1, MAX_CONTEXT_LENGTH,
           why=f"but it must lie in 1..{MAX_CONTEXT_LENGTH} (MAX_CONTEXT_LENGTH)")
     n_embd = count(a + "embedding_length", 1, MAX_WIDTH, required=True)
+    emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    if emb is not None and (len(emb.dims) != 2 or emb.dims[0] != n_embd):
+        raise GGUFInvalid(f"{path}: token_embd.weight has dimensions {list(emb.dims)}, but "
+                          f"{a}embedding_length = {n_embd} (expected [{n_embd}, vocabulary])")
 
     # experts (load_hparams asserts each of these)
     n_expert = count(a + "expert_count", 0, MAX_EXPERTS, why=f"but it must lie in 0..{MAX_EXPERTS} (llama.cpp's expert limit)") or 0
-    used = _per_layer(a + "expert_used_count", n_layer, typed, bad, 0, n_expert)
+    used = _per_layer(a + "expert_used_count", n_layer, typed, bad, 0, MAX_EXPERTS)
     n_groups = count(a + "expert_group_count", 0, MAX_EXPERTS) or 0
     n_group_used = count(a + "expert_group_used_count", 0, MAX_EXPERTS) or 0
     if n_expert:
         if used is None or max(used) == 0:
             raise GGUFInvalid(f"{path}: {a}expert_count = {n_expert} but {a}expert_used_count is missing or 0")
+        if max(used) > n_expert:
+            bad(a + "expert_used_count", f"but at most {a}expert_count = {n_expert} experts can be used")
         if n_groups >= n_expert:
             bad(a + "expert_group_count", f"but it must be below the expert count {n_expert}")
         if n_groups > 1 and (n_expert % n_groups or not 0 < n_group_used < n_groups):
@@ -478,7 +484,6 @@ def check_hparams(header: Header, path) -> None:
         bad(a + "rope.scaling.type", f"but llama.cpp knows only {', '.join(ROPE_SCALING_TYPES)}")
 
     # vocabulary and token embedding
-    emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     if arch in ATTENTION_ARCHS and emb is None:
         raise GGUFInvalid(f"{path}: no token_embd.weight tensor (llama.cpp requires it for {arch!r})")
     n_vocab = count(a + "vocab_size", 1, MAX_WIDTH)
@@ -486,9 +491,6 @@ def check_hparams(header: Header, path) -> None:
     if tokens is not None and not (types["tokenizer.ggml.tokens"] == 9 and tokens.etype == _STR):
         bad("tokenizer.ggml.tokens", "but it must be an array of strings")
     if emb is not None:
-        if len(emb.dims) != 2 or emb.dims[0] != n_embd:
-            raise GGUFInvalid(f"{path}: token_embd.weight has dimensions {list(emb.dims)}, but "
-                              f"{a}embedding_length = {n_embd} (expected [{n_embd}, vocabulary])")
         rows = emb.dims[1]
         if tokens is not None and tokens.count != rows:
             bad("tokenizer.ggml.tokens", f"but token_embd.weight has {rows} rows (one per token)")
