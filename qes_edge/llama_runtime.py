@@ -11,7 +11,6 @@ change of the weights."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -45,9 +44,14 @@ def _no_extra_buffers(C):
 
 
 def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False):
+    """n_threads (None or 0: threads.default_threads()) is used for generation and for prompt
+    processing alike: llama-cpp-python leaves n_threads_batch at every core otherwise."""
+    from .threads import resolve_threads, set_wait_policy
+    set_wait_policy()  # before llama.cpp's OpenMP runtime is loaded (a no-op once qes_edge is imported)
     llama_cpp, C = _llama_cpp()
+    n = resolve_threads(n_threads)
     with _no_extra_buffers(C):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
                                use_mmap=False, verbose=verbose)
 
 
