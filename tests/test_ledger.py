@@ -29,7 +29,7 @@ def ledger(tmp_path):
 def test_pragmas_and_migrations(ledger):
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert [r["name"] for r in ledger.db["_migrations"].rows] == ["0001_initial", "0002_evals"]
+    assert [r["name"] for r in ledger.db["_migrations"].rows] == ["0001_initial", "0002_evals", "0003_heads"]
 
 
 @settings(max_examples=30, deadline=None)
@@ -103,3 +103,180 @@ def test_foreign_and_corrupt_files(tmp_path):
     lg = Ledger(tmp_path / "x.qes")
     with pytest.raises(LedgerError, match="holds no run"):
         lg.run()
+
+
+# -- the head: a ledger whose end is known ------------------------------------------------
+
+def _run_with_steps(path, n, seed=0):
+    lg = Ledger(path)
+    run = lg.create_run(SHA, "m.gguf", {"sigma": 0.01}, 1)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        lg.append_step(run.run_id, record(i, rng))
+    return lg, run
+
+
+def test_a_lost_tail_is_detected_and_named(tmp_path):
+    lg, run = _run_with_steps(tmp_path / "t.qes", 5)
+    head = lg.head(run.run_id)
+    assert head == (5, lg.last_step(run.run_id).hash) and lg.head_hash(run.run_id) == head[1]
+    lg.close()
+    with sqlite3.connect(tmp_path / "t.qes") as c:
+        c.execute("delete from steps where step >= 3")
+    lg = Ledger(tmp_path / "t.qes")
+    with pytest.raises(LedgerError, match=r"ends at step 2 but its head records 5 steps.*last 2 step\(s\) were lost"):
+        lg.verify(run.run_id)
+    # read-only readers see the same
+    ro = Ledger(tmp_path / "t.qes", readonly=True)
+    with pytest.raises(LedgerError, match="were lost"):
+        ro.verify(run.run_id)
+
+
+def test_a_head_that_does_not_match_is_refused(tmp_path):
+    lg, run = _run_with_steps(tmp_path / "h.qes", 3)
+    lg.close()
+    with sqlite3.connect(tmp_path / "h.qes") as c:
+        c.execute("update heads set head_hash = ?", ["00" * 32])
+    with pytest.raises(LedgerError, match="do not match the recorded head"):
+        Ledger(tmp_path / "h.qes").verify(run.run_id)
+    with sqlite3.connect(tmp_path / "h.qes") as c:
+        c.execute("delete from heads")
+    with pytest.raises(LedgerError, match="head record is missing"):
+        Ledger(tmp_path / "h.qes").verify(run.run_id)
+
+
+def test_old_ledgers_get_their_head_from_their_steps(tmp_path):
+    """A ledger written before heads existed: migrating it records the steps it holds."""
+    lg, run = _run_with_steps(tmp_path / "old.qes", 4)
+    lg.close()
+    with sqlite3.connect(tmp_path / "old.qes") as c:
+        c.execute("drop table heads")
+        c.execute("delete from _migrations where name = '0003_heads'")
+    ro = Ledger(tmp_path / "old.qes", readonly=True)  # read-only: no migration, no head
+    assert ro.head(run.run_id) is None and ro.verify(run.run_id) == 4
+    ro.close()
+    lg = Ledger(tmp_path / "old.qes")
+    assert lg.head(run.run_id)[0] == 4 and lg.verify(run.run_id) == 4
+
+
+# -- rows that cannot be decoded --------------------------------------------------------
+
+@pytest.mark.parametrize("sql, args, what", [
+    ("update steps set seeds = NULL where step = 1", [], r"step 1 cannot be decoded: seeds is NULL"),
+    ("update steps set threshold = 'x' where step = 1", [], r"step 1 cannot be decoded: threshold 'x'"),
+    ("update steps set threshold = 1.5 where step = 1", [], r"step 1 cannot be decoded: threshold 1.5"),
+    ("update steps set coefs_q16 = ? where step = 1", [b"\0" * 5], r"step 1 cannot be decoded: coefs_q16"),
+    ("update steps set rewards = ? where step = 1", [b"\0" * 8], r"step 1 cannot be decoded: 6 seeds, 6 coefficients and 1 rewards"),
+    ("update steps set timings = 'nope' where step = 1", [], r"step 1 cannot be decoded: timings"),
+    ("update steps set weights_sha256 = NULL where step = 1", [], r"step 1 cannot be decoded: weights_sha256"),
+])
+def test_undecodable_rows_are_named(tmp_path, sql, args, what):
+    lg, run = _run_with_steps(tmp_path / "d.qes", 3)
+    with sqlite3.connect(tmp_path / "d.qes") as c:
+        c.execute(sql, args)
+    with pytest.raises(LedgerError, match=what):
+        lg.verify(run.run_id)
+    with pytest.raises(LedgerError, match=what):
+        list(lg.steps(run.run_id))
+
+
+# -- durability: the .qes file alone is the ledger --------------------------------------
+
+def test_each_step_is_checkpointed_into_the_main_file(tmp_path):
+    import shutil
+    lg, run = _run_with_steps(tmp_path / "c.qes", 3)
+    # while the ledger is open, copy only the .qes (as a user or a sync would)
+    shutil.copyfile(tmp_path / "c.qes", tmp_path / "copy.qes")
+    assert (tmp_path / "c.qes").stat().st_size > 4096
+    copy = Ledger(tmp_path / "copy.qes", readonly=True)
+    assert copy.verify(run.run_id) == 3 and copy.head(run.run_id)[0] == 3
+    copy.close()
+    lg.close()
+
+
+def test_deleting_the_wal_loses_nothing(tmp_path):
+    lg, run = _run_with_steps(tmp_path / "w.qes", 2)
+    wal = tmp_path / "w.qes-wal"
+    if wal.exists():
+        wal.unlink()  # lost -wal while the process still runs (then a kill -9)
+    lg2 = Ledger(tmp_path / "w.qes")
+    assert lg2.verify(run.run_id) == 2 and [r.run_id for r in lg2.runs()] == [run.run_id]
+
+
+def test_read_only_open_never_writes(tmp_path):
+    empty = tmp_path / "empty.qes"
+    empty.write_bytes(b"")
+    with pytest.raises(LedgerError, match="not a qes-edge ledger"):
+        Ledger(empty, readonly=True)
+    assert empty.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["empty.qes"]
+    with pytest.raises(LedgerError, match="ledger not found"):
+        Ledger(tmp_path / "missing.qes", readonly=True)
+    assert not (tmp_path / "missing.qes").exists()
+    lg, run = _run_with_steps(tmp_path / "r.qes", 1)
+    lg.close()
+    before = (tmp_path / "r.qes").read_bytes()
+    ro = Ledger(tmp_path / "r.qes", readonly=True)
+    with pytest.raises(LedgerError, match="read-only"):
+        ro.append_step(run.run_id, record(1, np.random.default_rng(5)))
+    ro.close()
+    assert (tmp_path / "r.qes").read_bytes() == before
+
+
+def test_an_empty_run_can_be_removed_but_not_one_with_steps(tmp_path):
+    lg = Ledger(tmp_path / "e.qes")
+    run = lg.create_run(SHA, "m.gguf", {}, 1)
+    lg.delete_run(run.run_id)
+    assert lg.runs() == []
+    run = lg.create_run(SHA, "m.gguf", {}, 1)
+    lg.append_step(run.run_id, record(0, np.random.default_rng(0)))
+    with pytest.raises(LedgerError, match="has recorded steps"):
+        lg.delete_run(run.run_id)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk (needs root and mount, as on the dev and CI machines)."""
+    import subprocess
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk):
+    """Fill the disk to the last byte; returns the filler's path."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0")
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_disk_during_a_step_write_is_a_clean_error_and_loses_nothing(small_disk):
+    lg, run = _run_with_steps(small_disk / "full.qes", 3)
+    filler = fill(small_disk)
+    rng = np.random.default_rng(9)
+    big = StepRecord(step=3, threshold=1, seeds=np.arange(1, 20001), coefs_q16=np.zeros(20000, np.int32),
+                     rewards=rng.random(20000), weights_sha256="ef" * 32)
+    with pytest.raises(LedgerError, match=r"cannot record step 3 \(.*full.*\); the ledger keeps every step"):
+        lg.append_step(run.run_id, big)
+    lg.close()
+    filler.unlink()
+    lg = Ledger(small_disk / "full.qes")
+    assert lg.verify(run.run_id) == 3
+    lg.append_step(run.run_id, record(3, rng))  # and it goes on once there is room
+    assert lg.verify(run.run_id) == 4
+    lg.close()
