@@ -23,7 +23,10 @@ def coefs_to_q16(coefs, alpha: float, sigma: float) -> np.ndarray:
         raise ValueError("coefficients must be finite")
     if not (math.isfinite(alpha) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"alpha {alpha!r} and sigma {sigma!r} must be finite, sigma > 0")
-    scaled = c * (alpha / sigma) * Q16
+    ratio = alpha / sigma
+    if not math.isfinite(ratio):
+        raise ValueError(f"alpha/sigma = {alpha!r}/{sigma!r} is not a finite number")
+    scaled = c * ratio * Q16
     q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
     if np.any(np.abs(q) > 2**30):
         raise ValueError("coefficients too large for Q16 (|alpha/sigma*c| must stay below 2^14)")

@@ -9,6 +9,7 @@ function of (codes, ledger rows), shared with `replay` through `apply_recorded_s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -16,15 +17,22 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__, _native
+from . import derive as derive_v2
 from .coefficients import coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
-from .fixed_point import DEFAULT_CLAMP_Q16, coefs_to_q16
+from .fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
 from .ledger import Ledger, LedgerError, Run, StepRecord
 from .tasks.base import RewardFailure, Task
 
 
 class TrainingStopped(RuntimeError):
     pass
+
+
+MAX_POPULATION = 4096
+MAX_WINDOW = 1000
+MIN_CTX = 64        # the shortest built-in prompt with its chat template is about 40 tokens
+MAX_CTX = 1 << 20
 
 
 @dataclass
@@ -46,16 +54,40 @@ class TrainConfig:
     seed: int = 0
     n_ctx: int = 512
     frozen: list = field(default_factory=lambda: ["token_embd.weight", "output.weight"])
+    derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
 
     def validate(self) -> None:
+        """Every check that can be made before any work (model load, evaluation, forward passes),
+        including the bound the C library enforces on a step's coefficients."""
         if self.population < 2 or self.population % 2:
-            raise ValueError("population must be an even number >= 2 (mirrored pairs)")
+            raise ValueError(f"population must be an even number >= 2 (mirrored pairs), got {self.population}")
+        if self.population > MAX_POPULATION:
+            raise ValueError(f"population {self.population} is above the supported {MAX_POPULATION}")
         if self.residual not in ("replay", "stored"):
-            raise ValueError("residual must be 'replay' or 'stored'")
-        if self.window < 0 or self.batch < 1:
-            raise ValueError("window must be >= 0 and batch >= 1")
+            raise ValueError(f"residual must be 'replay' or 'stored', got {self.residual!r}")
+        if not 0 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be in [0, {MAX_WINDOW}], got {self.window}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if not MIN_CTX <= self.n_ctx <= MAX_CTX:
+            raise ValueError(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}] tokens, got {self.n_ctx}")
+        if self.coef_scheme not in ("zscore", "rank"):
+            raise ValueError(f"coefficient scheme must be zscore or rank, got {self.coef_scheme!r}")
+        if not (math.isfinite(self.coef_clip) and self.coef_clip > 0):
+            raise ValueError(f"coefficient clip must be finite and > 0, got {self.coef_clip!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
+        beta_to_q14(self.beta)  # finite, in [0, 1]
         sigma_threshold(self.sigma)
-        coefs_to_q16([self.coef_clip], self.alpha, self.sigma)
+        # the largest sum of |c_i| a step can have: z-scores have sum(c^2) = P, so sum|c| <= P
+        # (clipping only lowers it); centered ranks are within +-0.5.  Each q_i rounds by <= 1/2.
+        sum_c = self.population * (1.0 if self.coef_scheme == "zscore" else 0.5)
+        total = math.ceil(sum_c * (self.alpha / self.sigma) * 65536 + self.population / 2)
+        coefs_to_q16([min(self.coef_clip, sum_c)], self.alpha, self.sigma)  # one coefficient's own bound
+        if total > 2**30:
+            raise ValueError(f"alpha {self.alpha} / sigma {self.sigma} is too large for population {self.population}: "
+                             f"a step's coefficients could sum to {total:,} in Q16, above the engine's bound of 2^30 "
+                             f"({2**30:,}); lower alpha or the population, or raise sigma")
 
     def record(self) -> dict:
         """Everything that decides the bits, as stored in the ledger."""
@@ -66,20 +98,28 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, d: dict) -> "TrainConfig":
-        d = {"balance": False, **d}  # ledgers written before balanced batches drew them at random
+        # ledgers written before balanced batches drew them at random, and before derive 2 with NumPy
+        d = {"balance": False, "derive": 1, **d}
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def member_seeds(run_seed: int, step: int, population: int) -> np.ndarray:
+def member_seeds(run_seed: int, step: int, population: int, derive: int = 2) -> np.ndarray:
+    """The step's mirrored member seeds, a pure function of (run seed, step)."""
+    if derive == 2:
+        return derive_v2.member_seeds(run_seed, step, population)
+    _check_derive(derive)
     rng = np.random.default_rng([run_seed & 0xFFFFFFFF, step, 1])
     return mirrored(rng.integers(1, 2**31 - 1, population // 2))
 
 
-def batch_indices(run_seed: int, step: int, n_examples: int, batch: int, strata=None) -> np.ndarray:
+def batch_indices(run_seed: int, step: int, n_examples: int, batch: int, strata=None, derive: int = 2) -> np.ndarray:
     """The step's training examples, a pure function of (run seed, step).  With `strata` (a class
     label per example) every class gets an equal share (the remainder to classes drawn at random,
     a class smaller than its share gives all it has), so that a class prior the model has is not
     what the first steps learn to flip."""
+    if derive == 2:
+        return derive_v2.batch_indices(run_seed, step, n_examples, batch, strata)
+    _check_derive(derive)
     rng = np.random.default_rng([run_seed & 0xFFFFFFFF, step, 2])
     if strata is None:
         return rng.choice(n_examples, size=min(batch, n_examples), replace=False)
@@ -92,6 +132,11 @@ def batch_indices(run_seed: int, step: int, n_examples: int, batch: int, strata=
     picked = [rng.choice(members[c], size=min(int(k), len(members[c])), replace=False)
               for c, k in zip(labels, share)]
     return rng.permutation(np.concatenate(picked))
+
+
+def _check_derive(derive: int) -> None:
+    if derive != 1:
+        raise ValueError(f"unknown derivation {derive!r} in the run's config (this qes-edge knows 1 and 2)")
 
 
 class UpdateState:
@@ -168,8 +213,8 @@ class Trainer:
 
     def step(self) -> StepRecord:
         cfg, step = self.cfg, len(self.history)
-        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch, self.strata)]
-        seeds = member_seeds(cfg.seed, step, cfg.population)
+        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch, self.strata, cfg.derive)]
+        seeds = member_seeds(cfg.seed, step, cfg.population, cfg.derive)
         rewards = np.empty(len(seeds))
         failures: list[str] = []
         t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}

@@ -63,7 +63,7 @@ typedef struct {
 
 typedef struct {
     int32_t beta_q14;        /* residual decay, Q14 (0.9 -> 14746); 0..16384 */
-    int32_t clamp_q16;       /* residual clamp, Q16 (1.5 -> 98304); 0..2^20 */
+    int32_t clamp_q16;       /* residual clamp, Q16 (1.5 -> 98304); 0..2^17-1 (update.c refuses more) */
     uint32_t flags;          /* QES_UPDATE_ANTI_WINDUP: drop a delta that leaves the range */
     int32_t n_threads;       /* <= 0: all cores */
 } qes_update_params;
