@@ -21,6 +21,7 @@ FTYPES = {
     "Q2_K": 10, "Q3_K": 11,
     "Q4_K": 14, "Q5_K": 16,
     "Q6_K": 18,
+    "F16": 1,   # no integer codes at all: what qes-edge must refuse with a clear message
 }
 
 

