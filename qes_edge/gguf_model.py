@@ -7,7 +7,6 @@ reach the file on disk (the mapping is private), so a crash cannot leave a half-
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
