@@ -144,8 +144,9 @@ def _string_items(raw: bytes, count: int) -> list[bytes]:
 
 
 def reduce(m: Model, n_tokens: int = REDUCED_TOKENS) -> Model:
-    """The same header with the tokenizer tables cut to n_tokens entries (merges to n_tokens too)
-    and token_embd.weight to n_tokens rows: every hyperparameter is the real model's."""
+    """The same header with the tokenizer tables cut to n_tokens entries (merges to n_tokens too),
+    token_embd.weight to n_tokens rows and {arch}.vocab_size to n_tokens: every other
+    hyperparameter is the real model's."""
     kvs = []
     for k, t, v in m.kvs:
         if t == ARR and k.startswith("tokenizer.ggml.") and v.count > n_tokens:
@@ -155,6 +156,8 @@ def reduce(m: Model, n_tokens: int = REDUCED_TOKENS) -> Model:
             else:
                 raw = v.raw[:n_tokens * SIZE[v.etype]]
                 v = Arr(v.etype, n_tokens, struct.unpack(f"<{n_tokens}{FMT[v.etype]}", raw), raw)
+        elif k.endswith(".vocab_size") and t == U32:
+            v = n_tokens
         kvs.append((k, t, v))
     tensors = tuple(replace(t, dims=(t.dims[0], n_tokens)) if t.name == "token_embd.weight" else t
                     for t in m.tensors)
@@ -181,14 +184,35 @@ def encode_value(vtype: int, v) -> bytes:
     return struct.pack("<" + FMT[vtype], v)
 
 
+_ENCODED: dict = {}  # id(entry) -> (entry, bytes): the base model's entries are encoded once
+
+
+def _encoded(entry, encode) -> bytes:
+    hit = _ENCODED.get(id(entry))
+    if hit is not None and hit[0] is entry:
+        return hit[1]
+    b = encode(entry)
+    if len(_ENCODED) > 100_000:
+        _ENCODED.clear()
+    _ENCODED[id(entry)] = (entry, b)
+    return b
+
+
+def _encode_kv(kv) -> bytes:
+    k, t, v = kv
+    return _s(k) + struct.pack("<I", t) + encode_value(t, v)
+
+
+def _encode_tensor(t: Tensor) -> bytes:
+    return (_s(t.name) + struct.pack("<I", len(t.dims)) + struct.pack(f"<{len(t.dims)}Q", *t.dims)
+            + struct.pack("<IQ", t.ttype, t.offset))
+
+
 def serialize(m: Model) -> tuple[bytes, int]:
     """The header bytes (padded to the alignment) and the size the whole file would have."""
     parts = [b"GGUF", struct.pack("<IQQ", m.version, len(m.tensors), len(m.kvs))]
-    for k, t, v in m.kvs:
-        parts += [_s(k), struct.pack("<I", t), encode_value(t, v)]
-    for t in m.tensors:
-        parts += [_s(t.name), struct.pack("<I", len(t.dims)), struct.pack(f"<{len(t.dims)}Q", *t.dims),
-                  struct.pack("<IQ", t.ttype, t.offset)]
+    parts += [_encoded(kv, _encode_kv) for kv in m.kvs]
+    parts += [_encoded(t, _encode_tensor) for t in m.tensors]
     head = b"".join(parts)
     head += b"\0" * (-len(head) % m.alignment)
     return head, len(head) + m.data_len

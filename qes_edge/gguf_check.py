@@ -10,6 +10,7 @@ It reads only the header (metadata and tensor table), never the tensor data.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -33,6 +34,9 @@ VALUE_TYPES = {0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u3
                11: ("i64", 8), 12: ("f64", 8)}
 _FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
 _U64 = struct.Struct("<Q")
+_U32S = struct.Struct("<I")
+_TENSOR_TAIL = struct.Struct("<IQ")  # a tensor's type and offset
+_DIMS = {n: struct.Struct(f"<{n}Q") for n in range(1, 5)}
 
 
 class GGUFInvalid(ValueError):
@@ -92,14 +96,22 @@ class _Reader:
         self.pos += n
         return b
 
-    def u32(self, what):
-        return struct.unpack("<I", self.take(4, what))[0]
+    def _unpack(self, st: struct.Struct, what: str, suffix: str = ""):
+        # the hot path of the parser: one bounds check, no slice, the message built only on failure
+        pos = self.pos
+        if pos + st.size > len(self.data):
+            self.fail(f"truncated: {what}{suffix} needs {st.size} bytes, {len(self.data) - pos} remain")
+        self.pos = pos + st.size
+        return st.unpack_from(self.data, pos)
 
-    def u64(self, what):
-        return struct.unpack("<Q", self.take(8, what))[0]
+    def u32(self, what, suffix=""):
+        return self._unpack(_U32S, what, suffix)[0]
+
+    def u64(self, what, suffix=""):
+        return self._unpack(_U64, what, suffix)[0]
 
     def string(self, what, limit=MAX_STRING) -> str:
-        n = self.u64(f"{what} length")
+        n = self.u64(what, " length")
         if n > limit:
             self.fail(f"{what} is {n} bytes long (limit {limit})")
         raw = self.take(n, what)
@@ -116,12 +128,12 @@ class _Reader:
         if name == "string":
             return self.string(what)
         if name == "array":
-            etype = self.u32(f"{what} element type")
+            etype = self.u32(what, " element type")
             if etype not in VALUE_TYPES:
                 self.fail(f"{what}: array of unknown element type {etype}")
             if VALUE_TYPES[etype][0] == "array":
                 self.fail(f"{what}: arrays of arrays are not supported")
-            count = self.u64(f"{what} element count")
+            count = self.u64(what, " element count")
             esize = VALUE_TYPES[etype][1]
             remain = len(self.data) - self.pos
             if count > MAX_COUNT * 16 or count * (esize or 8) > remain:
@@ -218,19 +230,45 @@ def _check(head, size: int, path: Path) -> Header:
         meta[key], vtypes[key] = v, vtype
     infos = []
     names = set()
+    data, end = r.data, len(r.data)
     for i in range(n_tensors):
+        # fast path for a well-formed record (one bounds check per field group, no messages built);
+        # anything unusual is re-read by the checked path below, which says what is wrong
+        pos, rec = r.pos, None
+        if pos + 8 <= end:
+            ln = _U64.unpack_from(data, pos)[0]
+            p = pos + 8 + ln
+            if ln <= MAX_NAME and p + 4 <= end:
+                nd = _U32S.unpack_from(data, p)[0]
+                if 1 <= nd <= 4 and p + 16 + 8 * nd <= end:
+                    try:
+                        name = data[pos + 8:p].decode("utf-8")
+                    except UnicodeDecodeError:
+                        name = None
+                    dims = _DIMS[nd].unpack_from(data, p + 4)
+                    t, off = _TENSOR_TAIL.unpack_from(data, p + 4 + 8 * nd)
+                    n = math.prod(dims)
+                    if name is not None and name not in names and 0 < n <= MAX_DIM and 0 not in dims \
+                            and t in GGML_TYPES and not off % alignment:
+                        tname, block, tsize = GGML_TYPES[t]
+                        if not dims[0] % block:
+                            rec = (name, dims, t, off, n // block * tsize)
+                            r.pos = p + 16 + 8 * nd
+        if rec is not None:
+            names.add(rec[0])
+            infos.append(rec)
+            continue
         name = r.string(f"tensor #{i} name", limit=1 << 16)
         if len(name.encode()) > MAX_NAME:
             r.fail(f"tensor name {name[:40]!r}… is longer than {MAX_NAME} bytes")
         if name in names:
             r.fail(f"tensor {name!r} appears twice")
         names.add(name)
-        n_dims = r.u32(f"{name} dimension count")
+        n_dims = r.u32(name, " dimension count")
         if not 1 <= n_dims <= 4:
             r.fail(f"tensor {name!r} has {n_dims} dimensions (1 to 4 allowed)")
-        dims = tuple(r.u64(f"{name} dimension") for _ in range(n_dims))
-        t = r.u32(f"{name} type")
-        off = r.u64(f"{name} offset")
+        dims = r._unpack(_DIMS[n_dims], name, " dimensions")
+        t, off = r._unpack(_TENSOR_TAIL, name, " type and offset")
         if any(d == 0 for d in dims):
             r.fail(f"tensor {name!r} has a zero dimension {dims}")
         n = 1

@@ -105,7 +105,7 @@ HOSTILE = {
     "bad alignment": (lambda: build(kvs=[kv_u32("general.alignment", 24)]), "power of two"),
     "tensor count": (lambda: build(n_tensors=2**40), "impossible"),
     "metadata count": (lambda: build(n_kv=2**33), "impossible"),
-    "truncated header": (lambda: build()[:70], "truncated"),
+    "truncated header": (lambda: build()[:300], "truncated"),
     "truncated data": (lambda: build()[:-40], "past the end"),
 }
 
