@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __name__ == "__main__":  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qes_edge.gguf_check import (MAX_CONTEXT_LENGTH, MAX_LAYERS, GGUFInvalid,  # noqa: E402

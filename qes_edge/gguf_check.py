@@ -5,7 +5,10 @@ bugs (dimension products that wrap, ne == 0, unchecked array element types, offs
 end).  This reader checks every count against the bytes that remain, every size product
 against overflow, every tensor's data range against the file size, and refuses what llama.cpp
 or the `gguf` package would misread, with a message that says what is wrong and where.
-It reads only the header (metadata and tensor table), never the tensor data.
+It then checks the hyperparameter values llama.cpp will trust (check_hparams: block count,
+heads, norm epsilon, rope, context length, vocabulary), since a hostile value there aborts the
+process inside llama.cpp or computes NaN.  It reads only the header (metadata and tensor
+table), never the tensor data.
 """
 
 from __future__ import annotations
@@ -447,7 +450,8 @@ def check_hparams(header: Header, path) -> None:
                           f"{a}embedding_length = {n_embd} (expected [{n_embd}, vocabulary])")
 
     # experts (load_hparams asserts each of these)
-    n_expert = count(a + "expert_count", 0, MAX_EXPERTS, why=f"but it must lie in 0..{MAX_EXPERTS} (llama.cpp's expert limit)") or 0
+    n_expert = count(a + "expert_count", 0, MAX_EXPERTS,
+                     why=f"but it must lie in 0..{MAX_EXPERTS} (llama.cpp's expert limit)") or 0
     used = _per_layer(a + "expert_used_count", n_layer, typed, bad, 0, MAX_EXPERTS)
     n_groups = count(a + "expert_group_count", 0, MAX_EXPERTS) or 0
     n_group_used = count(a + "expert_group_used_count", 0, MAX_EXPERTS) or 0
