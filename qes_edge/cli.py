@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -189,7 +188,7 @@ def _default_ledger(model_path: Path, task: str, seed: int) -> Path:
 
 def _trainable_model(model: Optional[Path], frozen) -> Path:
     """The model's path once our validator accepted it and it has tensors to train."""
-    from .gguf_model import GGUFModel, trainable_infos
+    from .gguf_model import trainable_infos
     path, m = _open(model)
     try:
         planned = trainable_infos(m.header.tensors, tuple(frozen))
