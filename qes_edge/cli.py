@@ -509,12 +509,13 @@ def verify(ledger: Path = typer.Option(..., help="The ledger to check."),
 
 
 @app.command()
-def export(ledger: Path = typer.Option(..., help="The ledger to export."),
-           out: Path = typer.Option(..., help="JSON lines file to write: the run, then one line per step."),
-           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest).")):
-    """Write a verified run as JSON lines (docs/ledger-spec.md, "Export"): a header line with the
+def dump(ledger: Path = typer.Option(..., help="The ledger to dump."),
+         out: Path = typer.Option(..., help="JSON lines file to write: the run, then one line per step."),
+         run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest).")):
+    """Write a verified run as JSON lines (docs/ledger-spec.md, "Dump"): a header line with the
     run and its head, then every step with its seeds, Q16 coefficients and rewards exactly
-    (rewards as little-endian float64 hex); prints the head hash."""
+    (rewards as little-endian float64 hex), for tools and other implementations; prints the
+    head hash."""
     from .atomic import atomic_output, check_output_path
     from .ledger import canonical_json
     try:
@@ -526,7 +527,7 @@ def export(ledger: Path = typer.Option(..., help="The ledger to export."),
         head = lg.head_hash(run.run_id)
         try:
             with atomic_output(out, "w") as (_tmp, f):
-                f.write(canonical_json({"format": "qes-edge-ledger-export", "version": 1, "run_id": run.run_id,
+                f.write(canonical_json({"format": "qes-edge-ledger-dump", "version": 1, "run_id": run.run_id,
                                         "base_sha256": run.base_sha256, "base_name": run.base_name,
                                         "config": run.config, "noise_spec": run.noise_spec, "run_hash": run.hash,
                                         "n_steps": n, "head": head}) + "\n")
@@ -541,7 +542,7 @@ def export(ledger: Path = typer.Option(..., help="The ledger to export."),
             _fail(f"cannot write {out}: {e.strerror or e} (nothing was written)")
     finally:
         lg.close()
-    console.print(f"exported run {run.run_id}, {n} steps, to {out}", highlight=False)
+    console.print(f"dumped run {run.run_id}, {n} steps, to {out}", highlight=False)
     console.print(f"head {head}", highlight=False)
 
 

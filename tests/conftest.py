@@ -51,3 +51,30 @@ def random_blocks(qtype, n_blocks: int, rng: np.random.Generator, extreme: float
         codes[pick] = np.where(rng.random(pick.sum()) < 0.5, info.cmin, info.cmax)
         t.set_codes(codes)
     return data, n
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a real disk that fills up (needs root and mount, as on the dev and CI
+    machines; skipped with the reason where the kernel refuses)."""
+    import subprocess
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Fill the disk to the last byte (unbuffered writes until ENOSPC); returns the filler."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    return filler

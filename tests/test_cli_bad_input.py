@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import fill_disk
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -143,14 +145,15 @@ CASES = [
     ("replay --ledger null.qes --out o.gguf", "step 1 cannot be decoded: seeds is NULL"),
     ("replay --ledger other-base.qes --out o.gguf", "the ledger's base model is other.gguf: pass it with --base"),
     ("replay --ledger good.qes --base junk.gguf --out o.gguf", "not this run's base model"),
-    # verify and export
+    # verify and dump
     ("verify --ledger missing.qes", "ledger not found"),
     ("verify --ledger tail.qes", "the last 1 step(s) were lost"),
     ("verify --ledger foreign.db", "not a qes-edge ledger"),
     ("verify --ledger empty.qes", "not a qes-edge ledger"),
-    ("export --ledger good.qes --out nofolder/x.jsonl", "the folder nofolder does not exist"),
-    ("export --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
-    ("export --ledger tail.qes --out x.jsonl", "were lost"),
+    ("dump --ledger good.qes --out nofolder/x.jsonl", "the folder nofolder does not exist"),
+    ("dump --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
+    ("dump --ledger tail.qes --out x.jsonl", "were lost"),
+    ("dump --ledger good.qes --out adir", "adir: is a directory"),
     # the others
     ("info --model missing.gguf", "model file not found"),
     ("info --model junk.gguf", "not a GGUF file"),
@@ -182,18 +185,7 @@ def test_the_table_covers_every_command():
     assert covered >= set(get_command(app).commands)
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, full_disk, tmp_path):
+def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, small_disk, tmp_path):
     """The model (98 MB) cannot fit on a 4 MiB disk: one line, exit 2, nothing left there."""
     ledger = tmp_path / "zero.qes"
     from qes_edge.gguf_model import file_sha256
@@ -204,30 +196,23 @@ def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, full_disk, tm
     lg.create_run(file_sha256(default_model_path()), "SmolLM2-135M-Instruct.Q4_1.gguf", TrainConfig().record(), 1)
     lg.close()
     before = ledger.read_bytes()
-    r = run_cli(["replay", "--ledger", str(ledger), "--out", str(full_disk / "trained.gguf")], tmp_path)
+    r = run_cli(["replay", "--ledger", str(ledger), "--out", str(small_disk / "trained.gguf")], tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().count("\n") == 0 and "No space left on device" in r.stderr, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    assert list(full_disk.iterdir()) == [] and ledger.read_bytes() == before
+    assert list(small_disk.iterdir()) == [] and ledger.read_bytes() == before
 
 
 @pytest.mark.slow
-def test_train_onto_a_full_disk_creates_no_ledger(full_disk, tmp_path):
+def test_train_onto_a_full_disk_creates_no_ledger(small_disk, tmp_path):
     """A full disk where the ledger goes: refused when the run is created, nothing left."""
-    filler = full_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
+    fill_disk(small_disk)
     r = run_cli(["train", "--steps", "1", "--population", "2", "--batch", "1", "--n-ctx", "128",
-                 "--ledger", str(full_disk / "run.qes")], tmp_path)
+                 "--ledger", str(small_disk / "run.qes")], tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "run.qes" in line and ("full" in line or "No space" in line), line
-    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import fill_disk
 from qes_edge.ledger import Ledger, LedgerError, StepRecord
 
 SHA = "ab" * 32
@@ -233,41 +234,9 @@ def test_an_empty_run_can_be_removed_but_not_one_with_steps(tmp_path):
         lg.delete_run(run.run_id)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs: a real full disk (needs root and mount, as on the dev and CI machines)."""
-    import subprocess
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk):
-    """Fill the disk to the last byte; returns the filler's path."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0")
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
 def test_full_disk_during_a_step_write_is_a_clean_error_and_loses_nothing(small_disk):
     lg, run = _run_with_steps(small_disk / "full.qes", 3)
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     rng = np.random.default_rng(9)
     big = StepRecord(step=3, threshold=1, seeds=np.arange(1, 20001), coefs_q16=np.zeros(20000, np.int32),
                      rewards=rng.random(20000), weights_sha256="ef" * 32)
