@@ -365,7 +365,8 @@ def train(model: Optional[Path] = ModelOpt,
                                 info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
                 if (eval_every and len(trainer.history) % eval_every == 0) or len(trainer.history) == steps:
                     evaluate()
-        console.print(f"done: {len(trainer.history)} steps in {ledger_path}; head {lg.head_hash(run.run_id)}")
+        console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
+        typer.echo(f"head {lg.head_hash(run.run_id)}")  # one unbroken line, to compare between copies
     except (TrainingStopped, LedgerError) as e:
         _fail(str(e))
     finally:
@@ -486,7 +487,7 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
     console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
-    console.print(f"head {head}", highlight=False)
+    typer.echo(f"head {head}")
 
 
 @app.command()
@@ -505,7 +506,7 @@ def verify(ledger: Path = typer.Option(..., help="The ledger to check."),
                   f"chain {'and head ' if recorded else ''}verified"
                   + ("" if recorded else " (this ledger predates head records: a lost tail cannot be detected)"),
                   highlight=False)
-    console.print(f"head {head}", highlight=False)
+    typer.echo(f"head {head}")
 
 
 @app.command()
@@ -543,7 +544,7 @@ def dump(ledger: Path = typer.Option(..., help="The ledger to dump."),
     finally:
         lg.close()
     console.print(f"dumped run {run.run_id}, {n} steps, to {out}", highlight=False)
-    console.print(f"head {head}", highlight=False)
+    typer.echo(f"head {head}")
 
 
 @app.command()
