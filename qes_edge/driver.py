@@ -12,7 +12,8 @@ import numpy as np
 from .engine import CodeTensor, digest_tensors, sigma_threshold
 from ._native import ffi
 from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
-from .llama_runtime import clear, forward, last_logits, load_llama
+from .chat import ChatTemplateError, load_template
+from .llama_runtime import clear, continuation_logits, forward, last_logits, load_llama
 from .llama_weights import capture_weights, weight_code_tensors
 from .quant import QESError
 
@@ -23,13 +24,37 @@ class SelfCheckFailed(RuntimeError):
     pass
 
 
+def shared_prefix_len(token_lists) -> int:
+    """Length of the longest common prefix of token_lists, leaving at least one token of each."""
+    first = token_lists[0]
+    n = min(len(t) for t in token_lists) - 1
+    for t in token_lists[1:]:
+        k = 0
+        while k < n and t[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def log_softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
 class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
                  frozen=DEFAULT_FROZEN, self_check: bool = True):
         self.path = Path(path)
         # our own validation of the file and of every trainable type, before llama.cpp sees it
-        planned = trainable_infos(GGUFModel(self.path).header.tensors, frozen)
+        header = GGUFModel(self.path).header
+        planned = trainable_infos(header.tensors, frozen)
         self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads)
+        # the model's own chat template, with its vocabulary's BOS/EOS texts (None: it has none)
+        self.chat = load_template(self.path, header.metadata, self.llm._model.token_get_text)
+        self.bos = self.llm.token_bos()
+        self.add_bos = bool(self.llm._model.add_bos_token()) and self.bos >= 0
+        self._prompt_cache: dict[tuple, tuple[int, ...]] = {}
         self.weights = capture_weights(self.llm)
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
         with open(self.path, "rb") as f:
@@ -70,11 +95,94 @@ class ModelDriver:
         self.llm.eval(tokens)
         return last_logits(self.llm)
 
-    def generate(self, prompt: str, max_tokens: int) -> str:
-        """Greedy completion from an empty context (no cached prefix survives a weight change)."""
+    def generate(self, prompt, max_tokens: int) -> str:
+        """Greedy completion of prompt (tokens, or text tokenized as a raw prompt) from an empty
+        context (no cached prefix survives a weight change)."""
+        tokens = list(prompt) if not isinstance(prompt, (str, bytes)) else self._with_bos(
+            self.tokenize(prompt, add_bos=False))
         clear(self.llm)
-        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        out = self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"]
+
+    # -- prompts: the model's chat template, tokens, shared prefixes ---------------------
+    def _with_bos(self, tokens: list[int]) -> list[int]:
+        """The BOS rule: BOS is put first only when the model asks for one (the GGUF's
+        tokenizer.ggml.add_bos_token, as llama.cpp reads it) and the text did not already start
+        with it (a template that writes {{ bos_token }} put it there itself)."""
+        if self.add_bos and (not tokens or tokens[0] != self.bos):
+            return [self.bos] + tokens
+        return tokens
+
+    def render(self, example) -> str:
+        """The text of an example's prompt: the model's chat template over its messages, with the
+        generation prompt, then the example's prefill; a raw example's prompt as given."""
+        if example.raw:
+            return example.prompt
+        if self.chat is None:
+            where = f" ({example.where})" if example.where else ""
+            raise ChatTemplateError(f"{self.path.name}: the model has no chat template (tokenizer.chat_template) "
+                                    f"to format the prompts{where}; give plain text with --raw-prompt")
+        return self.chat.render(example.chat()) + example.prefill
+
+    def prompt_tokens(self, example) -> list[int]:
+        """tokenize(render(example)), special tokens parsed (the template's markers are tokens, not
+        text), with the BOS rule of _with_bos.  Cached per example: rendering does not depend on
+        the weights.  A prompt that leaves no room in the context is refused."""
+        key = example.render_key()
+        got = self._prompt_cache.get(key)
+        if got is None:
+            tokens = self._with_bos(self.tokenize(self.render(example), add_bos=False, special=True))
+            if not tokens:
+                raise QESError(f"{example.where or 'an example'}: the prompt is empty (no tokens)")
+            if len(tokens) >= self.llm.n_ctx():
+                where = f"{example.where}: " if example.where else ""
+                raise QESError(f"{where}the prompt is {len(tokens)} tokens, the context holds {self.llm.n_ctx()} "
+                               "(raise --n-ctx or shorten the prompt)")
+            got = self._prompt_cache[key] = tuple(tokens)
+        return list(got)
+
+    def check_prompts(self, examples) -> int:
+        """Render and tokenize every example up front (a missing or failing template, a prompt too
+        long for the context: refused before any work); returns the longest prompt in tokens."""
+        return max((len(self.prompt_tokens(ex)) for ex in examples), default=0)
+
+    def prompt_logits(self, examples):
+        """Yield (index, tokens, next-token logits) for each example's prompt.
+
+        The longest token prefix all the examples share (the template's system turn and the
+        like, leaving at least one token per example) is evaluated once from an empty context;
+        each example then rolls the context back to it and evaluates only its own rest.  The
+        logits are identical to a full evaluation of each prompt (tests/test_chat.py).  While the
+        caller holds an item the context ends at that example's prompt (continuation_logprobs)."""
+        toks = [self.prompt_tokens(ex) for ex in examples]
+        if not toks:
+            return
+        n = shared_prefix_len(toks)
+        if n:
+            forward(self.llm, toks[0][:n])
+        for i, t in enumerate(toks):
+            if n:
+                self.llm.n_tokens = n  # eval() drops every cached position from here on
+                self.llm.eval(t[n:])
+            else:
+                forward(self.llm, t)
+            yield i, t, last_logits(self.llm)
+
+    def continuation_logprobs(self, logits: np.ndarray, tokens) -> np.ndarray:
+        """Log-probability of each of tokens in turn after the prompt just evaluated (whose
+        next-token logits are `logits`): tokens[0] from those logits, the rest from ONE batched
+        decode of tokens[:-1] with logits at every position; the context is then rolled back to
+        the prompt, ready for the next continuation.  float64."""
+        tokens = list(tokens)
+        out = np.empty(len(tokens))
+        if not tokens:
+            return out
+        out[0] = log_softmax(logits)[tokens[0]]
+        if len(tokens) > 1:
+            def row(j, lg):
+                out[j + 1] = log_softmax(lg)[tokens[j + 1]]
+            continuation_logits(self.llm, tokens[:-1], row)
+        return out
 
     def weights_digest(self) -> str:
         return digest_tensors(self.tensors)

@@ -74,6 +74,38 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
+#: the most tokens one batched decode asks logits for: llama.cpp's output buffer grows to
+#: rows x n_vocab floats (49152 x 4 bytes = 192 KiB a row for SmolLM2) and keeps that size, so a
+#: long continuation is decoded in chunks of this many rows (6 MiB), inside the memory contract
+MAX_LOGIT_ROWS = 32
+
+
+def continuation_logits(llm, tokens, on_row) -> None:
+    """Decode tokens after the context's current position in one batch (chunks of MAX_LOGIT_ROWS)
+    asking llama.cpp for logits at every position, call on_row(j, logits of position j) (a view,
+    valid only during the call), then roll the KV cache back to where it was.
+
+    Unlike Llama(logits_all=True), which holds n_ctx x n_vocab floats for the whole context, this
+    keeps logits for just these positions.  The Llama object's n_tokens / input_ids are left
+    untouched and the cache is rolled back, so the two stay consistent."""
+    _, C = _llama_cpp()
+    n0 = llm.n_tokens
+    if n0 + len(tokens) > llm.n_ctx():
+        raise ValueError(f"{n0} + {len(tokens)} tokens do not fit the context of {llm.n_ctx()}")
+    step = max(1, min(MAX_LOGIT_ROWS, llm.n_batch))
+    n_vocab = llm.n_vocab()
+    try:
+        for start in range(0, len(tokens), step):
+            chunk = list(tokens[start:start + step])
+            llm._batch.set_batch(batch=chunk, n_past=n0 + start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            for j in range(len(chunk)):
+                ptr = C.llama_get_logits_ith(llm.ctx, j)
+                on_row(start + j, np.ctypeslib.as_array(ptr, shape=(n_vocab,)))
+    finally:
+        llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+
+
 def time_forward(llm, tokens, repeats: int = 5) -> float:
     """Median seconds of one forward pass over tokens (after one warm-up)."""
     forward(llm, tokens)

@@ -22,7 +22,7 @@ from .coefficients import coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
 from .fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
 from .ledger import Ledger, LedgerError, Run, StepRecord
-from .tasks.base import RewardFailure, Task
+from .tasks.base import CHOICE_NORMS, RewardFailure, Task
 
 
 class TrainingStopped(RuntimeError):
@@ -55,10 +55,17 @@ class TrainConfig:
     n_ctx: int = 512
     frozen: list = field(default_factory=lambda: ["token_embd.weight", "output.weight"])
     derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
+    raw_prompt: bool = False          # prompts as given, without the model's chat template
+    choice_norm: str = "mean"         # choice task: "mean" or "sum" log-probability per choice ("first": old runs)
 
     def validate(self) -> None:
         """Every check that can be made before any work (model load, evaluation, forward passes),
         including the bound the C library enforces on a step's coefficients."""
+        if not isinstance(self.raw_prompt, bool):
+            raise ValueError(f"raw_prompt must be true or false, got {self.raw_prompt!r}")
+        if self.choice_norm not in CHOICE_NORMS:
+            raise ValueError(f"choice_norm must be 'mean' or 'sum' (or 'first', the first token only, as runs "
+                             f"before whole-answer scoring), got {self.choice_norm!r}")
         if self.population < 2 or self.population % 2:
             raise ValueError(f"population must be an even number >= 2 (mirrored pairs), got {self.population}")
         if self.population > MAX_POPULATION:
@@ -98,8 +105,13 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, d: dict) -> "TrainConfig":
-        # ledgers written before balanced batches drew them at random, and before derive 2 with NumPy
-        d = {"balance": False, "derive": 1, **d}
+        # ledgers written before balanced batches drew them at random, and before derive 2 with NumPy;
+        # before chat templates every prompt but sentiment's and countdown's went in raw (those two
+        # wrote ChatML by hand: the template renders sentiment's byte for byte, countdown's with the
+        # model's default system turn), and choices were scored by their first token
+        old_raw = d.get("task") not in ("sentiment", "countdown")
+        old_norm = "first" if d.get("task") == "choice" else "mean"
+        d = {"balance": False, "derive": 1, "raw_prompt": old_raw, "choice_norm": old_norm, **d}
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

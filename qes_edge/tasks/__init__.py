@@ -3,10 +3,13 @@
 Built in: `sentiment` (multiple choice by logits: the fast path on CPUs), `choice` (multiple choice
 from the user's JSONL, by logits), `countdown` (the
 paper's arithmetic game, generated), `jsonl` (exact or regex match against the user's JSONL).
-Any `module:function` reward (prompt, completion, example) -> float works with `--data`."""
+Any `module:function` reward (prompt, completion, example) -> float works with `--data`.
+
+Every prompt goes through the model's own chat template (chat.py) unless the run asks for raw
+prompts (`raw_prompt`)."""
 
 from __future__ import annotations
 
-from .base import Example, Task, load_task
+from .base import Example, Task, load_task, task_from_config
 
-__all__ = ["Example", "Task", "load_task"]
+__all__ = ["Example", "Task", "load_task", "task_from_config"]

@@ -1,4 +1,16 @@
-"""The task interface and the loader for `--task NAME|module:function`."""
+"""The task interface and the loader for `--task NAME|module:function`.
+
+Tasks produce examples as chat messages, not as model-formatted text: the model (ModelDriver)
+renders them through its own chat template and tokenizes them (`driver.prompt_tokens`).  The
+model interface tasks use:
+
+- `prompt_tokens(example) -> list[int]`: the example's prompt as tokens (template, prefill, BOS);
+- `prompt_logits(examples)`: yields (index, tokens, next-token logits) per example, evaluating
+  the batch's shared token prefix once; the context is left at the end of that example's prompt;
+- `continuation_logprobs(logits, tokens)`: log-probabilities of tokens following the prompt just
+  yielded (one batched decode, then the context is rolled back to the prompt);
+- `generate(tokens, max_tokens) -> str`: greedy completion from an empty context;
+- `tokenize(text, add_bos=...)`."""
 
 from __future__ import annotations
 
@@ -12,10 +24,33 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Example:
+    """One prompt and what scores it.
+
+    prompt: the user's text (a one-turn chat), or the whole prompt as given when raw;
+    messages: the chat before the answer, a tuple of {"role", "content"} dicts; empty means one
+      user turn holding `prompt`;
+    prefill: text placed after the template's generation prompt, inside the assistant's turn
+      (sentiment's "Answer:"), so the answer is scored or generated right after it;
+    raw: the prompt goes to the tokenizer as given, without the chat template (--raw-prompt);
+    where: "file:line" of a data example, for messages."""
     prompt: str
     answer: Any = None
     choices: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    messages: tuple = field(default=(), hash=False)
+    prefill: str = ""
+    raw: bool = False
+    where: str = field(default="", hash=False, compare=False)
+
+    def chat(self) -> tuple:
+        """The messages to render (one user turn holding the prompt when none were given)."""
+        return self.messages or ({"role": "user", "content": self.prompt},)
+
+    def render_key(self) -> tuple:
+        """What decides the example's tokens (the driver caches them under it)."""
+        if self.raw:
+            return ("raw", self.prompt)
+        return ("chat", tuple((m["role"], m["content"]) for m in self.chat()), self.prefill)
 
 
 class RewardFailure(Exception):
@@ -85,7 +120,20 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
+CHOICE_NORMS = ("mean", "sum", "first")
+
+
+def task_from_config(cfg) -> Task:
+    """The task a run's config asks for (a TrainConfig, or anything with its fields): task, data,
+    seed, raw_prompt, and choice_norm for `choice`."""
+    kw = {"raw_prompt": bool(getattr(cfg, "raw_prompt", False))}
+    if cfg.task == "choice":
+        kw["choice_norm"] = getattr(cfg, "choice_norm", "mean")
+    return load_task(cfg.task, cfg.data, cfg.seed, **kw)
+
+
 def load_task(spec: str, data: str | None = None, seed: int = 0, **kw) -> Task:
+    """kw: options of the task (raw_prompt for every task; choice_norm for choice)."""
     if spec == "sentiment":
         from .sentiment import SentimentTask
         return SentimentTask(seed=seed, **kw)

@@ -22,9 +22,9 @@ import numpy as np
 from .base import Example, Task
 from .safe_arith import UnsafeExpression, evaluate
 
-PROMPT = ("<|im_start|>user\nUsing the numbers {nums}, create an equation that equals {target}. "
-          "You can use + - * / and each number once. Show the equation in <answer> </answer> tags."
-          "<|im_end|>\n<|im_start|>assistant\n")
+# one user turn, rendered by the model's own chat template (raw_prompt: given as plain text)
+PROMPT = ("Using the numbers {nums}, create an equation that equals {target}. "
+          "You can use + - * / and each number once. Show the equation in <answer> </answer> tags.")
 OPEN, CLOSE = "<answer>", "</answer>"
 # far more than any answer within CountdownTask.max_tokens (64 tokens are a few hundred
 # characters); bounds the work of score() to microseconds whatever the completion
@@ -76,10 +76,12 @@ def score(completion: str, nums: list[int], target: int) -> float:
 class CountdownTask(Task):
     name = "countdown"
 
-    def __init__(self, seed: int = 0, n_train: int = 2000, n_heldout: int = 100, max_tokens: int = 64):
+    def __init__(self, seed: int = 0, n_train: int = 2000, n_heldout: int = 100, max_tokens: int = 64,
+                 raw_prompt: bool = False):
         rng = np.random.default_rng(777)  # fixed problems, whatever the run seed
         probs = [make_problem(rng) for _ in range(n_train + n_heldout)]
-        ex = [Example(PROMPT.format(nums=", ".join(map(str, n)), target=t), answer=t, meta={"nums": n}) for n, t in probs]
+        ex = [Example(PROMPT.format(nums=", ".join(map(str, n)), target=t), answer=t, meta={"nums": n},
+                      raw=raw_prompt) for n, t in probs]
         self._train, self._heldout = ex[:n_train], ex[n_train:]
         self.max_tokens = max_tokens
 
@@ -90,4 +92,5 @@ class CountdownTask(Task):
         return self._heldout
 
     def rewards(self, model, batch):
-        return np.array([score(model.generate(ex.prompt, self.max_tokens), ex.meta["nums"], ex.answer) for ex in batch])
+        return np.array([score(model.generate(model.prompt_tokens(ex), self.max_tokens), ex.meta["nums"], ex.answer)
+                         for ex in batch])

@@ -1,22 +1,79 @@
-"""Tasks over the user's JSONL: {"prompt": ..., "answer": ...} (exact) or {"prompt", "pattern"} (regex),
-or any reward callable (prompt, completion, example) -> float."""
+"""Tasks over the user's JSONL, one example a line, in any of these formats:
+
+- `{"prompt": "..."}`: one user turn, rendered through the model's chat template;
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: a chat (mlx-lm / OpenAI format).  When the
+  last message is the assistant's it is the target (the answer jsonl compares against, the right
+  choice of `choice` when it is one of the choices) and is not part of the prompt;
+- with `raw_prompt` (`--raw-prompt`): `{"prompt": "..."}` goes to the tokenizer as given, without
+  the template (base models; prompts that are already formatted).
+
+What scores it: `"answer"` (exact match of the stripped completion; `"completion"` is read as the
+answer too, as mlx-lm writes it) or `"pattern"` (a regex searched in the completion), or any
+reward callable (prompt, completion, example) -> float; `choice` adds `"choices"`."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .base import Example, RewardFailure, Task, checked_reward
+from .base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward
 
 
 MAX_DATA_BYTES = 1 << 30  # a JSONL of prompts larger than 1 GiB is a mistake, not a task
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """The examples of a JSONL file; ValueError names the file (and line) on any problem."""
+def _messages(value) -> tuple[dict, ...]:
+    """A checked copy of a messages list (ValueError says what is wrong)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"]
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"'messages'[{j}] must be an object with string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def parse_example(row, raw_prompt: bool = False, where: str = "") -> Example:
+    """One data line as an Example (ValueError without the file:line prefix)."""
+    if not isinstance(row, dict):
+        raise ValueError("each line must be a JSON object with 'prompt' or 'messages'")
+    answer = row.get("answer", row.get("completion"))
+    if "messages" in row:
+        if raw_prompt:
+            raise ValueError("'messages' needs the model's chat template: give 'prompt' as plain text with "
+                             "--raw-prompt, or drop --raw-prompt")
+        if "prompt" in row:
+            raise ValueError("give either 'prompt' or 'messages', not both")
+        msgs = _messages(row["messages"])
+        target = None
+        if msgs[-1]["role"] == "assistant":
+            target, msgs = msgs[-1]["content"], msgs[:-1]
+            if not msgs:
+                raise ValueError("'messages' holds only the assistant's answer: there is no prompt before it")
+            if answer is None:
+                answer = target
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        prompt = users[-1] if users else msgs[-1]["content"]
+        return Example(prompt, answer=answer, meta=row, messages=msgs, where=where)
+    if "prompt" not in row:
+        raise ValueError("each line needs a string 'prompt' or a list of 'messages' (chat format)")
+    if not isinstance(row["prompt"], str):
+        raise ValueError("each line needs a string 'prompt' ('prompt' is not a string)")
+    if not row["prompt"].strip():
+        raise ValueError("'prompt' is empty")
+    return Example(row["prompt"], answer=answer, meta=row, raw=raw_prompt, where=where)
+
+
+def read_jsonl(path: str | Path, raw_prompt: bool = False,
+               check: Callable[[Example], None] | None = None) -> list[Example]:
+    """The examples of a JSONL file; ValueError names the file (and line) on any problem.
+    check(example) may refuse an example with a ValueError (its message gets the file:line)."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"data file not found: {p}")
@@ -34,6 +91,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: is not UTF-8 text (byte {e.start}), not a JSONL file") from None
+    if not text.strip():
+        raise ValueError(f"{p}: is empty (one JSON object a line is expected)")
     out = []
     for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -42,16 +101,20 @@ def read_jsonl(path: str | Path) -> list[Example]:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{p}:{i}: not JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{p}:{i}: each line needs a string 'prompt'")
-        if "pattern" in row:
-            if not isinstance(row["pattern"], str):
-                raise ValueError(f"{p}:{i}: 'pattern' must be a string (a regular expression)")
-            try:
-                re.compile(row["pattern"])
-            except (re.error, RecursionError, OverflowError) as e:
-                raise ValueError(f"{p}:{i}: 'pattern' is not a valid regular expression ({e})") from None
-        out.append(Example(row["prompt"], answer=row.get("answer"), meta=row))
+        try:
+            ex = parse_example(row, raw_prompt, where=f"{p}:{i}")
+            if "pattern" in row:
+                if not isinstance(row["pattern"], str):
+                    raise ValueError("'pattern' must be a string (a regular expression)")
+                try:
+                    re.compile(row["pattern"])
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise ValueError(f"'pattern' is not a valid regular expression ({e})") from None
+            if check is not None:
+                check(ex)
+        except ValueError as e:
+            raise ValueError(f"{p}:{i}: {e}") from None
+        out.append(ex)
     if len(out) < 4:
         raise ValueError(f"{p}: needs at least 4 examples, has {len(out)}")
     return out
@@ -60,14 +123,19 @@ def read_jsonl(path: str | Path) -> list[Example]:
 class JsonlTask(Task):
     name = "jsonl"
 
-    def __init__(self, path, seed: int = 0, heldout_fraction: float = 0.2, max_tokens: int = 32):
-        ex = read_jsonl(path)
+    def __init__(self, path, seed: int = 0, heldout_fraction: float = 0.2, max_tokens: int = 32,
+                 raw_prompt: bool = False):
+        self.raw_prompt = raw_prompt
+        ex = read_jsonl(path, raw_prompt, self.check_example)
         order = np.random.default_rng(999).permutation(len(ex))
         k = max(1, int(len(ex) * heldout_fraction))
         self._heldout = [ex[i] for i in order[:k]]
         self._train = [ex[i] for i in order[k:]]
         self.max_tokens = max_tokens
         self.path = str(path)
+
+    def check_example(self, ex: Example) -> None:
+        """Refuse a data line this task cannot score (ValueError; read_jsonl adds file:line)."""
 
     def train_examples(self):
         return self._train
@@ -81,7 +149,8 @@ class JsonlTask(Task):
         return 1.0 if completion.strip() == str(ex.answer).strip() else 0.0
 
     def rewards(self, model, batch):
-        return np.array([self.reward_one(ex, model.generate(ex.prompt, self.max_tokens)) for ex in batch])
+        return np.array([self.reward_one(ex, model.generate(model.prompt_tokens(ex), self.max_tokens))
+                         for ex in batch])
 
     def describe(self):
         return {"name": self.name, "data": self.path}
@@ -107,39 +176,93 @@ class CallableRewardTask(JsonlTask):
 
 
 class ChoiceTask(JsonlTask):
-    """Multiple choice from JSONL {"prompt", "choices": [...], "answer": index}, scored by the logits
-    of each choice's first token after the prompt: one forward pass per example, no generation.
-    Reward: p(correct choice) renormalised over the choices."""
+    """Multiple choice from JSONL: a prompt (any format above), "choices": [...] and "answer": the
+    index of the right one (or, in chat format, the last assistant message equal to one of the
+    choices).  No generation.
+
+    Scoring: each choice is tokenized on its own, without BOS, and appended to the prompt's tokens
+    (the template's generation prompt and any prefill included), so write the choices as the
+    model would begin its answer: "Paris" after a chat template, " Paris" after a raw prompt
+    ending in "Answer:".  Its score is the log-probability of its whole token sequence after the
+    prompt, normalised by `choice_norm`:
+      "mean" (default): per token, the mean log-probability; long and short choices compete evenly;
+      "sum": the total log-probability, the probability of the whole answer (favours short choices);
+      "first": the first token's only (what qes-edge did before whole-answer scoring; kept so that
+        runs recorded then resume as they were).
+    Choices that share their first tokens ("New York" / "New Delhi") are told apart by the rest.
+    Reward: the softmax of the scores over the choices, taken at the right one; evaluate adds
+    accuracy (the right choice scores highest).
+    Cost per member: the prompt once (a prefix the batch shares once in all), then one batched
+    forward pass per choice of more than one token (its tokens but the last, logits at every
+    position; the context rolled back to the prompt after each)."""
 
     name = "choice"
 
-    def __init__(self, path, seed: int = 0, **kw):
+    def __init__(self, path, seed: int = 0, choice_norm: str = "mean", **kw):
+        if choice_norm not in CHOICE_NORMS:
+            raise ValueError(f"choice_norm must be one of {', '.join(CHOICE_NORMS)}, got {choice_norm!r}")
+        self.choice_norm = choice_norm
         super().__init__(path, seed=seed, **kw)
-        for ex in self._train + self._heldout:
-            ch, ans = ex.meta.get("choices"), ex.meta.get("answer")
-            if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
-                raise ValueError(f"{path}: every line needs 'choices', a list of at least two non-empty strings")
-            if not (isinstance(ans, int) and 0 <= ans < len(ch)):
-                raise ValueError(f"{path}: 'answer' must be the index of the right choice (got {ans!r})")
+        self._choice_tokens: dict[str, list[int]] = {}
+
+    def check_example(self, ex: Example) -> None:
+        ch = ex.meta.get("choices")
+        if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
+            raise ValueError("every line needs 'choices', a list of at least two non-empty strings")
+        dup = sorted({c for c in ch if ch.count(c) > 1})
+        if dup:
+            raise ValueError(f"'choices' lists {', '.join(map(repr, dup))} more than once")
+        ans = ex.meta.get("answer")
+        if ans is None and ex.answer in ch:  # chat format: the assistant's answer is one of the choices
+            ans = ch.index(ex.answer)
+        if not (isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(ch)):
+            raise ValueError(f"'answer' must be the index of the right choice (got {ans!r})")
 
     @staticmethod
-    def choice_logits(model, ex: Example) -> np.ndarray:
-        ids = [model.tokenize(c, add_bos=False)[0] for c in ex.meta["choices"]]
-        return model.logits(model.tokenize(ex.prompt)).astype(np.float64)[ids]
+    def answer_index(ex: Example) -> int:
+        ans = ex.meta.get("answer")
+        return ans if isinstance(ans, int) else ex.meta["choices"].index(ex.answer)
+
+    def tokens_of(self, model, choice: str) -> list[int]:
+        got = self._choice_tokens.get(choice)
+        if got is None:
+            got = self._choice_tokens[choice] = list(model.tokenize(choice, add_bos=False))
+            if not got:
+                raise ValueError(f"choice {choice!r} has no tokens")
+        return got
+
+    def choice_scores(self, model, batch) -> list[np.ndarray]:
+        """The normalised log-probability of every choice of every example in batch."""
+        out = [None] * len(batch)
+        for i, _, logits in model.prompt_logits(batch):
+            scores = []
+            for c in batch[i].meta["choices"]:
+                toks = self.tokens_of(model, c)
+                if self.choice_norm == "first":  # the raw logit, exactly as before (softmax is shift-free)
+                    scores.append(float(logits[toks[0]]))
+                    continue
+                lp = model.continuation_logprobs(logits, toks)
+                scores.append(lp.mean() if self.choice_norm == "mean" else lp.sum())
+            out[i] = np.array(scores, np.float64)
+        return out
 
     @staticmethod
-    def p_correct(logits: np.ndarray, answer: int) -> float:
-        p = np.exp(logits - logits.max())
+    def p_correct(scores: np.ndarray, answer: int) -> float:
+        p = np.exp(scores - scores.max())
         return float(p[answer] / p.sum())
 
     def strata(self):
-        return [ex.meta["answer"] for ex in self._train]
+        return [self.answer_index(ex) for ex in self._train]
 
     def rewards(self, model, batch):
-        return np.array([self.p_correct(self.choice_logits(model, ex), ex.meta["answer"]) for ex in batch])
+        return np.array([self.p_correct(s, self.answer_index(ex))
+                         for s, ex in zip(self.choice_scores(model, batch), batch)])
 
     def evaluate(self, model, examples):
-        logits = [self.choice_logits(model, ex) for ex in examples]  # one forward pass each
-        p = [self.p_correct(lg, ex.meta["answer"]) for lg, ex in zip(logits, examples)]
-        hits = [int(np.argmax(lg)) == ex.meta["answer"] for lg, ex in zip(logits, examples)]
+        scores = self.choice_scores(model, examples)
+        p = [self.p_correct(s, self.answer_index(ex)) for s, ex in zip(scores, examples)]
+        hits = [int(np.argmax(s)) == self.answer_index(ex) for s, ex in zip(scores, examples)]
         return {"reward": float(np.mean(p)), "accuracy": float(np.mean(hits))}
+
+    def describe(self):
+        return {"name": self.name, "data": self.path, "choice_norm": self.choice_norm}

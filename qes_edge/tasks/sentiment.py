@@ -14,11 +14,15 @@ import numpy as np
 
 from .base import Example, Task, auroc
 
-# the word comes last but for the answer cue, so everything before it is one shared prefix:
-# evaluated once per member, then each example costs only its ~12 suffix tokens
-PREFIX = ("<|im_start|>system\nYou classify the sentiment of single words.<|im_end|>\n"
-          "<|im_start|>user\nPositive or negative?\nWord:")
-SUFFIX = " {word}<|im_end|>\n<|im_start|>assistant\nAnswer:"
+# a chat of a system turn and a user turn, rendered by the model's own template, then the
+# answer cue "Answer:" inside the assistant's turn.  The word comes last but for the template's
+# closing markers and the cue, so everything before it is a token prefix the batch shares:
+# evaluated once per member (driver.prompt_logits), then each example costs its ~12 own tokens.
+# For SmolLM2 the rendered text is byte for byte the hand-written ChatML this task used before
+# (tests/test_chat.py), so the README's learning results stand.
+SYSTEM = "You classify the sentiment of single words."
+USER = "Positive or negative?\nWord: {word}"
+PREFILL = "Answer:"
 CLASSES = {"positive": (" positive", " Positive"), "negative": (" negative", " Negative")}
 
 
@@ -40,7 +44,8 @@ def afinn_words(min_abs: int = 2) -> list[tuple[str, str]]:
 class SentimentTask(Task):
     name = "sentiment"
 
-    def __init__(self, seed: int = 0, heldout: int = 200, min_abs: int = 2):
+    def __init__(self, seed: int = 0, heldout: int = 200, min_abs: int = 2, raw_prompt: bool = False):
+        self.raw_prompt = raw_prompt
         words = afinn_words(min_abs)
         order = np.random.default_rng(12345).permutation(len(words))  # fixed split, whatever the run seed
         # held out: the first heldout/2 words of each class in that order, so accuracy is not a class prior
@@ -51,10 +56,17 @@ class SentimentTask(Task):
         self._train = [self._example(*words[i]) for i in order if i not in held]
         self._token_ids = None
 
-    @staticmethod
-    def _example(word, label):
-        return Example(PREFIX + SUFFIX.format(word=word), answer=label, choices=tuple(CLASSES),
-                       meta={"suffix": SUFFIX.format(word=word), "word": word})
+    def _example(self, word, label):
+        user = USER.format(word=word)
+        if self.raw_prompt:  # a base model without a template: the same words as plain text
+            return Example(f"{SYSTEM}\n{user}\n{PREFILL}", answer=label, choices=tuple(CLASSES),
+                           meta={"word": word}, raw=True)
+        return Example(user, answer=label, choices=tuple(CLASSES), meta={"word": word},
+                       messages=({"role": "system", "content": SYSTEM}, {"role": "user", "content": user}),
+                       prefill=PREFILL)
+
+    def describe(self):
+        return {"name": self.name, "raw_prompt": self.raw_prompt}
 
     def train_examples(self):
         return self._train
@@ -72,12 +84,12 @@ class SentimentTask(Task):
         return self._token_ids
 
     def probabilities(self, model, batch) -> np.ndarray:
-        """p(correct class) per example, from one forward pass each."""
+        """p(correct class) per example, from one forward pass each (the shared prefix once)."""
         ids = self._ids(model)
         out = np.empty(len(batch))
-        model.eval_prefix(model.tokenize(PREFIX))  # identical logits to a full evaluation, per member
-        for i, ex in enumerate(batch):
-            logits = model.logits_suffix(model.tokenize(ex.meta["suffix"], add_bos=False)).astype(np.float64)
+        for i, _, logits in model.prompt_logits(batch):
+            ex = batch[i]
+            logits = logits.astype(np.float64)
             sel = {c: logits[v] for c, v in ids.items()}
             top = max(float(x.max()) for x in sel.values())
             mass = {c: float(np.exp(x - top).sum()) for c, x in sel.items()}
