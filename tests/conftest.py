@@ -78,3 +78,11 @@ def fill_disk(disk: Path) -> Path:
             except OSError:
                 pass
     return filler
+
+
+@pytest.fixture(autouse=True)
+def qes_edge_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own QES_EDGE_HOME: nothing is written to the user's data folder."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("QES_EDGE_HOME", str(home))
+    return home

@@ -154,6 +154,10 @@ CASES = [
     ("dump --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
     ("dump --ledger tail.qes --out x.jsonl", "were lost"),
     ("dump --ledger good.qes --out adir", "adir: is a directory"),
+    # runs
+    ("runs --dir junk.gguf", "junk.gguf: is not a folder"),
+    ("train --resume --new-run", "give one of them"),
+    ("train --ledger good.qes --population 4", "recorded with other options: population 4 (the run has 2)"),
     # the others
     ("info --model missing.gguf", "model file not found"),
     ("info --model junk.gguf", "not a GGUF file"),
