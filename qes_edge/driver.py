@@ -13,7 +13,7 @@ from .engine import CodeTensor, digest_tensors, sigma_threshold
 from ._native import ffi
 from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
 from .chat import ChatTemplateError, load_template
-from .llama_runtime import clear, continuation_logits, forward, last_logits, load_llama
+from .llama_runtime import clear, decode_rows, forward, last_logits, load_llama
 from .llama_weights import capture_weights, weight_code_tensors
 from .quant import QESError
 
@@ -25,15 +25,17 @@ class SelfCheckFailed(RuntimeError):
 
 
 def shared_prefix_len(token_lists) -> int:
-    """Length of the longest common prefix of token_lists, leaving at least one token of each."""
+    """Length of the longest common prefix of token_lists, leaving at least two tokens of each
+    (llama.cpp computes a one-token batch on another path, whose last bits differ from a full
+    evaluation's); 0 when that is shorter than two tokens (the same reason)."""
     first = token_lists[0]
-    n = min(len(t) for t in token_lists) - 1
+    n = min(len(t) for t in token_lists) - 2
     for t in token_lists[1:]:
         k = 0
         while k < n and t[k] == first[k]:
             k += 1
         n = k
-    return max(n, 0)
+    return n if n >= 2 else 0
 
 
 def log_softmax(logits) -> np.ndarray:
@@ -153,7 +155,8 @@ class ModelDriver:
         like, leaving at least one token per example) is evaluated once from an empty context;
         each example then rolls the context back to it and evaluates only its own rest.  The
         logits are identical to a full evaluation of each prompt (tests/test_chat.py).  While the
-        caller holds an item the context ends at that example's prompt (continuation_logprobs)."""
+        caller holds an item (and until the next evaluation) the context holds that example's prompt,
+        for continuation_logprobs."""
         toks = [self.prompt_tokens(ex) for ex in examples]
         if not toks:
             return
@@ -166,22 +169,32 @@ class ModelDriver:
                 self.llm.eval(t[n:])
             else:
                 forward(self.llm, t)
+            self._prompt = t
             yield i, t, last_logits(self.llm)
 
     def continuation_logprobs(self, logits: np.ndarray, tokens) -> np.ndarray:
-        """Log-probability of each of tokens in turn after the prompt just evaluated (whose
-        next-token logits are `logits`): tokens[0] from those logits, the rest from ONE batched
-        decode of tokens[:-1] with logits at every position; the context is then rolled back to
-        the prompt, ready for the next continuation.  float64."""
-        tokens = list(tokens)
+        """Log-probability of each of tokens in turn after the prompt prompt_logits just yielded
+        (whose next-token logits are `logits`): tokens[0] from those logits, the rest from ONE
+        batched decode of the prompt's last token and tokens[:-1] with logits at every position
+        (llama_runtime.decode_rows; the last prompt token goes again so that no batch is a single
+        token).  Each equals the log-softmax of a full evaluation of prompt + tokens[:j] bit for
+        bit (tests/test_chat.py).  The context is left holding the prompt but its last token, so
+        any number of continuations of the same prompt may follow.  float64."""
+        tokens = [int(t) for t in tokens]
         out = np.empty(len(tokens))
         if not tokens:
             return out
         out[0] = log_softmax(logits)[tokens[0]]
         if len(tokens) > 1:
+            prompt = getattr(self, "_prompt", None)
+            n = len(prompt) - 1 if prompt else -1
+            if n < 0 or self.llm.n_tokens < n or self.llm.input_ids[:n].tolist() != prompt[:-1]:
+                raise RuntimeError("continuation_logprobs outside prompt_logits (the context holds another prompt)")
+
             def row(j, lg):
-                out[j + 1] = log_softmax(lg)[tokens[j + 1]]
-            continuation_logits(self.llm, tokens[:-1], row)
+                if j >= 1:  # row 0 is the prompt's last token again: `logits` has it
+                    out[j] = log_softmax(lg)[tokens[j]]
+            decode_rows(self.llm, n, [prompt[-1]] + tokens[:-1], row)
         return out
 
     def weights_digest(self) -> str:

@@ -80,30 +80,38 @@ def last_logits(llm) -> np.ndarray:
 MAX_LOGIT_ROWS = 32
 
 
-def continuation_logits(llm, tokens, on_row) -> None:
-    """Decode tokens after the context's current position in one batch (chunks of MAX_LOGIT_ROWS)
-    asking llama.cpp for logits at every position, call on_row(j, logits of position j) (a view,
-    valid only during the call), then roll the KV cache back to where it was.
+def decode_rows(llm, n_past: int, seq, on_row) -> None:
+    """Decode seq at positions n_past.. on top of the context's first n_past tokens, in batches
+    that ask llama.cpp for logits at every position, and call on_row(j, logits after seq[:j+1])
+    for every j (a view, valid only during the call).  Then the KV cache is rolled back to n_past
+    and the Llama object's n_tokens set to n_past (its input_ids[:n_past] untouched), so the two
+    stay consistent and the next call may start from the same place.
 
     Unlike Llama(logits_all=True), which holds n_ctx x n_vocab floats for the whole context, this
-    keeps logits for just these positions.  The Llama object's n_tokens / input_ids are left
-    untouched and the cache is rolled back, so the two stay consistent."""
+    keeps logits for just these positions: seq is decoded in near-equal chunks of at most
+    MAX_LOGIT_ROWS tokens, never a chunk of one token when seq has more (llama.cpp computes a
+    one-token batch on another path, whose last bits differ from a several-token batch's)."""
     _, C = _llama_cpp()
-    n0 = llm.n_tokens
-    if n0 + len(tokens) > llm.n_ctx():
-        raise ValueError(f"{n0} + {len(tokens)} tokens do not fit the context of {llm.n_ctx()}")
-    step = max(1, min(MAX_LOGIT_ROWS, llm.n_batch))
+    seq = [int(t) for t in seq]
+    if not seq:
+        return
+    if n_past < 0 or n_past > llm.n_tokens or n_past + len(seq) > llm.n_ctx():
+        raise ValueError(f"{len(seq)} tokens after {n_past} do not fit (context: {llm.n_tokens} of {llm.n_ctx()})")
+    step = max(2, min(MAX_LOGIT_ROWS, llm.n_batch))
+    n_chunks = -(-len(seq) // step)
+    bounds = [len(seq) * k // n_chunks for k in range(n_chunks + 1)]
     n_vocab = llm.n_vocab()
+    llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+    llm.n_tokens = n_past
     try:
-        for start in range(0, len(tokens), step):
-            chunk = list(tokens[start:start + step])
-            llm._batch.set_batch(batch=chunk, n_past=n0 + start, logits_all=True)
+        for a, b in zip(bounds, bounds[1:]):
+            llm._batch.set_batch(batch=seq[a:b], n_past=n_past + a, logits_all=True)
             llm._ctx.decode(llm._batch)
-            for j in range(len(chunk)):
+            for j in range(b - a):
                 ptr = C.llama_get_logits_ith(llm.ctx, j)
-                on_row(start + j, np.ctypeslib.as_array(ptr, shape=(n_vocab,)))
+                on_row(a + j, np.ctypeslib.as_array(ptr, shape=(n_vocab,)))
     finally:
-        llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
 
 
 def time_forward(llm, tokens, repeats: int = 5) -> float:

@@ -81,6 +81,10 @@ def test_jsonl_errors(tmp_path):
 
 
 class FakeModel:
+    """Renders an example as its prompt text and "generates" it in capitals."""
+    def prompt_tokens(self, ex):
+        return ex.prompt
+
     def generate(self, prompt, max_tokens):
         return prompt.upper()
 
@@ -110,14 +114,26 @@ def test_callable_rewards_fail_loudly(tmp_path):
 
 
 class LogitModel:
-    """Logits that favour token id 7 (whatever the prompt)."""
-    def tokenize(self, text, add_bos=True):
-        return [7] if text.strip() == "yes" else [3] if text.strip() == "no" else [1, 2]
+    """A fake model over a 10-token vocabulary: token 7 ("yes") has logit 2 after the prompt, every
+    other 0; after token 4 ("N") the next token is 5 ("Y") or 6 ("D") with log-probabilities
+    log 0.9 / log 0.1 ("New York" vs "New Delhi": one shared first token)."""
+    VOCAB = {"yes": [7], "no": [3], "NY": [4, 5], "ND": [4, 6], "NYC": [4, 5, 8]}
 
-    def logits(self, tokens):
-        out = np.zeros(10, np.float32)
-        out[7] = 2.0
-        return out
+    def tokenize(self, text, add_bos=True):
+        return list(self.VOCAB[text.strip()])
+
+    def prompt_logits(self, examples):
+        for i, ex in enumerate(examples):
+            out = np.zeros(10, np.float32)
+            out[7] = 2.0
+            yield i, [1, 2], out
+
+    def continuation_logprobs(self, logits, tokens):
+        from qes_edge.driver import log_softmax
+        lp = [log_softmax(logits)[tokens[0]]]
+        for prev, t in zip(tokens, tokens[1:]):
+            lp.append(np.log({5: 0.9, 6: 0.1}.get(t, 1.0)) if prev == 4 else np.log(0.5))
+        return np.array(lp)
 
 
 def test_choice_task_scores_by_logits(tmp_path):
@@ -129,5 +145,30 @@ def test_choice_task_scores_by_logits(tmp_path):
     assert np.allclose(r, want)
     m = t.evaluate(LogitModel(), t.heldout_examples())
     assert m["accuracy"] == np.mean([ex.meta["answer"] == 0 for ex in t.heldout_examples()])
-    with pytest.raises(ValueError, match="'answer' must be the index"):
+    with pytest.raises(ValueError, match="c.jsonl|b.jsonl:1: 'answer' must be the index"):
         load_task("choice", str(write_jsonl(tmp_path / "b.jsonl", [{**rows[0], "answer": 5}] * 5)))
+
+
+def test_choice_whole_answer_tells_shared_first_tokens_apart(tmp_path):
+    """"NY" and "ND" share their first token: first-token scoring cannot tell them apart, the
+    whole answer can; sum vs mean normalisation as documented."""
+    rows = [{"prompt": f"q{i}", "choices": ["NY", "ND"], "answer": 0} for i in range(5)]
+    data = str(write_jsonl(tmp_path / "ny.jsonl", rows))
+    ex = load_task("choice", data).heldout_examples()
+    first = load_task("choice", data, choice_norm="first")
+    assert first.evaluate(LogitModel(), ex)["reward"] == 0.5
+    p_n = -np.log(np.exp(2) + 9)  # log p of token 4 after the prompt (logit 0; token 7 has 2, the 8 others 0)
+    for norm, score in (("sum", lambda lp: sum(lp)), ("mean", lambda lp: sum(lp) / len(lp))):
+        t = load_task("choice", data, choice_norm=norm)
+        s_ny, s_nd = score([p_n, np.log(0.9)]), score([p_n, np.log(0.1)])
+        want = np.exp(s_ny) / (np.exp(s_ny) + np.exp(s_nd))
+        got = t.evaluate(LogitModel(), ex)
+        assert got["accuracy"] == 1.0 and np.isclose(got["reward"], want), (norm, got, want)
+    # sum and mean differ when the choices differ in length: "NY" (2 tokens) vs "NYC" (3 tokens)
+    rows = [{"prompt": f"q{i}", "choices": ["NY", "NYC"], "answer": 1} for i in range(5)]
+    data = str(write_jsonl(tmp_path / "nyc.jsonl", rows))
+    by = {}
+    for n in ("sum", "mean"):
+        t = load_task("choice", data, choice_norm=n)
+        by[n] = t.evaluate(LogitModel(), t.heldout_examples())["reward"]
+    assert by["sum"] < 0.5 < by["mean"]  # the extra token costs log 0.5 in total, raises the per-token mean
