@@ -487,16 +487,12 @@ def _open_ledger_readonly(ledger: Path, run_id: Optional[str]):
     return lg, run, n
 
 
-@app.command()
-def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
-           out: Path = typer.Option(..., help="Where to write the trained GGUF."),
-           base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
-                                                          "if the ledger names it)."),
-           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
-           threads: int = ThreadsOpt):
-    """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
-    hash and the ledger's head; prints the head hash; exits 1 on a weights mismatch."""
+def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out: Path):
+    """Replay a verified run onto its base: (run, base path, GGUFModel, trained tensors, steps,
+    head hash, whether any code differs from the base).  One-line errors for every bad input;
+    exit 1 on a weights mismatch."""
     from .atomic import check_output_path
+    from .engine import digest_tensors
     from .gguf_model import GGUFModel, file_sha256
     from .ledger import LedgerError
     from .models import DEFAULT_FILE, ModelNotFound, resolve_model
@@ -525,6 +521,7 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
             tensors = m.code_tensors(tuple(cfg.frozen))
         except (ValueError, QESError) as e:
             _fail(f"{ledger}: the recorded config is not usable with {base_path}: {e}")
+        base_digest = digest_tensors(tensors)
         state = UpdateState(cfg, tensors)
         history = []
         n_threads = resolve_threads(threads)
@@ -542,12 +539,88 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
         head = lg.head_hash(run.run_id)
     finally:
         lg.close()
+    return run, base_path, m, tensors, n, head, digest_tensors(tensors) != base_digest
+
+
+@app.command()
+def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
+           out: Path = typer.Option(..., help="Where to write the trained GGUF."),
+           base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
+                                                          "if the ledger names it)."),
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           threads: int = ThreadsOpt):
+    """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
+    hash and the ledger's head; prints the head hash; exits 1 on a weights mismatch.
+
+    Example: qes-edge replay --ledger run.qes --out trained.gguf"""
+    run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
     try:
         m.write(tensors, out)
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
     console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
+    if not changed:
+        console.print("note: no code differs from the base model: the file written is the base's weights")
     typer.echo(f"head {head}")
+
+
+@app.command()
+def export(ledger: Path = typer.Option(..., help="The run's ledger."),
+           out: Optional[Path] = typer.Option(None, help="The GGUF to write (default: <home>/exports/<model>.<run>.s<steps>.gguf)."),
+           base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
+                                                          "if the ledger names it)."),
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           name: Optional[str] = typer.Option(None, help="general.name of the export (default: the base's name, the task, "
+                                                          "the run and its steps)."),
+           ollama: Optional[str] = typer.Option(None, "--ollama", help="Also register it with ollama under this name "
+                                                                        "(runs `ollama create`; ollama must be on PATH)."),
+           threads: int = ThreadsOpt):
+    """Write the trained model as a named GGUF that llama.cpp, ollama and LM Studio load: every key
+    and tensor of the base, the trained codes, a new general.name and qes.* keys (run id, ledger
+    head, base sha256, steps), and an ollama Modelfile beside it; prints the head hash.
+
+    Example: qes-edge export --ledger run.qes --out smollm2-sentiment.gguf --ollama smollm2-sentiment"""
+    import shutil
+    import subprocess
+
+    from .export import modelfile_text, write_gguf
+    from .gguf_check import check_gguf
+    from .home import home
+
+    if ollama is not None and not ollama.strip():
+        _fail("--ollama needs a model name")
+    lg, run, n = _open_ledger_readonly(ledger, run_id)
+    lg.close()
+    if out is None:
+        out = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+    run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
+    meta = check_gguf(base_path).metadata
+    base_name = meta.get("general.name") or Path(run.base_name).stem
+    title = name or f"{base_name} (qes-edge {run.config.get('task')}, run {run.run_id[:8]}, {n} steps)"
+    qes = {"run_id": run.run_id, "ledger_head": head, "base_sha256": run.base_sha256, "steps": n,
+           "task": str(run.config.get("task")), "noise_spec": int(run.noise_spec)}
+    modelfile = out.with_name(out.name + ".Modelfile")
+    try:
+        write_gguf(base_path, {t.name: t._array for t in tensors}, out, title, qes)
+        from .atomic import atomic_output
+        with atomic_output(modelfile, "w") as (_tmp, f):
+            f.write(modelfile_text(out.name, meta.get("tokenizer.chat_template")))
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
+    console.print(f"{n} steps replayed, every weights hash matched; wrote {out} ({title!r}) and {modelfile.name}",
+                  highlight=False)
+    if not changed:
+        console.print("note: no code differs from the base model: the export carries the base's weights")
+    typer.echo(f"head {head}")
+    if ollama:
+        exe = shutil.which("ollama")
+        if exe is None:
+            _fail(f"ollama is not on PATH: where it is installed, run `ollama create {ollama} -f {modelfile}`")
+        r = subprocess.run([exe, "create", ollama, "-f", str(modelfile)], cwd=out.parent, capture_output=True, text=True)
+        if r.returncode != 0:
+            _fail(f"ollama create {ollama} failed: {(r.stderr or r.stdout).strip()}")
+        console.print(f"ollama: created {ollama}")
 
 
 @app.command()

@@ -156,6 +156,12 @@ CASES = [
     ("dump --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
     ("dump --ledger tail.qes --out x.jsonl", "were lost"),
     ("dump --ledger good.qes --out adir", "adir: is a directory"),
+    # export
+    ("export --ledger missing.qes", "ledger not found"),
+    ("export --ledger good.qes --out nofolder/x.gguf", "the folder nofolder does not exist"),
+    ("export --ledger good.qes --out good.qes", "is the ledger; refusing to overwrite an input"),
+    ("export --ledger tail.qes --out x.gguf", "were lost"),
+    ("export --ledger other-base.qes --out x.gguf", "pass it with --base"),
     # runs
     ("runs --dir junk.gguf", "junk.gguf: is not a folder"),
     ("train --resume --new-run", "give one of them"),

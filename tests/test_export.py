@@ -1,0 +1,80 @@
+"""export: the trained model as a named GGUF (every base key and tensor, the trained codes, a new
+general.name and qes.* keys) that stock llama-cpp-python loads with the trained weights' logits,
+and an ollama Modelfile beside it."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qes_edge.export import chat_family, modelfile_text
+
+
+def test_modelfile_by_chat_family():
+    text = modelfile_text("m.gguf", "{% for m in messages %}<|im_start|>{{ m.role }}...{% endfor %}")
+    lines = text.splitlines()
+    assert "FROM ./m.gguf" in lines and any(x.startswith('TEMPLATE """') for x in lines)
+    assert 'PARAMETER stop "<|im_end|>"' in lines
+    assert chat_family("<|start_header_id|>x") == "llama3" and chat_family("<start_of_turn>") == "gemma"
+    unknown = modelfile_text("m.gguf", "[INST] {{ x }} [/INST]")
+    assert not any(x.startswith("TEMPLATE") for x in unknown.splitlines()) and "FROM ./m.gguf" in unknown
+
+
+def cli(args, cwd):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "qes_edge", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, default_model):
+    import llama_cpp
+    from gguf import GGUFReader
+
+    from qes_edge.driver import ModelDriver
+    from qes_edge.gguf_model import GGUFModel
+    from qes_edge.ledger import Ledger
+    ledger = tmp_path / "r.qes"
+    r = cli(["train", "--steps", "2", "--population", "4", "--batch", "4", "--n-ctx", "128", "--alpha", "0.003",
+             "--ledger", str(ledger)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lg = Ledger(ledger, readonly=True)
+    run = lg.run()
+    last = lg.last_step(run.run_id)
+    lg.close()
+    out = tmp_path / "exported.gguf"
+    r = cli(["export", "--ledger", str(ledger), "--out", str(out), "--name", "smol-trained"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"head {last.hash}" in r.stdout and (tmp_path / "exported.gguf.Modelfile").is_file()
+    # the keys: every base key kept, general.name and qes.* new
+    base, exp = GGUFReader(default_model), GGUFReader(out)
+    meta = {k: exp.fields[k].contents() for k in exp.fields}
+    assert meta["general.name"] == "smol-trained"
+    assert meta["qes.run_id"] == run.run_id and meta["qes.ledger_head"] == last.hash and meta["qes.steps"] == 2
+    assert meta["qes.base_sha256"] == run.base_sha256
+    for k in base.fields:
+        if not k.startswith("GGUF.") and k != "general.name":
+            assert str(base.fields[k].contents()) == str(meta[k]), k
+    # the tensors: the trained codes (the ledger's weights hash), every other tensor the base's
+    m = GGUFModel(out)
+    assert m.weights_digest(m.code_tensors()) == last.weights_sha256
+    changed = [t.name for t, u in zip(base.tensors, exp.tensors) if t.data.tobytes() != u.data.tobytes()]
+    assert changed and all(n not in ("token_embd.weight",) and not n.endswith("norm.weight") for n in changed)
+    # stock llama-cpp-python (mmap, its default buffers) gives the logits of the trained weights
+    replayed = tmp_path / "replayed.gguf"
+    assert cli(["replay", "--ledger", str(ledger), "--out", str(replayed)], tmp_path).returncode == 0
+    trained = ModelDriver(replayed, n_ctx=128, self_check=False)
+    tokens = trained.tokenize("The capital of France is")
+    want = trained.logits(tokens)
+    stock = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=2, n_threads_batch=2, verbose=False)
+    stock.reset()
+    stock.eval(tokens)
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(stock.ctx, -1), shape=(stock.n_vocab(),)).copy()
+    assert np.array_equal(got, want)
+
+
+def test_export_bad_input(tmp_path):
+    r = cli(["export", "--ledger", str(tmp_path / "none.qes")], tmp_path)
+    assert r.returncode == 2 and "ledger not found" in r.stderr
