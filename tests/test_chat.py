@@ -278,3 +278,15 @@ def test_capital_questions_score_better_through_the_template(driver, tmp_path):
         templ, _ = capital_scores(driver, path, False, norm)
         raw, _ = capital_scores(driver, path, True, norm)
         assert templ["reward"] > raw["reward"] and templ["accuracy"] >= raw["accuracy"], (norm, templ, raw)
+
+
+@pytest.mark.slow
+def test_jsonl_generates_from_the_rendered_tokens(driver, tmp_path):
+    """Raw, SmolLM2 answered the plain questions with nothing; through its template it answers."""
+    rows = [{"prompt": r["prompt"], "pattern": r["choices"][r["answer"]].split(",")[0]} for r in CAPITALS]
+    path = write_jsonl(tmp_path / "gen.jsonl", rows)
+    t = load_task("jsonl", path, max_tokens=16)
+    ex = list(t.train_examples()) + list(t.heldout_examples())
+    outs = [driver.generate(driver.prompt_tokens(e), 16) for e in ex]
+    assert all(o.strip() for o in outs), outs
+    assert driver.check_prompts(ex) == max(len(driver.prompt_tokens(e)) for e in ex)
