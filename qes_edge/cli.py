@@ -7,6 +7,7 @@ check can be made early, and without leaving files behind.  Run through :func:`m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - older typer over the click package
     import click
 
 app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=True)
 console = Console()
 
 
@@ -53,6 +54,23 @@ ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and 
                                          "(0: every core this process may use).")
 
 
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output: JSON on stdout (human messages go to stderr).")
+
+
+@contextlib.contextmanager
+def _json_output(enabled: bool):
+    """While a --json command runs, rich's human output goes to stderr: stdout is JSON only."""
+    global console
+    if not enabled:
+        yield
+        return
+    saved, console = console, Console(stderr=True)
+    try:
+        yield
+    finally:
+        console = saved
+
+
 def _one_line(msg) -> str:
     return " ".join(str(msg).split())
 
@@ -74,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("error: aborted", err=True)
         sys.exit(130)
     except OSError as e:
@@ -97,9 +115,25 @@ def _open(model: Optional[str]):
 
 
 @app.command()
-def info(model: Optional[str] = ModelOpt):
-    """Show a model's tensor types, what qes-edge would train, and the native backend in use."""
+def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
+    """Show a model's tensor types, what qes-edge would train, the native backend, the threads and
+    llama.cpp's wait policy.
+
+    Example: qes-edge info --model smollm2:135m"""
     path, m = _open(model)
+    if as_json:
+        from .gguf_model import trainable_infos
+        from .threads import default_threads, wait_policy
+        try:
+            planned = trainable_infos(m.header.tensors)
+            trainable = {"tensors": len(planned), "codes": sum(t.n_elements for t in planned)}
+        except QESError as e:
+            trainable = {"error": str(e)}
+        typer.echo(json.dumps({"model": str(path), "types": m.summary(), "trainable": trainable,
+                               "backend": _native.get_backend(), "backends": _native.available_backends(),
+                               "noise_spec": int(_native.lib.qes_noise_spec_version()),
+                               "threads": default_threads(), "wait_policy": wait_policy()}))
+        return
     table = Table(title=str(path))
     for col in ("type", "tensors", "elements", "MB", "trainable"):
         table.add_column(col, justify="right" if col != "type" else "left")
@@ -130,7 +164,9 @@ def demo(model: Optional[str] = ModelOpt,
          out: Optional[Path] = typer.Option(None, help="Write the updated model here (GGUF)."),
          prompt: str = typer.Option("The capital of France is", help="Prompt for the llama.cpp check.")):
     """Run the engine end to end on a real model: llama.cpp inference, perturb/restore of every
-    trainable tensor with an exact-restore check, and one seed-replay update."""
+    trainable tensor with an exact-restore check, and one seed-replay update.
+
+    Example: qes-edge demo --population 8 --out updated.gguf"""
     from .engine import TensorGroup, mirrored, random_steps, sigma_threshold
     from .llama_runtime import load_llama
 
@@ -286,12 +322,21 @@ def train(ctx: typer.Context,
                                                                  "stays: replay --run-id rebuilds it)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
           threads: int = ThreadsOpt,
-          n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more).")):
+          n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
+          as_json: bool = typer.Option(False, "--json", help="One JSON line per step and per evaluation on stdout "
+                                                              "(human messages and progress go to stderr).")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
     re-run with the same ledger resumes where it stopped, with the config it recorded. Options
     that differ from that config are refused (--resume ignores them, --new-run starts a new run).
 
     Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
+    with _json_output(as_json):
+        _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
+               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, as_json)
+
+
+def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
+           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, as_json):
     from .gguf_model import file_sha256
     from .home import default_ledger
     from .ledger import Ledger, LedgerError
@@ -411,6 +456,8 @@ def train(ctx: typer.Context,
                     progress.console.print(f"[yellow]held-out evaluation failed:[/] {e}")
                     return
                 lg.record_eval(run.run_id, len(trainer.history), "heldout", m)
+                if as_json:
+                    typer.echo(json.dumps({"event": "eval", "step": len(trainer.history), "split": "heldout", **m}))
                 progress.console.print(f"step {len(trainer.history)} held-out: " +
                                        ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
             if not any(e["step"] == len(trainer.history) for e in lg.evals(run.run_id)):
@@ -419,13 +466,24 @@ def train(ctx: typer.Context,
             while len(trainer.history) < steps:
                 rec = trainer.step()
                 t = rec.timings
+                if as_json:
+                    typer.echo(json.dumps({"event": "step", "step": rec.step, "reward": float(np.nanmean(rec.rewards)),
+                                           "rewards": [None if np.isnan(x) else float(x) for x in rec.rewards],
+                                           "failures": rec.failures, "changed": t["changed"],
+                                           "weights_sha256": rec.weights_sha256, "hash": rec.hash,
+                                           "timings": t}))
                 overhead = (t["perturb_s"] + t["restore_s"] + t["update_s"]) / max(t["eval_s"], 1e-9)
                 progress.update(bar, completed=len(trainer.history),
                                 info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
                 if (eval_every and len(trainer.history) % eval_every == 0) or len(trainer.history) == steps:
                     evaluate()
         console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
-        typer.echo(f"head {lg.head_hash(run.run_id)}")  # one unbroken line, to compare between copies
+        head = lg.head_hash(run.run_id)
+        if as_json:
+            typer.echo(json.dumps({"event": "done", "steps": len(trainer.history), "ledger": str(ledger_path),
+                                   "run_id": run.run_id, "head": head}))
+        else:
+            typer.echo(f"head {head}")  # one unbroken line, to compare between copies
     except (TrainingStopped, LedgerError) as e:
         _fail(str(e))
     finally:
@@ -442,7 +500,9 @@ def evaluate(model: Optional[str] = ModelOpt,
              n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
     """Score a model (the base, or one written by replay) on a task's held-out examples: the same
-    numbers train prints at its evaluations."""
+    numbers train prints at its evaluations.
+
+    Example: qes-edge eval --model trained.gguf --json"""
     from .tasks.base import RewardFailure
     from .threads import resolve_threads
     from .trainer import MAX_CTX, MIN_CTX, TrainConfig
@@ -548,20 +608,25 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
            base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
                                                           "if the ledger names it)."),
            run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
-           threads: int = ThreadsOpt):
+           threads: int = ThreadsOpt,
+           as_json: bool = JsonOpt):
     """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
     hash and the ledger's head; prints the head hash; exits 1 on a weights mismatch.
 
     Example: qes-edge replay --ledger run.qes --out trained.gguf"""
-    run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
-    try:
-        m.write(tensors, out)
-    except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
-    console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
-    if not changed:
-        console.print("note: no code differs from the base model: the file written is the base's weights")
-    typer.echo(f"head {head}")
+    with _json_output(as_json):
+        run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
+        try:
+            m.write(tensors, out)
+        except OSError as e:
+            _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
+        console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
+        if not changed:
+            console.print("note: no code differs from the base model: the file written is the base's weights")
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "run_id": run.run_id, "steps": n, "head": head, "changed": changed}))
+    else:
+        typer.echo(f"head {head}")
 
 
 @app.command()
@@ -574,12 +639,22 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
                                                           "the run and its steps)."),
            ollama: Optional[str] = typer.Option(None, "--ollama", help="Also register it with ollama under this name "
                                                                         "(runs `ollama create`; ollama must be on PATH)."),
-           threads: int = ThreadsOpt):
+           threads: int = ThreadsOpt,
+           as_json: bool = JsonOpt):
     """Write the trained model as a named GGUF that llama.cpp, ollama and LM Studio load: every key
     and tensor of the base, the trained codes, a new general.name and qes.* keys (run id, ledger
     head, base sha256, steps), and an ollama Modelfile beside it; prints the head hash.
 
     Example: qes-edge export --ledger run.qes --out smollm2-sentiment.gguf --ollama smollm2-sentiment"""
+    with _json_output(as_json):
+        result = _export(ledger, out, base, run_id, name, ollama, threads)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"head {result['head']}")
+
+
+def _export(ledger, out, base, run_id, name, ollama, threads) -> dict:
     import shutil
     import subprocess
 
@@ -612,7 +687,8 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
                   highlight=False)
     if not changed:
         console.print("note: no code differs from the base model: the export carries the base's weights")
-    typer.echo(f"head {head}")
+    result = {"out": str(out), "modelfile": str(modelfile), "name": title, "run_id": run.run_id, "steps": n,
+              "head": head, "changed": changed, "ollama": None}
     if ollama:
         exe = shutil.which("ollama")
         if exe is None:
@@ -621,20 +697,29 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
         if r.returncode != 0:
             _fail(f"ollama create {ollama} failed: {(r.stderr or r.stdout).strip()}")
         console.print(f"ollama: created {ollama}")
+        result["ollama"] = ollama
+    return result
 
 
 @app.command()
 def verify(ledger: Path = typer.Option(..., help="The ledger to check."),
-           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest).")):
+           run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           as_json: bool = JsonOpt):
     """Check a ledger without a model: the run row, every step's hash chain and the recorded head
     (a ledger that lost its last steps is named as such); prints the step count and head hash.
-    Detects accidents, not forgery (docs/ledger-spec.md)."""
+    Detects accidents, not forgery (docs/ledger-spec.md).
+
+    Example: qes-edge verify --ledger run.qes"""
     lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
         head = lg.head_hash(run.run_id)
         recorded = lg.head(run.run_id)
     finally:
         lg.close()
+    if as_json:
+        typer.echo(json.dumps({"run_id": run.run_id, "base_name": run.base_name, "base_sha256": run.base_sha256,
+                               "steps": n, "head": head, "head_recorded": recorded is not None}))
+        return
     console.print(f"run {run.run_id}: base {run.base_name} (sha256 {run.base_sha256[:16]}…), {n} steps, "
                   f"chain {'and head ' if recorded else ''}verified"
                   + ("" if recorded else " (this ledger predates head records: a lost tail cannot be detected)"),
@@ -649,7 +734,9 @@ def dump(ledger: Path = typer.Option(..., help="The ledger to dump."),
     """Write a verified run as JSON lines (docs/ledger-spec.md, "Dump"): a header line with the
     run and its head, then every step with its seeds, Q16 coefficients and rewards exactly
     (rewards as little-endian float64 hex), for tools and other implementations; prints the
-    head hash."""
+    head hash.
+
+    Example: qes-edge dump --ledger run.qes --out run.jsonl"""
     from .atomic import atomic_output, check_output_path
     from .ledger import canonical_json
     try:
@@ -742,7 +829,9 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
           seed: int = typer.Option(..., help="Member seed (nonzero; -s is the mirror of s)."),
           sigma: float = typer.Option(0.01, help="Noise scale in code units."),
           limit: int = typer.Option(20, help="Draws to print (0: all).")):
-    """Print the noise draws of (tensor, seed, sigma) as JSON lines: the spec's reference output."""
+    """Print the noise draws of (tensor, seed, sigma) as JSON lines: the spec's reference output.
+
+    Example: qes-edge noise --tensor blk.0.ffn_up.weight --n 884736 --seed 1"""
     from .engine import CodeTensor, sigma_threshold
     from .quant import QT
     if n % 32:

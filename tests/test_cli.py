@@ -23,6 +23,7 @@ def test_every_command_is_documented():
                 assert p.help, f"option {p.name} of {name} has no help"
         res = runner.invoke(app, [name, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
+        assert "Example: qes-edge " + name in " ".join(res.output.split()), f"command {name} has no example"
 
 
 def test_noise_command_prints_the_spec_draws():
@@ -76,3 +77,35 @@ def test_demo_end_to_end(tmp_path):
     assert f"{changed:,} codes changed" in text and changed > 0
     llm = load_llama(out, n_ctx=64)
     assert llm.tokenize(b"hello")
+
+
+def test_version_and_completion():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "qes_edge", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("qes-edge 0.") and "noise spec v1" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "qes_edge", "--show-completion", "bash"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "_QES_EDGE_COMPLETE" in r.stdout.upper().replace("-", "_"), r.stdout + r.stderr
+
+
+def test_json_outputs(tmp_path, default_model):
+    import numpy as np
+
+    from qes_edge.gguf_model import file_sha256
+    from qes_edge.ledger import Ledger, StepRecord
+    res = runner.invoke(app, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["trainable"]["codes"] == 106168320 and info["backend"] in info["backends"]
+    assert "OMP_WAIT_POLICY" in info["wait_policy"]
+    lg = Ledger(tmp_path / "r.qes")
+    run = lg.create_run(file_sha256(default_model), default_model.name, {"population": 2}, 1)
+    rec = lg.append_step(run.run_id, StepRecord(0, 34268880, np.array([3, -3]), np.array([1, -1], np.int32),
+                                                np.array([0.1, 0.2]), "00" * 32))
+    lg.close()
+    res = runner.invoke(app, ["verify", "--ledger", str(tmp_path / "r.qes"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"run_id": run.run_id, "base_name": default_model.name,
+                                      "base_sha256": run.base_sha256, "steps": 1, "head": rec.hash,
+                                      "head_recorded": True}

@@ -103,3 +103,15 @@ def test_default_ledger_in_home_resume_and_new_run(tmp_path, qes_edge_home):
     runs = lg.runs()
     assert [lg.verify(x.run_id) for x in runs] == [3, 1] and runs[1].config["sigma"] == 0.02
     lg.close()
+
+
+@pytest.mark.slow
+def test_train_json_is_one_line_per_step_and_evaluation(tmp_path):
+    r = cli(["train", "--steps", "2", "--population", "2", "--batch", "2", "--n-ctx", "128", "--json",
+             "--ledger", "j.qes"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]  # stdout is JSON only
+    assert [e["event"] for e in events] == ["eval", "step", "step", "eval", "done"]
+    assert [e["step"] for e in events if e["event"] == "step"] == [0, 1]
+    assert len(events[1]["rewards"]) == 2 and len(events[1]["weights_sha256"]) == 64
+    assert events[-1]["head"] == events[2]["hash"] and events[-1]["steps"] == 2
