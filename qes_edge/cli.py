@@ -54,6 +54,9 @@ ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and 
                                          "(0: every core this process may use).")
 
 
+RawPromptOpt = typer.Option(False, "--raw-prompt", help="Feed prompts to the model as written, without its chat template.")
+ChoiceNormOpt = typer.Option("mean", help="choice task: score each answer by the mean log-probability of its tokens "
+                                          "(mean) or their sum (sum).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: JSON on stdout (human messages go to stderr).")
 
 
@@ -263,11 +266,20 @@ def _check_recorded_data(recorded: dict, ledger_path: Path) -> None:
 
 
 def _load_task(cfg):
-    from .tasks import load_task
+    from .tasks import task_from_config
     try:
-        return load_task(cfg.task, cfg.data, cfg.seed)
+        return task_from_config(cfg)
     except (ValueError, QESError) as e:
         _fail(str(e))
+
+
+def _check_prompts(driver, task_obj) -> None:
+    """Every prompt rendered through the model's template and tokenized before any ledger row: a
+    missing or failing template, or a prompt longer than the context, is refused up front."""
+    try:
+        driver.check_prompts(list(task_obj.train_examples()) + list(task_obj.heldout_examples()))
+    except (ValueError, QESError, RuntimeError) as e:
+        _fail(f"{driver.path}: {e}")
 
 
 def _driver(path: Path, n_ctx: int, threads: int, frozen=None):
@@ -281,7 +293,7 @@ def _driver(path: Path, n_ctx: int, threads: int, frozen=None):
 
 #: the train options that make up a run's identity (its recorded config)
 RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-               "batch", "balance", "seed", "n_ctx")
+               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm")
 
 
 def _explicit(ctx, names) -> list[str]:
@@ -323,6 +335,8 @@ def train(ctx: typer.Context,
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
           threads: int = ThreadsOpt,
           n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
+          raw_prompt: bool = RawPromptOpt,
+          choice_norm: str = ChoiceNormOpt,
           as_json: bool = typer.Option(False, "--json", help="One JSON line per step and per evaluation on stdout "
                                                               "(human messages and progress go to stderr).")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
@@ -332,11 +346,11 @@ def train(ctx: typer.Context,
     Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
     with _json_output(as_json):
         _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, as_json)
+               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json)
 
 
 def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, as_json):
+           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json):
     from .gguf_model import file_sha256
     from .home import default_ledger
     from .ledger import Ledger, LedgerError
@@ -354,7 +368,7 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
             _fail(f"{data}: is not a file (a JSONL file of prompts is expected)")
     cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma, alpha=alpha,
                       beta=beta, window=window, error_feedback=error_feedback, residual=residual, batch=batch,
-                      balance=balance, seed=seed, n_ctx=n_ctx)
+                      balance=balance, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt, choice_norm=choice_norm)
     try:
         cfg.validate()
     except (ValueError, QESError) as e:
@@ -416,6 +430,7 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
                   f"not {path.name} ({sha[:16]}…): refusing to mix them")
         task_obj = _load_task(cfg)
         driver = _driver(path, cfg.n_ctx, n_threads, cfg.frozen)
+        _check_prompts(driver, task_obj)
         # 4. only now does a new run exist
         if run is None:
             created = not ledger_path.exists()
@@ -498,6 +513,8 @@ def evaluate(model: Optional[str] = ModelOpt,
              seed: int = typer.Option(0, help="Task seed (as the run's, for generated tasks)."),
              threads: int = ThreadsOpt,
              n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
+             raw_prompt: bool = RawPromptOpt,
+             choice_norm: str = ChoiceNormOpt,
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
     """Score a model (the base, or one written by replay) on a task's held-out examples: the same
     numbers train prints at its evaluations.
@@ -509,10 +526,16 @@ def evaluate(model: Optional[str] = ModelOpt,
 
     if not MIN_CTX <= n_ctx <= MAX_CTX:
         _fail(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}] tokens, got {n_ctx}")
-    cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx)
+    cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
+                      choice_norm=choice_norm)
+    try:
+        cfg.validate()
+    except (ValueError, QESError) as e:
+        _fail(str(e))
     path = _trainable_model(model, cfg.frozen)
     task_obj = _load_task(cfg)
     driver = _driver(path, n_ctx, resolve_threads(threads))
+    _check_prompts(driver, task_obj)
     try:
         metrics = task_obj.evaluate(driver, task_obj.heldout_examples())
     except (RewardFailure, ValueError, QESError) as e:

@@ -102,6 +102,8 @@ CASES = [
     ("train --steps 0", "'--steps': Input should be greater than or equal to 1"),
     ("train --window -2", "'--window': Input should be greater than or equal to 0"),
     ("train --residual disk", "residual must be 'replay' or 'stored'"),
+    ("train --choice-norm max", "choice_norm must be 'mean' or 'sum'"),
+    ("eval --choice-norm max", "choice_norm must be 'mean' or 'sum'"),
     ("train --bogus", "No such option: --bogus"),
     ("train --population many", "'--population': Input should be a valid integer"),
     # train: files
