@@ -108,13 +108,28 @@ def checked_reward(value, where: str) -> float:
 
 
 def load_callable(spec: str) -> Callable:
+    """`module:function`, found as `python -m` finds modules: the current folder first, then the
+    installed packages.  A module that is missing says where it was looked for."""
+    import os
+    import sys
     mod, _, fn = spec.partition(":")
     if not mod or not fn:
         raise ValueError(f"expected module:function, got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
-        obj = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load reward {spec!r}: {e}") from None
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name and mod.split(".")[0] == e.name.split(".")[0]:
+            raise ValueError(f"cannot load reward {spec!r}: no module {e.name!r} in the current folder ({cwd}) "
+                             "or the installed packages") from None
+        raise ValueError(f"cannot load reward {spec!r}: importing it failed: {e}") from None
+    except Exception as e:  # the user's module raised while importing
+        raise ValueError(f"cannot load reward {spec!r}: importing {mod} raised {type(e).__name__}: {e}") from None
+    obj = getattr(module, fn, None)
+    if obj is None:
+        raise ValueError(f"cannot load reward {spec!r}: {module.__file__} has no {fn!r}")
     if not callable(obj):
         raise ValueError(f"{spec!r} is not callable")
     return obj
