@@ -465,11 +465,16 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
             heldout = task_obj.heldout_examples()
 
             def evaluate():
+                bar = progress.add_task(f"held-out ({len(heldout)})", total=len(heldout), info="")
+                driver.on_prompt = lambda: progress.advance(bar)
                 try:
                     m = task_obj.evaluate(driver, heldout)
                 except RewardFailure as e:
                     progress.console.print(f"[yellow]held-out evaluation failed:[/] {e}")
                     return
+                finally:
+                    driver.on_prompt = None
+                    progress.remove_task(bar)
                 lg.record_eval(run.run_id, len(trainer.history), "heldout", m)
                 if as_json:
                     typer.echo(json.dumps({"event": "eval", "step": len(trainer.history), "split": "heldout", **m}))
@@ -536,10 +541,17 @@ def evaluate(model: Optional[str] = ModelOpt,
     task_obj = _load_task(cfg)
     driver = _driver(path, n_ctx, resolve_threads(threads))
     _check_prompts(driver, task_obj)
+    heldout = task_obj.heldout_examples()
     try:
-        metrics = task_obj.evaluate(driver, task_obj.heldout_examples())
+        with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
+            bar = progress.add_task("held-out", total=len(heldout))
+            driver.on_prompt = lambda: progress.advance(bar)
+            metrics = task_obj.evaluate(driver, heldout)
     except (RewardFailure, ValueError, QESError) as e:
         _fail(f"{path}: {e}")
+    finally:
+        driver.on_prompt = None
     if as_json:
         typer.echo(json.dumps(metrics))
         return

@@ -48,6 +48,7 @@ class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
                  frozen=DEFAULT_FROZEN, self_check: bool = True):
         self.path = Path(path)
+        self.on_prompt = None  # called once per prompt evaluated or generated from (progress bars)
         # our own validation of the file and of every trainable type, before llama.cpp sees it
         header = GGUFModel(self.path).header
         planned = trainable_infos(header.tensors, frozen)
@@ -103,6 +104,8 @@ class ModelDriver:
         tokens = list(prompt) if not isinstance(prompt, (str, bytes)) else self._with_bos(
             self.tokenize(prompt, add_bos=False))
         clear(self.llm)
+        if self.on_prompt is not None:
+            self.on_prompt()
         out = self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"]
 
@@ -170,6 +173,8 @@ class ModelDriver:
             else:
                 forward(self.llm, t)
             self._prompt = t
+            if self.on_prompt is not None:
+                self.on_prompt()
             yield i, t, last_logits(self.llm)
 
     def continuation_logprobs(self, logits: np.ndarray, tokens) -> np.ndarray:
