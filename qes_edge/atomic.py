@@ -30,23 +30,17 @@ def check_output_path(out: Path, inputs: dict[str, Path] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | Path, mode: str = "wb"):
-    """Yields (temporary path, open file); on success the file is fsynced and renamed to out."""
+def atomic_path(out: str | Path):
+    """Yields a temporary path beside out for the caller (or a library) to write; on success the
+    file is fsynced, renamed over out and the folder fsynced; on any failure it is removed."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    f = None
     try:
-        f = open(tmp, mode)
-        yield tmp, f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        f = None
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f.close()
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
@@ -55,3 +49,11 @@ def atomic_output(out: str | Path, mode: str = "wb"):
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path, mode: str = "wb"):
+    """Yields (temporary path, open file); on success the file is fsynced and renamed to out."""
+    with atomic_path(out) as tmp:
+        with open(tmp, mode) as f:
+            yield tmp, f

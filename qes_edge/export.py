@@ -13,11 +13,11 @@ template from the GGUF where it knows it) and says so in a comment."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 # (marker in the Jinja template, ollama TEMPLATE, stop tokens)
 FAMILIES = {
@@ -71,9 +71,7 @@ def write_gguf(base_path: Path, trained: dict[str, np.ndarray], out: Path, name:
 
     reader = gguf.GGUFReader(base_path)
     arch = reader.fields["general.architecture"].contents()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
         for field in reader.fields.values():
             if field.name in ("general.architecture", "general.name") or field.name.startswith("GGUF."):
@@ -98,15 +96,3 @@ def write_gguf(base_path: Path, trained: dict[str, np.ndarray], out: Path, name:
                 data = np.asarray(trained[t.name], dtype=np.uint8).reshape(t.data.shape).view(t.data.dtype)
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dfd = os.open(out.parent if str(out.parent) else ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
