@@ -1,12 +1,14 @@
-"""Write benchmarks/data/capitals.jsonl: a multiple-choice task of the kind a user brings.
+"""Write benchmarks/data/{capitals,continents}.jsonl: multiple-choice tasks of the kind a user brings.
 
-    pip install countryinfo && python benchmarks/make_capitals.py
+    pip install countryinfo && python benchmarks/make_geography.py
 
-One line per country of the countryinfo package (MIT; country names, capitals and regions, no
-download): "What is the capital of X?" in the chat format {"messages": [...]}, with the right
-capital and three capitals of other countries of the same region as choices, in a seeded order.
-SmolLM2-135M often picks a wrong one (benchmarks/learning_capitals.py measures it).  The file is
-committed, so the benchmark needs nothing but qes-edge."""
+From the countryinfo package's data (MIT; country names, capitals and regions, no download),
+one line per country, in the chat format {"messages": [...]}:
+- capitals.jsonl: "What is the capital of X?", the right capital and three capitals of other
+  countries of the same region as choices, in a seeded order;
+- continents.jsonl: "Which continent is X in?", choices Africa, America, Asia, Europe, Oceania.
+SmolLM2-135M often picks a wrong one (benchmarks/learning_user_task.py measures it).  The files
+are committed, so the benchmark needs nothing but qes-edge."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "data" / "capitals.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
 QUESTION = "What is the capital of {country}? Reply with the city name only."
+CONTINENT = "Which continent is {country} in? Reply with one word: Africa, America, Asia, Europe or Oceania."
+CONTINENTS = {"Africa": "Africa", "Americas": "America", "Asia": "Asia", "Europe": "Europe", "Oceania": "Oceania"}
 
 
 def rows():
@@ -34,6 +38,13 @@ def rows():
     return sorted(out)
 
 
+def write(name: str, lines: list[dict]) -> None:
+    out = DATA / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    print(f"{out}: {len(lines)} questions")
+
+
 def main() -> None:
     data = rows()
     rng = np.random.default_rng(2026)
@@ -49,9 +60,11 @@ def main() -> None:
         choices = [choices[i] for i in order]
         lines.append({"messages": [{"role": "user", "content": QUESTION.format(country=country)}],
                       "choices": choices, "answer": int(np.flatnonzero(order == 0)[0])})
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-    print(f"{OUT}: {len(lines)} questions")
+    write("capitals.jsonl", lines)
+    labels = list(CONTINENTS.values())
+    write("continents.jsonl", [{"messages": [{"role": "user", "content": CONTINENT.format(country=country)}],
+                                "choices": labels, "answer": labels.index(CONTINENTS[region])}
+                               for country, _, region in data if region in CONTINENTS])
 
 
 if __name__ == "__main__":
