@@ -73,6 +73,9 @@ def scratch(tmp_path_factory, default_model):
                                               for _ in range(5)).encode("latin-1"))
     (d / "badregex.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "pattern": "([a-z"}) for i in range(5)))
     (d / "few.jsonl").write_text(json.dumps({"prompt": "only one"}) + "\n")
+    (d / "noprompt.jsonl").write_text("\n".join([json.dumps({"foo": 1})] + [json.dumps({"prompt": "p"})] * 4))
+    (d / "emptyfile.jsonl").write_text("")
+    (d / "dupchoices.jsonl").write_text("\n".join([json.dumps({"prompt": "q", "choices": ["A", "A"], "answer": 0})] * 5))
     (d / "empty.qes").write_bytes(b"")
     (d / "junk.qes").write_bytes(b"this is not sqlite" * 100)
     sql(d / "foreign.db", "create table t (x)")
@@ -114,6 +117,9 @@ CASES = [
     ("train --task jsonl --data badregex.jsonl", "badregex.jsonl:1: 'pattern' is not a valid regular expression"),
     ("train --task jsonl --data few.jsonl", "few.jsonl: needs at least 4 examples"),
     ("train --task jsonl", "--task jsonl needs --data"),
+    ("train --task jsonl --data noprompt.jsonl", "noprompt.jsonl:1: each line needs a string 'prompt' or a list of 'messages'"),
+    ("train --task jsonl --data emptyfile.jsonl", "emptyfile.jsonl: is empty"),
+    ("train --task choice --data dupchoices.jsonl", "dupchoices.jsonl:1: 'choices' lists 'A' more than once"),
     ("train --task nosuch", "unknown task 'nosuch'"),
     ("train --task nomodule:fn --data few.jsonl", "cannot load reward 'nomodule:fn'"),
     ("train --model missing.gguf", "model file not found: missing.gguf"),
