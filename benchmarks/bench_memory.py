@@ -34,12 +34,15 @@ def peak_rss_mb() -> float:
 def mode_inference(n_ctx: int) -> dict:
     from qes_edge.llama_runtime import load_llama
     from qes_edge.models import default_model_path
-    from qes_edge.tasks.sentiment import PREFIX, SentimentTask
+    from qes_edge.chat import load_template
+    from qes_edge.tasks.sentiment import SentimentTask
     llm = load_llama(default_model_path(), n_ctx=n_ctx)
     task = SentimentTask()
+    chat = load_template(default_model_path())  # the same prompts as training: the model's own template
     from qes_edge.llama_runtime import forward
     for ex in task.train_examples()[:24]:
-        forward(llm, llm.tokenize((PREFIX + ex.meta["suffix"]).encode(), special=True))
+        text = chat.render(ex.chat()) + ex.prefill
+        forward(llm, llm.tokenize(text.encode(), add_bos=False, special=True))
     return {"peak_rss_mb": peak_rss_mb()}
 
 
