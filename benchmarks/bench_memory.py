@@ -38,7 +38,9 @@ def mode_inference(n_ctx: int) -> dict:
     from qes_edge.tasks.sentiment import SentimentTask
     llm = load_llama(default_model_path(), n_ctx=n_ctx)
     task = SentimentTask()
-    chat = load_template(default_model_path())  # the same prompts as training: the model's own template
+    # the same prompts as training, through the model's own template, with the BOS/EOS texts from the
+    # loaded vocabulary as the driver does (reading them from the file with gguf's reader costs ~170 MB)
+    chat = load_template(default_model_path(), token_text=llm._model.token_get_text)
     from qes_edge.llama_runtime import forward
     for ex in task.train_examples()[:24]:
         text = chat.render(ex.chat()) + ex.prefill
