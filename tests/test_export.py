@@ -2,6 +2,7 @@
 general.name and qes.* keys) that stock llama-cpp-python loads with the trained weights' logits,
 and an ollama Modelfile beside it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,8 +38,11 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
     from qes_edge.gguf_model import GGUFModel
     from qes_edge.ledger import Ledger
     ledger = tmp_path / "r.qes"
-    r = cli(["train", "--steps", "2", "--population", "4", "--batch", "4", "--n-ctx", "128", "--alpha", "0.003",
-             "--ledger", str(ledger)], tmp_path)
+    data = tmp_path / "q.jsonl"  # a tiny task: its held-out evaluations cost one question
+    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2})
+                              for i in range(6)) + "\n")
+    r = cli(["train", "--task", "choice", "--data", str(data), "--steps", "2", "--population", "4", "--batch", "4",
+             "--n-ctx", "128", "--alpha", "0.003", "--ledger", str(ledger)], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     lg = Ledger(ledger, readonly=True)
     run = lg.run()

@@ -81,7 +81,10 @@ def test_runs_lists_the_home_folder(tmp_path, default_model, qes_edge_home):
 
 @pytest.mark.slow
 def test_default_ledger_in_home_resume_and_new_run(tmp_path, qes_edge_home):
-    base = ["train", "--population", "2", "--batch", "2", "--n-ctx", "128"]
+    data = tmp_path / "q.jsonl"  # a tiny task: the held-out evaluations cost one question, not 200 words
+    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2})
+                              for i in range(6)) + "\n")
+    base = ["train", "--task", "choice", "--data", str(data), "--population", "2", "--batch", "2", "--n-ctx", "128"]
     r = cli([*base, "--steps", "1"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     ledgers = list((qes_edge_home / "runs").glob("*.qes"))
@@ -107,8 +110,11 @@ def test_default_ledger_in_home_resume_and_new_run(tmp_path, qes_edge_home):
 
 @pytest.mark.slow
 def test_train_json_is_one_line_per_step_and_evaluation(tmp_path):
-    r = cli(["train", "--steps", "2", "--population", "2", "--batch", "2", "--n-ctx", "128", "--json",
-             "--ledger", "j.qes"], tmp_path)
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2})
+                              for i in range(6)) + "\n")
+    r = cli(["train", "--task", "choice", "--data", str(data), "--steps", "2", "--population", "2", "--batch", "2",
+             "--n-ctx", "128", "--json", "--ledger", "j.qes"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]  # stdout is JSON only
     assert [e["event"] for e in events] == ["eval", "step", "step", "eval", "done"]
