@@ -175,14 +175,9 @@ def demo(model: Optional[str] = ModelOpt,
 
     if population % 2:
         _fail("population must be even (mirrored pairs)")
-    if out is not None:
-        from .atomic import check_output_path
-        try:
-            check_output_path(out)
-        except ValueError as e:
-            _fail(str(e))
     path, m = _open(model)
     if out is not None:
+        from .atomic import check_output_path
         try:
             check_output_path(out, {"model": path})
         except ValueError as e:
@@ -527,10 +522,8 @@ def evaluate(model: Optional[str] = ModelOpt,
     Example: qes-edge eval --model trained.gguf --json"""
     from .tasks.base import RewardFailure
     from .threads import resolve_threads
-    from .trainer import MAX_CTX, MIN_CTX, TrainConfig
+    from .trainer import TrainConfig
 
-    if not MIN_CTX <= n_ctx <= MAX_CTX:
-        _fail(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}] tokens, got {n_ctx}")
     cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
                       choice_norm=choice_norm)
     try:

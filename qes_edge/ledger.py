@@ -165,20 +165,19 @@ class Ledger:
 
     def _migrate(self) -> None:
         db = self.db
-        tables = set(db.table_names())
-        if self.readonly:
-            if not tables:
+        if "_migrations" not in set(db.table_names()):
+            if self.readonly:
                 raise LedgerError(f"{self.path}: not a qes-edge ledger (the file holds no ledger tables)")
-            done = {r["name"] for r in db["_migrations"].rows}
-        else:
-            if "_migrations" not in tables:
-                with self._tx():
-                    db["_migrations"].create({"name": str, "applied": float}, pk="name")
-            done = {r["name"] for r in db["_migrations"].rows}
+            with self._tx():
+                db["_migrations"].create({"name": str, "applied": float}, pk="name")
+        done = {r["name"] for r in db["_migrations"].rows}
         unknown = done - {n for n, _ in MIGRATIONS}
         if unknown:
             raise LedgerError(f"{self.path}: written by a newer qes-edge (migrations {sorted(unknown)})")
-        if not self.readonly:
+        if self.readonly:
+            if "0001_initial" not in done:
+                raise LedgerError(f"{self.path}: not a qes-edge ledger (no schema)")
+        else:
             for name, fn in MIGRATIONS:
                 if name in done:
                     continue
@@ -189,8 +188,6 @@ class Ledger:
                 with self._tx():
                     db["meta"].insert({"key": "format", "value": LEDGER_FORMAT})
             self.checkpoint()
-        elif "0001_initial" not in done:
-            raise LedgerError(f"{self.path}: not a qes-edge ledger (no schema)")
         fmt = db.execute("select value from meta where key = 'format'").fetchone()
         if not fmt or fmt[0] != LEDGER_FORMAT:
             raise LedgerError(f"{self.path}: not a qes-edge ledger")
