@@ -1,7 +1,7 @@
 """The QES training loop over a ModelDriver, recording every step in the ledger.
 
-One step: draw the step's prompts and member seeds from (run seed, step); for each member
-perturb every trainable tensor, score the prompts, restore; turn rewards into coefficients,
+One step: draw the step's prompts and member seeds from (run seed, step); the executor
+(executor.py) scores each member on them; turn rewards into coefficients,
 quantize them once; apply the error-feedback update (the last K ledger steps replayed into the
 residual, or the stored residual); hash the weights; append the row.  The update is a pure
 function of (codes, ledger rows), shared with `replay` through `apply_recorded_step`.
@@ -20,9 +20,10 @@ from . import __version__, _native
 from . import derive as derive_v2
 from .coefficients import coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
+from .executor import Executor, LocalExecutor
 from .fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
 from .ledger import Ledger, LedgerError, Run, StepRecord
-from .tasks.base import CHOICE_NORMS, RewardFailure, Task
+from .tasks.base import CHOICE_NORMS, Task
 
 
 class TrainingStopped(RuntimeError):
@@ -186,16 +187,22 @@ def apply_recorded_step(tensors, state: UpdateState, history: list[StepRecord], 
 
 
 class Trainer:
-    def __init__(self, driver, task: Task, ledger: Ledger, run: Run, cfg: TrainConfig, threads: int = 0):
+    """The update side of a step: draw the step's prompts and member seeds, have the executor score
+    the members, turn rewards into quantized coefficients, update the codes, record the row."""
+
+    def __init__(self, driver, task: Task, ledger: Ledger, run: Run, cfg: TrainConfig, threads: int = 0,
+                 executor: Executor | None = None):
         self.driver, self.task, self.ledger, self.run, self.cfg = driver, task, ledger, run, cfg
         self.threads = threads
         self.tensors = driver.tensors
-        self.group = TensorGroup(self.tensors, threads)  # perturb/restore: one call, all cores
         self.state = UpdateState(cfg, self.tensors)
         self.history: list[StepRecord] = []
-        self.train = list(task.train_examples())
+        self.n_examples = len(task.train_examples())
         self.strata = task.strata() if cfg.balance else None
         self.p32 = sigma_threshold(cfg.sigma)
+        if executor is None:  # perturb/restore as one call over every tensor, all cores
+            executor = LocalExecutor(driver, task, TensorGroup(self.tensors, threads), self.p32)
+        self.executor = executor
 
     def catch_up(self, on_step: Callable[[int, int], None] | None = None) -> int:
         """Bring the live weights to the ledger's last step (resume): replay every recorded row."""
@@ -207,43 +214,28 @@ class Trainer:
                 on_step(rec.step + 1, len(records))
         return len(records)
 
-    def evaluate_member(self, seed: int, batch) -> tuple[float, str | None, float, float, float]:
-        t0 = time.perf_counter()
-        pert = self.group.perturb(int(seed), self.p32)
-        t1 = time.perf_counter()
-        failure = None
-        try:
-            reward = float(np.mean(self.task.rewards(self.driver, batch)))
-        except RewardFailure as e:
-            reward, failure = float("nan"), str(e)
-        except BaseException:  # anything else stops the run, but never with the weights perturbed
-            pert.restore()
-            raise
-        t2 = time.perf_counter()
-        pert.restore()
-        return reward, failure, t1 - t0, t2 - t1, time.perf_counter() - t2
+    def draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The step's (member seeds, batch ids): a pure function of (run seed, step)."""
+        cfg = self.cfg
+        ids = batch_indices(cfg.seed, step, self.n_examples, cfg.batch, self.strata, cfg.derive)
+        return member_seeds(cfg.seed, step, cfg.population, cfg.derive), np.asarray(ids)
 
-    def step(self) -> StepRecord:
+    def step(self, extra_timings: Callable[[], dict] | None = None) -> StepRecord:
+        """One step, recorded.  Raises StepAbandoned (from the executor) with nothing recorded and the
+        weights untouched, or TrainingStopped when more than half the members failed."""
         cfg, step = self.cfg, len(self.history)
-        batch = [self.train[i] for i in batch_indices(cfg.seed, step, len(self.train), cfg.batch, self.strata, cfg.derive)]
-        seeds = member_seeds(cfg.seed, step, cfg.population, cfg.derive)
-        rewards = np.empty(len(seeds))
-        failures: list[str] = []
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
-        for i, s in enumerate(seeds):
-            r, fail, tp, te, tr = self.evaluate_member(s, batch)
-            rewards[i] = r
-            t["perturb_s"] += tp
-            t["eval_s"] += te
-            t["restore_s"] += tr
-            if fail:
-                failures.append(f"member {i} (seed {s}): {fail}")
+        seeds, ids = self.draw(step)
+        ev = self.executor.evaluate(step, seeds, ids)
+        rewards, failures = np.asarray(ev.rewards, np.float64), ev.failures
+        if len(rewards) != len(seeds):
+            raise TrainingStopped(f"step {step}: the executor returned {len(rewards)} rewards for {len(seeds)} members")
         if len(failures) > len(seeds) // 2:
             raise TrainingStopped(f"step {step}: {len(failures)} of {len(seeds)} members failed their reward; "
                                   f"first: {failures[0]}")
         c = coefficients(rewards, cfg.coef_scheme, cfg.coef_clip)
         rec = StepRecord(step=step, threshold=self.p32, seeds=seeds, coefs_q16=coefs_to_q16(c, cfg.alpha, cfg.sigma),
                          rewards=rewards, weights_sha256="", failures=len(failures))
+        t = dict(ev.timings)
         t0 = time.perf_counter()
         changed = self.state.apply(self.tensors, self.history, rec, self.threads)
         t["update_s"] = time.perf_counter() - t0
@@ -251,6 +243,8 @@ class Trainer:
         rec.weights_sha256 = digest_tensors(self.tensors)
         t["digest_s"] = time.perf_counter() - t0
         t["changed"] = changed
+        if extra_timings is not None:
+            t.update(extra_timings())
         rec.timings = {k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}
         self.ledger.append_step(self.run.run_id, rec)
         self.history.append(rec)

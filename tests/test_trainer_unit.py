@@ -82,12 +82,12 @@ def test_failed_members_are_recorded_and_skipped(tmp_path):
     from qes_edge.trainer import member_seeds
     seeds = member_seeds(cfg.seed, 0, cfg.population)
     task.fail_seeds = {int(seeds[3])}
-    orig = tr.evaluate_member
+    orig = tr.executor.evaluate_member
 
     def tracking(seed, batch):
         task.current_seed = int(seed)
         return orig(seed, batch)
-    tr.evaluate_member = tracking
+    tr.executor.evaluate_member = tracking
     rec = tr.step()
     assert rec.failures == 1 and np.isnan(rec.rewards[3])
     assert rec.coefs_q16[2] == 0 and rec.coefs_q16[3] == 0 and np.any(rec.coefs_q16 != 0)
@@ -124,3 +124,58 @@ def test_trainer_draws_class_balanced_batches(tmp_path, balance):
         tr.step()
     balanced = [s == ["a"] * 4 + ["b"] * 4 for s in task.seen]
     assert all(balanced) if balance else not all(balanced)
+
+
+def test_a_stopped_executor_abandons_the_step_with_the_weights_untouched(tmp_path):
+    """A stop request (the daemon's SIGTERM) between members: StepAbandoned, no row, the codes
+    are the step's starting codes, and running the step again gives the row an uninterrupted
+    run records."""
+    from qes_edge.executor import StepAbandoned
+    cfg = TrainConfig(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2)
+    drv, lg, run, tr = make(tmp_path, cfg)
+    tr.step()
+    before = [a.copy() for a in drv.arrays]
+    asked = []
+    tr.executor.should_stop = lambda: asked.append(1) or len(asked) > 3
+    with pytest.raises(StepAbandoned, match="after 3 of 8 members"):
+        tr.step()
+    assert lg.verify(run.run_id) == 1 and len(tr.history) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(drv.arrays, before))
+    tr.executor.should_stop = None
+    again = tr.step()
+    (tmp_path / "b").mkdir()
+    tr2 = make(tmp_path / "b", cfg)[3]
+    tr2.step()
+    ref = tr2.step()
+    assert again.weights_sha256 == ref.weights_sha256
+    assert np.array_equal(again.rewards, ref.rewards) and np.array_equal(again.coefs_q16, ref.coefs_q16)
+
+
+class CountingExecutor:
+    """An executor that is not the local one: scores members through the toy task directly, as
+    a remote device would from (step, seeds, batch ids)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def evaluate(self, step, seeds, batch_ids):
+        self.calls.append((step, list(map(int, seeds)), list(map(int, batch_ids))))
+        return self.inner.evaluate(step, seeds, batch_ids)
+
+    def close(self):
+        pass
+
+
+def test_any_executor_plugs_in_without_changing_the_trainer(tmp_path):
+    cfg = TrainConfig(task="toy", population=4, sigma=0.2, alpha=0.05, batch=2)
+    drv, lg, run, tr = make(tmp_path, cfg)
+    (tmp_path / "x").mkdir()
+    tr2 = make(tmp_path / "x", cfg)[3]
+    tr2.executor = CountingExecutor(tr2.executor)
+    for _ in range(3):
+        a, b = tr.step(), tr2.step()
+        assert a.weights_sha256 == b.weights_sha256
+    from qes_edge.trainer import batch_indices, member_seeds
+    assert [c[0] for c in tr2.executor.calls] == [0, 1, 2]
+    assert tr2.executor.calls[1][1] == member_seeds(cfg.seed, 1, 4).tolist()
+    assert tr2.executor.calls[1][2] == batch_indices(cfg.seed, 1, 8, 2).tolist()
