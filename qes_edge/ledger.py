@@ -70,8 +70,60 @@ def _migration_0003_heads(db: sqlite_utils.Database) -> None:
         db["heads"].insert({"run_id": run_id, "n_steps": n, "head_hash": h, "updated": time.time()})
 
 
+def _member_rows(run_id: str, step: int, seeds: bytes, coefs_q16: bytes, rewards: bytes) -> list[tuple] | None:
+    """The `members` rows of one step from its blobs (reward NULL where it is NaN); None where
+    the blobs cannot be decoded (such a row is refused by every reader anyway)."""
+    if not all(isinstance(b, bytes) for b in (seeds, coefs_q16, rewards)) or len(seeds) % 8:
+        return None
+    n = len(seeds) // 8
+    if len(coefs_q16) != 4 * n or len(rewards) != 8 * n:
+        return None
+    s, c, r = np.frombuffer(seeds, "<i8"), np.frombuffer(coefs_q16, "<i4"), np.frombuffer(rewards, "<f8")
+    return [(run_id, step, i, int(s[i]), None if np.isnan(r[i]) else float(r[i]), int(c[i])) for i in range(n)]
+
+
+_INSERT_MEMBERS = "insert into members (run_id, step, member, seed, reward, coef_q16) values (?, ?, ?, ?, ?, ?)"
+
+# a step at a glance (sqlite-utils query, Datasette): the rewards from `members`, the timings from
+# the step's JSON (NULL where a step did not record that key)
+_STEP_SUMMARY = """
+create view step_summary as
+select s.run_id, s.step,
+       avg(m.reward) as mean_reward, min(m.reward) as min_reward, max(m.reward) as max_reward,
+       s.failures,
+       json_extract(s.timings, '$.changed') as changed,
+       json_extract(s.timings, '$.perturb_s') as perturb_s,
+       json_extract(s.timings, '$.eval_s') as eval_s,
+       json_extract(s.timings, '$.restore_s') as restore_s,
+       json_extract(s.timings, '$.update_s') as update_s,
+       json_extract(s.timings, '$.digest_s') as digest_s,
+       json_extract(s.timings, '$.rss_mb') as rss_mb,
+       s.created
+from steps s left join members m on m.run_id = s.run_id and m.step = s.step
+group by s.run_id, s.step
+"""
+
+
+def _migration_0004_members(db: sqlite_utils.Database) -> None:
+    # one row per member of each step, for SQL tools: derived from the step's blobs (which the
+    # hash chain covers), written in the same transaction as the step, checked by verify.  The
+    # primary key's index serves lookups by (run, step) and the foreign key's checks.
+    db.execute("""
+        create table members (
+            run_id text not null, step integer not null, member integer not null,
+            seed integer not null, reward real, coef_q16 integer not null,
+            primary key (run_id, step, member),
+            foreign key (run_id, step) references steps (run_id, step))""")
+    for run_id, step, seeds, coefs, rewards in db.execute(
+            "select run_id, step, seeds, coefs_q16, rewards from steps order by run_id, step").fetchall():
+        rows = _member_rows(run_id, step, seeds, coefs, rewards)
+        if rows is not None:  # an undecodable step gets none: readers and verify name it
+            db.conn.executemany(_INSERT_MEMBERS, rows)
+    db.execute(_STEP_SUMMARY)
+
+
 MIGRATIONS = [("0001_initial", _migration_0001_initial), ("0002_evals", _migration_0002_evals),
-              ("0003_heads", _migration_0003_heads)]
+              ("0003_heads", _migration_0003_heads), ("0004_members", _migration_0004_members)]
 
 
 def canonical_json(obj) -> str:
@@ -191,7 +243,9 @@ class Ledger:
         fmt = db.execute("select value from meta where key = 'format'").fetchone()
         if not fmt or fmt[0] != LEDGER_FORMAT:
             raise LedgerError(f"{self.path}: not a qes-edge ledger")
-        self.has_heads = "heads" in set(db.table_names())
+        tables = set(db.table_names())
+        self.has_heads = "heads" in tables
+        self.has_members = "members" in tables  # not in a ledger before 0004 opened read-only
 
     @contextlib.contextmanager
     def _tx(self):
@@ -274,16 +328,22 @@ class Ledger:
             expected = 0 if last is None else last.step + 1
             if rec.step != expected:
                 raise LedgerError(f"run {run_id}: step {rec.step} recorded out of order (next is {expected})")
+            seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
+            coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
+            rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
+            members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
+            if members is None:
+                raise LedgerError(f"run {run_id}: step {rec.step} has {len(seeds) // 8} seeds, {len(coefs) // 4} "
+                                  f"coefficients and {len(rewards) // 8} rewards: one per member each is needed")
             rec.prev_hash = run.hash if last is None else last.hash
             rec.hash = _h(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
             self.db["steps"].insert({
                 "run_id": run_id, "step": rec.step, "threshold": rec.threshold,
-                "seeds": np.ascontiguousarray(rec.seeds, "<i8").tobytes(),
-                "coefs_q16": np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes(),
-                "rewards": np.ascontiguousarray(rec.rewards, "<f8").tobytes(), "failures": rec.failures,
+                "seeds": seeds, "coefs_q16": coefs, "rewards": rewards, "failures": rec.failures,
                 "timings": canonical_json(rec.timings), "weights_sha256": rec.weights_sha256,
                 "prev_hash": rec.prev_hash, "hash": rec.hash, "created": time.time(),
             })
+            self.db.conn.executemany(_INSERT_MEMBERS, members)
             self.db["heads"].upsert({"run_id": run_id, "n_steps": rec.step + 1, "head_hash": rec.hash,
                                      "updated": time.time()}, pk="run_id")
         with self._writing(f"record step {rec.step}"):
@@ -345,12 +405,15 @@ class Ledger:
                     canonical_json(run.config).encode(), struct.pack("<q", run.noise_spec))
         if expect != run.hash:
             raise LedgerError(f"run {run_id}: the run row was edited (config or base model hash)")
+        members = self._member_table(run_id) if self.has_members else None
         prev, n = run.hash, 0
         for rec in self.steps(run_id):
             if rec.step != n:
                 raise LedgerError(f"run {run_id}: step {n} is missing")
             if rec.prev_hash != prev or _h(bytes.fromhex(prev), rec.payload(run_id)) != rec.hash:
                 raise LedgerError(f"run {run_id}: step {rec.step} was edited or does not chain to step {rec.step - 1}")
+            if members is not None:
+                self._check_members(run_id, rec, members.pop(rec.step, []))
             prev, n = rec.hash, n + 1
         head = self.head(run_id)
         if head is not None:
@@ -361,7 +424,51 @@ class Ledger:
             if n > want_n or prev != want_hash:
                 raise LedgerError(f"run {run_id}: {n} steps ending in {prev[:16]}… do not match the recorded head "
                                   f"({want_n} steps, {want_hash[:16]}…): the file was edited")
+        if members:
+            raise LedgerError(f"run {run_id}: the members table has rows for step {min(members)}, which the ledger "
+                              f"does not hold (the file was edited)")
         return n
+
+    # -- members: the steps' blobs as rows (derived data, not chained) ----------------------
+    def _member_table(self, run_id: str) -> dict[int, list[tuple]]:
+        out: dict[int, list[tuple]] = {}
+        for step, *row in self.db.execute("select step, member, seed, reward, coef_q16 from members where run_id = ? "
+                                          "order by step, member", [run_id]).fetchall():
+            out.setdefault(step, []).append(tuple(row))
+        return out
+
+    def _check_members(self, run_id: str, rec: StepRecord, rows: list[tuple]) -> None:
+        """The step's member rows must say what its blobs say (the blobs are what the chain covers)."""
+        want = [r[2:] for r in _member_rows(run_id, rec.step, np.ascontiguousarray(rec.seeds, "<i8").tobytes(),
+                                            np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes(),
+                                            np.ascontiguousarray(rec.rewards, "<f8").tobytes())]
+        if rows == want:
+            return
+        where = (f"run {run_id}: step {rec.step}: its rows in the members table do not match the step row "
+                 f"(the members table was edited; the step row, which the hash chain covers, is the record)")
+        if len(rows) != len(want):
+            raise LedgerError(f"{where}: {len(rows)} member rows for {len(want)} members")
+        for got, exp in zip(rows, want):
+            if got != exp:
+                diff = ", ".join(f"{name} {g!r} (the step row has {e!r})"
+                                 for name, g, e in zip(("member", "seed", "reward", "coef_q16"), got, exp) if g != e)
+                raise LedgerError(f"{where}: member {exp[0]}: {diff}")
+
+    def members(self, run_id: str, step: int | None = None) -> list[dict]:
+        """One dict per member (step, member, seed, reward or None where it failed, coef_q16), in
+        step and member order: from the members table, or from the steps' blobs in a ledger
+        written before it and opened read-only."""
+        keys = ("step", "member", "seed", "reward", "coef_q16")
+        where, args = ("run_id = ?", [run_id]) if step is None else ("run_id = ? and step = ?", [run_id, step])
+        if self.has_members:
+            rows = self.db.execute(f"select {', '.join(keys)} from members where {where} order by step, member", args)
+            return [dict(zip(keys, r)) for r in rows.fetchall()]
+        out = []
+        for rec in self.steps(run_id, *(() if step is None else (step, step + 1))):
+            for i, (seed, reward, coef) in enumerate(zip(rec.seeds.tolist(), rec.rewards.tolist(), rec.coefs_q16.tolist())):
+                out.append({"step": rec.step, "member": i, "seed": seed,
+                            "reward": None if reward != reward else reward, "coef_q16": coef})
+        return out
 
     def head(self, run_id: str) -> tuple[int, str] | None:
         """(step count, head hash) as recorded with the last step; None in a ledger written
