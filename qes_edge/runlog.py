@@ -230,8 +230,14 @@ def after(step: int) -> str:
     return "at the start" if step == 0 else f"after {step} step{'s' if step != 1 else ''}"
 
 
+def fmt_metric(key: str, v) -> str:
+    if key.endswith("_mb") and isinstance(v, float):
+        return f"{v:.1f}"  # megabytes: to the tenth, as recorded
+    return fmt_value(v)
+
+
 def metrics_text(ev: dict) -> str:
-    return ", ".join(f"{k} {fmt_value(v)}" for k, v in ev.items() if k not in ("event", "step", "split"))
+    return ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ev.items() if k not in ("event", "step", "split"))
 
 
 def eval_text(ev: dict) -> str:

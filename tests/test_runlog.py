@@ -129,7 +129,7 @@ def test_tail_and_extra_timings(tmp_path):
     res = log(tmp_path / "t.qes", "--tail", 3)
     assert [ln.split()[0] for ln in res.stdout.splitlines()[2:]] == ["2", "held-out", "3", "4"]
     res = log(tmp_path / "t.qes")
-    assert res.stdout.splitlines()[2].strip() == "memory at the start: inference_rss_mb 188.500, loaded_rss_mb 170.000"
+    assert res.stdout.splitlines()[2].strip() == "memory at the start: inference_rss_mb 188.5, loaded_rss_mb 170.0"
     res = log(tmp_path / "t.qes", "--tail", 0)
     assert res.exit_code == 2
 
