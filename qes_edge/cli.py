@@ -231,64 +231,14 @@ def demo(model: Optional[str] = ModelOpt,
         console.print(f"wrote {out}")
 
 
-def _trainable_model(model, frozen) -> Path:
-    """The model's path once our validator accepted it and it has tensors to train."""
-    from .gguf_model import trainable_infos
-    path, m = _open(model)
+@contextlib.contextmanager
+def _user_errors():
+    """A SessionError (bad options, files, ledger or model) becomes the one-line error."""
+    from .session import SessionError
     try:
-        planned = trainable_infos(m.header.tensors, tuple(frozen))
-    except QESError as e:
-        _fail(f"{path}: {e}")
-    if not planned:
-        types = ", ".join(sorted(m.summary()))
-        _fail(f"{path}: no tensor qes-edge can train (the file holds {types}; "
-              "quantize it to Q4_0..Q8_0 or a K-quant first)")
-    return path
-
-
-def _check_recorded_data(recorded: dict, ledger_path: Path) -> None:
-    """The run's data file must still be there and hold the bytes it was recorded with."""
-    from .gguf_model import file_sha256
-    data, want = recorded.get("data"), recorded.get("data_sha256")
-    if not data:
-        return
-    p = Path(data)
-    if not p.is_file():
-        _fail(f"{ledger_path}: the run's data file {p} is missing (it was recorded by absolute path)")
-    if want and file_sha256(p) != want:
-        _fail(f"{ledger_path}: the run's data file {p} changed since the run was recorded (sha256 "
-              f"{want[:16]}… then): restore it, or start a new run with --new-run")
-
-
-def _load_task(cfg):
-    from .tasks import task_from_config
-    try:
-        return task_from_config(cfg)
-    except (ValueError, QESError) as e:
+        yield
+    except SessionError as e:
         _fail(str(e))
-
-
-def _check_prompts(driver, task_obj) -> None:
-    """Every prompt rendered through the model's template and tokenized before any ledger row: a
-    missing or failing template, or a prompt longer than the context, is refused up front."""
-    try:
-        driver.check_prompts(list(task_obj.train_examples()) + list(task_obj.heldout_examples()))
-    except (ValueError, QESError, RuntimeError) as e:
-        _fail(f"{driver.path}: {e}")
-
-
-def _driver(path: Path, n_ctx: int, threads: int, frozen=None):
-    from .driver import ModelDriver, SelfCheckFailed
-    from .gguf_model import DEFAULT_FROZEN
-    try:
-        return ModelDriver(path, n_ctx=n_ctx, n_threads=threads, frozen=tuple(frozen or DEFAULT_FROZEN))
-    except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
-        _fail(f"{path}: {e}")
-
-
-#: the train options that make up a run's identity (its recorded config)
-RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm")
 
 
 def _explicit(ctx, names) -> list[str]:
@@ -299,10 +249,6 @@ def _explicit(ctx, names) -> list[str]:
         if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
             out.append(n)
     return out
-
-
-def _differences(asked: dict, recorded: dict, names) -> list[str]:
-    return [f"{k} {asked.get(k)!r} (the run has {recorded.get(k)!r})" for k in names if asked.get(k) != recorded.get(k)]
 
 
 @app.command()
@@ -346,164 +292,76 @@ def train(ctx: typer.Context,
 
 def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
            balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json):
-    from .gguf_model import file_sha256
-    from .home import default_ledger
-    from .ledger import Ledger, LedgerError
-    from .models import ModelNotFound, resolve_model
-    from .tasks.base import RewardFailure
-    from .threads import resolve_threads
-    from .trainer import Trainer, TrainConfig, TrainingStopped
+    from .session import RUN_OPTIONS, Session, SessionOptions, check_data_option
+    from .trainer import TrainConfig
 
-    # 1. every option, before any work
-    if data is not None:
-        data = data.expanduser().absolute()  # stored in the run: resumable from any folder
-        if not data.exists():
-            _fail(f"data file not found: {data}")
-        if not data.is_file():
-            _fail(f"{data}: is not a file (a JSONL file of prompts is expected)")
-    cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma, alpha=alpha,
-                      beta=beta, window=window, error_feedback=error_feedback, residual=residual, batch=batch,
-                      balance=balance, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt, choice_norm=choice_norm)
-    try:
-        cfg.validate()
-    except (ValueError, QESError) as e:
-        _fail(str(e))
-    if resume and new_run:
-        _fail("--resume continues the ledger's run and --new-run starts another: give one of them")
-    n_threads = resolve_threads(threads)
-    try:
-        path = resolve_model(model)
-    except ModelNotFound as e:
-        _fail(str(e))
-    ledger_path = ledger or default_ledger(path, task, seed)
-    if ledger_path.is_dir():
-        _fail(f"{ledger_path}: is a directory, not a ledger file")
-    if ledger_path.exists() and ledger_path.stat().st_size == 0:
-        _fail(f"{ledger_path}: is an empty file, not a ledger (remove it to start a run there)")
+    with _user_errors():
+        data = check_data_option(data)
+        cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma,
+                          alpha=alpha, beta=beta, window=window, error_feedback=error_feedback, residual=residual,
+                          batch=batch, balance=balance, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
+                          choice_norm=choice_norm)
+        opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
+                              new_run=new_run, threads=threads)
+        session = Session.open(opts, say=lambda m: console.print(m, markup=False, highlight=False))
+    with session, _user_errors():
+        _train_session(session, steps, eval_every, as_json)
 
-    lg = run = None
-    try:
-        # 2. a ledger that already holds a run: its recorded config wins
-        if ledger_path.exists():
-            lg = Ledger(ledger_path)
-            runs = lg.runs()
-            if runs and new_run:
-                console.print(f"{ledger_path}: starting a new run beside {len(runs)} recorded one(s)")
-            elif runs:
-                run = runs[-1]  # the latest
-                n_done = lg.verify(run.run_id)
-                if n_done == 0:
-                    # a start that failed before its first step: no training state, start afresh
-                    lg.delete_run(run.run_id)
-                    console.print(f"{ledger_path}: its run {run.run_id[:8]} had no step (a failed start): "
-                                  "starting afresh with these options")
-                    run = None
-                else:
-                    asked = cfg.record()
-                    differ = _differences(asked, run.config, _explicit(ctx, RUN_OPTIONS))
-                    if differ and not resume:
-                        _fail(f"{ledger_path} holds run {run.run_id[:8]} ({n_done} steps), recorded with other "
-                              f"options: {'; '.join(differ)}. To continue it, leave those options out (or add "
-                              f"--resume to continue with the recorded ones); to start a new run, give another "
-                              f"--ledger or add --new-run")
-                    cfg = TrainConfig.from_record(run.config)
-                    try:
-                        cfg.validate()
-                    except (ValueError, QESError) as e:
-                        _fail(f"{ledger_path}: the recorded config is not usable: {e}")
-                    _check_recorded_data(run.config, ledger_path)
-                    console.print(f"resuming run {run.run_id[:8]} from {ledger_path} at step {n_done} "
-                                  f"(its recorded config is used)")
-                    if differ:
-                        console.print("[yellow]note:[/] --resume: options that differ from the run's were ignored: "
-                                      + "; ".join(differ), markup=True, highlight=False)
-        # 3. the model and the task, checked before llama.cpp loads
-        path = _trainable_model(path, cfg.frozen)
-        sha = file_sha256(path)
-        if run is not None and run.base_sha256 != sha:
-            _fail(f"ledger {ledger_path} belongs to base model sha256 {run.base_sha256[:16]}…, "
-                  f"not {path.name} ({sha[:16]}…): refusing to mix them")
-        task_obj = _load_task(cfg)
-        driver = _driver(path, cfg.n_ctx, n_threads, cfg.frozen)
-        _check_prompts(driver, task_obj)
-        # 4. only now does a new run exist
-        if run is None:
-            created = not ledger_path.exists()
-            ledger_path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if lg is None:
-                    lg = Ledger(ledger_path)
-                record = cfg.record()
-                if cfg.data:
-                    record["data_sha256"] = file_sha256(cfg.data)  # a changed data file is refused on resume
-                run = lg.create_run(sha, path.name, record, _native.lib.qes_noise_spec_version())
-            except LedgerError:
-                if created:  # leave nothing behind: the file, its -wal and -shm
-                    if lg is not None:
-                        lg.close()
-                        lg = None
-                    for suffix in ("", "-wal", "-shm", "-journal"):
-                        Path(str(ledger_path) + suffix).unlink(missing_ok=True)
-                raise
-        trainer = Trainer(driver, task_obj, lg, run, cfg, threads=n_threads)
-        console.print(f"{path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
-                      f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
-                      f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
-                      f"{n_threads} threads; ledger {ledger_path}")
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        with progress:
-            done = lg.last_step(run.run_id)
-            if done is not None:
-                bar = progress.add_task("replaying ledger", total=done.step + 1, info="")
-                trainer.catch_up(lambda i, n: progress.update(bar, completed=i))
-            heldout = task_obj.heldout_examples()
 
-            def evaluate():
-                bar = progress.add_task(f"held-out ({len(heldout)})", total=len(heldout), info="")
-                driver.on_prompt = lambda: progress.advance(bar)
-                try:
-                    m = task_obj.evaluate(driver, heldout)
-                except RewardFailure as e:
-                    progress.console.print(f"[yellow]held-out evaluation failed:[/] {e}")
-                    return
-                finally:
-                    driver.on_prompt = None
-                    progress.remove_task(bar)
-                lg.record_eval(run.run_id, len(trainer.history), "heldout", m)
-                if as_json:
-                    typer.echo(json.dumps({"event": "eval", "step": len(trainer.history), "split": "heldout", **m}))
-                progress.console.print(f"step {len(trainer.history)} held-out: " +
-                                       ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
-            if not any(e["step"] == len(trainer.history) for e in lg.evals(run.run_id)):
-                evaluate()
-            bar = progress.add_task("training", total=steps, completed=len(trainer.history), info="")
-            while len(trainer.history) < steps:
-                rec = trainer.step()
-                t = rec.timings
-                if as_json:
-                    typer.echo(json.dumps({"event": "step", "step": rec.step, "reward": float(np.nanmean(rec.rewards)),
-                                           "rewards": [None if np.isnan(x) else float(x) for x in rec.rewards],
-                                           "failures": rec.failures, "changed": t["changed"],
-                                           "weights_sha256": rec.weights_sha256, "hash": rec.hash,
-                                           "timings": t}))
-                overhead = (t["perturb_s"] + t["restore_s"] + t["update_s"]) / max(t["eval_s"], 1e-9)
-                progress.update(bar, completed=len(trainer.history),
-                                info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
-                if (eval_every and len(trainer.history) % eval_every == 0) or len(trainer.history) == steps:
-                    evaluate()
-        console.print(f"done: {len(trainer.history)} steps in {ledger_path}")
-        head = lg.head_hash(run.run_id)
-        if as_json:
-            typer.echo(json.dumps({"event": "done", "steps": len(trainer.history), "ledger": str(ledger_path),
-                                   "run_id": run.run_id, "head": head}))
-        else:
-            typer.echo(f"head {head}")  # one unbroken line, to compare between copies
-    except (TrainingStopped, LedgerError) as e:
-        _fail(str(e))
-    finally:
-        if lg is not None:
-            lg.close()
+def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
+    """Train an open session in the foreground with progress bars (and JSON events)."""
+    cfg, driver = session.cfg, session.driver
+    console.print(f"{session.model_path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
+                  f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
+                  f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
+                  f"{session.threads} threads; ledger {session.ledger_path}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    with progress:
+        done = session.recorded_steps()
+        if done:
+            bar = progress.add_task("replaying ledger", total=done, info="")
+            session.catch_up(lambda i, n: progress.update(bar, completed=i))
+        session.record_memory()
+        n_heldout = len(session.task.heldout_examples())
+        eval_bar = []
+
+        def on_prompt():
+            if not eval_bar:
+                eval_bar.append(progress.add_task(f"held-out ({n_heldout})", total=n_heldout, info=""))
+            progress.advance(eval_bar[0])
+
+        def on_eval(step, m, failure):
+            if eval_bar:
+                progress.remove_task(eval_bar.pop())
+            if failure:
+                progress.console.print(f"[yellow]held-out evaluation failed:[/] {failure}")
+                return
+            if as_json:
+                typer.echo(json.dumps({"event": "eval", "step": step, "split": "heldout", **m}))
+            progress.console.print(f"step {step} held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+        bar = progress.add_task("training", total=steps, completed=session.step, info="")
+
+        def on_step(rec):
+            t = rec.timings
+            if as_json:
+                typer.echo(json.dumps({"event": "step", "step": rec.step, "reward": float(np.nanmean(rec.rewards)),
+                                       "rewards": [None if np.isnan(x) else float(x) for x in rec.rewards],
+                                       "failures": rec.failures, "changed": t["changed"],
+                                       "weights_sha256": rec.weights_sha256, "hash": rec.hash, "timings": t}))
+            overhead = (t["perturb_s"] + t["restore_s"] + t["update_s"]) / max(t["eval_s"], 1e-9)
+            progress.update(bar, completed=session.step,
+                            info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
+
+        session.train(steps, eval_every=eval_every, on_step=on_step, on_eval=on_eval, on_prompt=on_prompt)
+    console.print(f"done: {session.step} steps in {session.ledger_path}")
+    head = session.head()
+    if as_json:
+        typer.echo(json.dumps({"event": "done", "steps": session.step, "ledger": str(session.ledger_path),
+                               "run_id": session.run.run_id, "head": head}))
+    else:
+        typer.echo(f"head {head}")  # one unbroken line, to compare between copies
 
 
 @app.command("eval")
@@ -524,16 +382,18 @@ def evaluate(model: Optional[str] = ModelOpt,
     from .threads import resolve_threads
     from .trainer import TrainConfig
 
+    from .session import check_prompts, load_task, open_driver, trainable_model
     cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
                       choice_norm=choice_norm)
     try:
         cfg.validate()
     except (ValueError, QESError) as e:
         _fail(str(e))
-    path = _trainable_model(model, cfg.frozen)
-    task_obj = _load_task(cfg)
-    driver = _driver(path, n_ctx, resolve_threads(threads))
-    _check_prompts(driver, task_obj)
+    with _user_errors():
+        path = trainable_model(model, cfg.frozen)
+        task_obj = load_task(cfg)
+        driver = open_driver(path, n_ctx, resolve_threads(threads))
+        check_prompts(driver, task_obj)
     heldout = task_obj.heldout_examples()
     try:
         with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -49,7 +49,10 @@ def test_train_replay_resume(tmp_path, driver):
     recs = list(lg.steps(run.run_id))
     assert all(len(r.seeds) == 4 and np.array_equal(r.seeds[1::2], -r.seeds[0::2]) for r in recs)
     assert recs[0].timings["eval_s"] > 0 and run.config["population"] == 4
-    assert [e["step"] for e in lg.evals(run.run_id)] == [0, 2]
+    assert [e["step"] for e in lg.evals(run.run_id) if e["split"] == "heldout"] == [0, 2]
+    memory = [e for e in lg.evals(run.run_id) if e["split"] == "memory"]
+    assert [e["step"] for e in memory] == [0] and 50 < memory[0]["inference_rss_mb"] <= memory[0]["peak_rss_mb"]
+    assert all(r.timings["rss_mb"] >= memory[0]["inference_rss_mb"] for r in recs)
     lg.close()
     # resume to 3 steps: the first two are replayed, not redone
     _, res = train(tmp_path, steps=3)
@@ -57,7 +60,7 @@ def test_train_replay_resume(tmp_path, driver):
     lg = Ledger(ledger)
     assert lg.verify(lg.run().run_id) == 3
     last = lg.last_step(lg.run().run_id)
-    recorded = [e for e in lg.evals(lg.run().run_id) if e["step"] == 3]
+    recorded = [e for e in lg.evals(lg.run().run_id) if e["step"] == 3 and e["split"] == "heldout"]
     lg.close()
     # replay from the base model and the ledger alone gives the recorded weights
     out = tmp_path / "trained.gguf"
