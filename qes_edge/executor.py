@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from . import faults
 from .tasks.base import RewardFailure
 
 
@@ -61,6 +62,7 @@ class LocalExecutor:
         t1 = time.perf_counter()
         failure = None
         try:
+            faults.point("member")
             reward = float(np.mean(self.task.rewards(self.driver, batch)))
         except RewardFailure as e:
             reward, failure = float("nan"), str(e)

@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 import sqlite_utils
 
+from . import faults
+
 LEDGER_FORMAT = "qes-edge-ledger"
 GENESIS = b"\0" * 32
 
@@ -346,6 +348,7 @@ class Ledger:
             self.db.conn.executemany(_INSERT_MEMBERS, members)
             self.db["heads"].upsert({"run_id": run_id, "n_steps": rec.step + 1, "head_hash": rec.hash,
                                      "updated": time.time()}, pk="run_id")
+            faults.point("ledger-write")  # the row written, its transaction not committed
         with self._writing(f"record step {rec.step}"):
             self.checkpoint()
         return rec

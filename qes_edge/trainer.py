@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import __version__, _native
+from . import __version__, _native, faults
 from . import derive as derive_v2
 from .coefficients import coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
@@ -173,6 +173,8 @@ class UpdateState:
         for i, t in enumerate(tensors):
             res = self.residuals[i] if self.residuals is not None else None
             changed += t.update(steps, res, beta=beta, anti_windup=self.cfg.anti_windup, threads=threads).changed
+            if i == len(tensors) // 2:
+                faults.point("update")  # half the tensors updated
         return changed
 
 
