@@ -193,7 +193,8 @@ def figure_png(record: RunRecord) -> bytes:
     for i, key in enumerate(["inference_rss_mb", *others]):
         v = base.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            label = {"inference_rss_mb": "inference baseline", "loaded_rss_mb": "model loaded"}.get(key, key)
+            label = {"inference_rss_mb": "inference baseline", "loaded_rss_mb": "model loaded",
+                     "peak_rss_mb": "peak before training"}.get(key, key)
             drawn.append(ax_m.axhline(v, color="0.2" if i == 0 else "0.45", linewidth=1.3 if i == 0 else 1.0,
                                       linestyle=("-", ":", "--", "-.")[min(i, 3)], label=f"{label} ({v:.1f} MB)"))
     if drawn:
