@@ -35,6 +35,11 @@ class SessionError(Exception):
     """A problem with the user's input (options, files, ledger, model): one line, nothing written."""
 
 
+class RecordError(SessionError):
+    """The ledger could not be written (a full disk, a read-only file): the step was not recorded,
+    the ledger is as it was and the run resumes once the cause is fixed."""
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -301,7 +306,10 @@ class Session:
         inference level, recorded beside the run for the report (not part of the chain)."""
         now = current_rss_mb()
         m = {"inference_rss_mb": round(now, 1), "peak_rss_mb": round(max(now, peak_rss_mb()), 1)}
-        self.ledger.record_eval(self.run.run_id, self.step, "memory", m)
+        try:
+            self.ledger.record_eval(self.run.run_id, self.step, "memory", m)
+        except LedgerError as e:
+            raise RecordError(str(e)) from None
         return m
 
     def evaluated_at(self, step: int) -> bool:
@@ -316,15 +324,20 @@ class Session:
             m = self.task.evaluate(self.driver, heldout)
         finally:
             self.driver.on_prompt = None
-        self.ledger.record_eval(self.run.run_id, self.step, "heldout", m)
+        try:
+            self.ledger.record_eval(self.run.run_id, self.step, "heldout", m)
+        except LedgerError as e:
+            raise RecordError(str(e)) from None
         return m
 
     def train_step(self) -> StepRecord:
         """One recorded step (StepAbandoned: nothing recorded; SessionError: the run cannot go on)."""
         try:
             return self.trainer.step(extra_timings=lambda: {"rss_mb": round(peak_rss_mb(), 1)})
-        except (TrainingStopped, LedgerError) as e:
+        except TrainingStopped as e:
             raise SessionError(str(e)) from None
+        except LedgerError as e:
+            raise RecordError(str(e)) from None
 
     def train(self, steps: int, *, eval_every: int = 0, gate: Callable[[], str | None] | None = None,
               on_step: Callable[[StepRecord], None] | None = None,
@@ -332,22 +345,27 @@ class Session:
               on_prompt: Callable[[], None] | None = None) -> str:
         """Train until `steps` steps are recorded; returns why it stopped: "done", or the reason
         `gate` gave (asked before each step; it may block while the run is paused), or
-        "abandoned: ..." when a stop request abandoned a step.  Held-out evaluation at the start
-        (unless recorded at this step), every `eval_every` steps, and at the end."""
+        "abandoned: ..." when a stop request abandoned a step or an evaluation (`on_prompt` may
+        raise StepAbandoned).  Held-out evaluation at the start (unless recorded at this step),
+        every `eval_every` steps, and at the end."""
         from .tasks.base import RewardFailure
 
-        def evaluate():
+        def evaluate() -> str | None:
             try:
                 m = self.evaluate(on_prompt)
             except RewardFailure as e:
                 if on_eval:
                     on_eval(self.step, None, str(e))
-                return
+                return None
+            except StepAbandoned as e:
+                return f"abandoned: held-out evaluation at step {self.step}: {e}"
             if on_eval:
                 on_eval(self.step, m, None)
+            return None
 
         if not self.evaluated_at(self.step):
-            evaluate()
+            if (stopped := evaluate()):
+                return stopped
         while self.step < steps:
             if gate is not None:
                 reason = gate()
@@ -360,7 +378,8 @@ class Session:
             if on_step:
                 on_step(rec)
             if (eval_every and self.step % eval_every == 0) or self.step == steps:
-                evaluate()
+                if (stopped := evaluate()):
+                    return stopped
         return "done"
 
     def head(self) -> str:
