@@ -133,6 +133,12 @@ class DaemonConfig:
 
 # -- the daemon -----------------------------------------------------------------------------
 
+def _pause_kind(reason: str) -> str:
+    """A pause is logged when it starts and when its cause changes (battery, heat), not each
+    time a temperature moves."""
+    return "battery" if reason.startswith("on battery") else "heat"
+
+
 class Daemon:
     def __init__(self, home: Path, cfg: DaemonConfig):
         from .manners import Manners
@@ -145,6 +151,7 @@ class Daemon:
         self.db: DaemonDB | None = None
         self.lock = HomeLock(self.paths["lock"])
         self.paused: str | None = None
+        self._paused_since = 0.0
 
     # -- logging ----------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -204,13 +211,17 @@ class Daemon:
             pause = self.manners.reason_to_pause()
             if pause is None:
                 if self.paused is not None:
-                    self.note("resume", f"resume: {self.paused} no longer holds", job_id, reason=self.paused)
+                    took = time.time() - self._paused_since
+                    self.note("resume", f"resume after a {took:.0f} s pause ({self.paused})", job_id,
+                              reason=self.paused, seconds=round(took, 1))
                     self.paused = None
                     self._state(status="training", pause_reason=None)
                 return None
-            if self.paused is None:
+            if self.paused is None or _pause_kind(pause) != _pause_kind(self.paused):
+                if self.paused is None:
+                    self._paused_since = time.time()
                 self.note("pause", f"pause: {pause}", job_id, reason=pause)
-                self._state(status="paused", pause_reason=pause, paused_since=time.time())
+                self._state(status="paused", pause_reason=pause, paused_since=self._paused_since)
             self.paused = pause
             self.stop.wait(self.cfg.poll_s)
 
