@@ -1,7 +1,8 @@
 """Named crash points, for the tests that kill the daemon at exact moments.
 
 `QES_EDGE_CRASH_AT=point:n` makes this process kill itself with SIGKILL the n-th time (1-based)
-it reaches `point`, exactly as `kill -9` from outside would at that moment.  The points are
+it reaches `point`, exactly as `kill -9` from outside would at that moment;
+`point:n:TERM` sends SIGTERM instead (a stop request that arrives at that moment).  The points are
 where a crash matters: `member` (weights perturbed, mid-evaluation), `update` (codes half
 updated), `ledger-write` (the step row inserted, its transaction not committed).  Unset (every
 normal run), :func:`point` costs one dictionary lookup.
@@ -12,15 +13,15 @@ from __future__ import annotations
 import os
 import signal
 
-_SPEC: tuple[str, int] | None = None
+_SPEC: tuple[str, int, int] | None = None
 _COUNT = 0
 
 
-def _parse(value: str | None) -> tuple[str, int] | None:
+def _parse(value: str | None) -> tuple[str, int, int] | None:
     if not value:
         return None
-    name, _, n = value.partition(":")
-    return name, int(n or 1)
+    name, n, sig = (value.split(":") + ["1", "KILL"])[:3]
+    return name, int(n or 1), int(getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 _SPEC = _parse(os.environ.get("QES_EDGE_CRASH_AT"))
@@ -32,4 +33,4 @@ def point(name: str) -> None:
         return
     _COUNT += 1
     if _COUNT == _SPEC[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _SPEC[2])
