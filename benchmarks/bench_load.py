@@ -10,12 +10,13 @@ The goal (the issue's): at most 2x the idle step with 2 busy processes on 2 core
 
 Design.  libgomp reads OMP_WAIT_POLICY once, when llama.cpp is loaded, so each (policy, threads)
 runs in its own child process (this script with --child) started with that policy in its
-environment.  The child loads the model once (ModelDriver with n_threads=T, the Trainer's libqes
-threads T too), builds a Trainer on a throwaway ledger in a temp dir with a full replay window of
-random history (as bench_overhead.py does, so the update replays K steps from the first one),
-does one warm-up step, says "ready", then runs one step per "step" line on its stdin and answers
-"done <seconds> <the step's timings as JSON>" (forward passes, perturb, restore, update).  The parent starts the busy processes for each load, sends the steps, reads the
-answers with a timeout, and stops the busy processes in a finally.  A busy process is a plain
+environment.  The child opens a session (qes_edge/session.py, threads=T: llama.cpp's n_threads and
+libqes's threads) on a throwaway ledger in a temp dir, which loads the model once; it fills the
+trainer's history with a full replay window of random history (as bench_overhead.py does, so the
+update replays K steps from the first one), does one warm-up step, says "ready", then runs one
+step per "step" line on its stdin and answers "done <seconds> <the step's timings as JSON>"
+(forward passes, perturb, restore, update).  The parent starts the busy processes for each load,
+sends the steps, reads the answers with a timeout, and stops the busy processes in a finally.  A busy process is a plain
 Python loop that ends by itself after a hard time limit, or as soon as its parent is gone, so
 none outlives the benchmark even if it is killed.  A step that does not finish within --timeout
 seconds ends the measurement: the row reads "> X s" (a lower bound), the child is killed, and
@@ -92,52 +93,47 @@ def child(a) -> int:
     try:
         import numpy as np
 
-        from qes_edge.driver import ModelDriver
         from qes_edge.engine import random_steps
-        from qes_edge.gguf_model import file_sha256
-        from qes_edge.ledger import Ledger, StepRecord
-        from qes_edge.models import default_model_path
-        from qes_edge.tasks import load_task
+        from qes_edge.ledger import StepRecord
+        from qes_edge.session import Session, SessionOptions
         from qes_edge.threads import wait_policy
-        from qes_edge.trainer import Trainer, TrainConfig
+        from qes_edge.trainer import TrainConfig
 
-        t0 = time.perf_counter()
-        path = default_model_path()
         cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, window=a.window, n_ctx=256)
-        driver = ModelDriver(path, n_ctx=cfg.n_ctx, n_threads=a.n_threads)
-        load_s = time.perf_counter() - t0
         # the parent's temp dir (removed by the parent even when it has to kill this process)
         with tempfile.TemporaryDirectory(prefix="ledger-", dir=a.tmp) as d:
-            lg = Ledger(Path(d) / "load.qes")
-            run = lg.create_run(file_sha256(path), path.name, cfg.record(), 1)
-            lg.append_step = lambda run_id, rec: rec  # the history is synthetic: keep the ledger out of it
-            tr = Trainer(driver, load_task("sentiment"), lg, run, cfg, threads=a.n_threads)
-            rng = np.random.default_rng(0)
-            for k, st in enumerate(random_steps(rng, a.window, a.population, cfg.sigma, cfg.alpha)):
-                tr.history.append(StepRecord(k - a.window, st.threshold, st.seeds, st.coefs_q16,
-                                             np.zeros(a.population), ""))
-            window = list(tr.history)
+            t0 = time.perf_counter()
+            # the default model, llama.cpp's and libqes's threads a.n_threads
+            session = Session.open(SessionOptions(cfg, ledger=Path(d) / "load.qes", threads=a.n_threads))
+            load_s = time.perf_counter() - t0  # the session's opening: checks, model load, prompts
+            with session:  # closed (its ledger too) however the child ends
+                lg, tr = session.ledger, session.trainer
+                lg.append_step = lambda run_id, rec: rec  # the history is synthetic: keep the ledger out of it
+                rng = np.random.default_rng(0)
+                for k, st in enumerate(random_steps(rng, a.window, a.population, cfg.sigma, cfg.alpha)):
+                    tr.history.append(StepRecord(k - a.window, st.threshold, st.seeds, st.coefs_q16,
+                                                 np.zeros(a.population), ""))
+                window = list(tr.history)
 
-            def one_step() -> tuple[float, dict]:
-                tr.history = list(window)  # the same step number, batch and replay window every time
-                t = time.perf_counter()
-                rec = tr.step()
-                return time.perf_counter() - t, rec.timings
+                def one_step() -> tuple[float, dict]:
+                    tr.history = list(window)  # the same step number, batch and replay window every time
+                    t = time.perf_counter()
+                    rec = tr.step()
+                    return time.perf_counter() - t, rec.timings
 
-            warm, _ = one_step()
-            say("ready", json.dumps({"load_s": round(load_s, 3), "warmup_s": round(warm, 3),
-                                     "wait_policy": wait_policy(), "n_threads": a.n_threads,
-                                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}))
-            for line in sys.stdin:
-                cmd = line.strip()
-                if cmd == "step":
-                    wall, parts = one_step()
-                    say("done", f"{wall:.6f}", json.dumps(parts))
-                elif cmd == "quit":
-                    break
-                elif cmd:
-                    say("error", f"unknown command {cmd!r}")
-            lg.close()
+                warm, _ = one_step()
+                say("ready", json.dumps({"load_s": round(load_s, 3), "warmup_s": round(warm, 3),
+                                         "wait_policy": wait_policy(), "n_threads": a.n_threads,
+                                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}))
+                for line in sys.stdin:
+                    cmd = line.strip()
+                    if cmd == "step":
+                        wall, parts = one_step()
+                        say("done", f"{wall:.6f}", json.dumps(parts))
+                    elif cmd == "quit":
+                        break
+                    elif cmd:
+                        say("error", f"unknown command {cmd!r}")
         return 0
     except BaseException as e:  # noqa: BLE001  tell the parent why, then fail
         say("error", json.dumps(f"{type(e).__name__}: {e}"))

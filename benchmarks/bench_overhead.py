@@ -20,13 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.driver import ModelDriver
 from qes_edge.engine import random_steps
-from qes_edge.gguf_model import file_sha256
-from qes_edge.ledger import Ledger, StepRecord
-from qes_edge.models import default_model_path
-from qes_edge.tasks import load_task
-from qes_edge.trainer import Trainer, TrainConfig
+from qes_edge.ledger import StepRecord
+from qes_edge.session import Session, SessionOptions
+from qes_edge.trainer import TrainConfig
 
 
 def main(argv=None):
@@ -37,15 +34,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     a = ap.parse_args(argv)
-    path = default_model_path()
-    cfg = TrainConfig(population=a.population, batch=a.batch, window=a.window, n_ctx=256)
-    driver = ModelDriver(path, n_ctx=cfg.n_ctx)
+    cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, window=a.window, n_ctx=256)
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        lg = Ledger(Path(d) / "o.qes")
-        run = lg.create_run(file_sha256(path), path.name, cfg.record(), 1)
-        tr = Trainer(driver, load_task("sentiment"), lg, run, cfg)
+    with tempfile.TemporaryDirectory() as d, \
+            Session.open(SessionOptions(cfg, ledger=Path(d) / "o.qes")) as session:  # the default model
+        tr, lg = session.trainer, session.ledger
         # steady state: a full window to replay
         for k, st in enumerate(random_steps(rng, a.window, a.population, cfg.sigma, cfg.alpha)):
             tr.history.append(StepRecord(k - a.window, st.threshold, st.seeds, st.coefs_q16, np.zeros(a.population), ""))
@@ -59,7 +53,6 @@ def main(argv=None):
             rows.append({**t, "qes_s": qes, "ratio": qes / t["eval_s"], "wall_s": time.perf_counter() - t0})
             print(f"step {s}: inference {t['eval_s']:.2f} s | perturb {t['perturb_s']:.2f} + restore {t['restore_s']:.2f} "
                   f"+ update {t['update_s']:.2f} = {qes:.2f} s | overhead {qes / t['eval_s']:.1%}", flush=True)
-        lg.close()
     mean = float(np.mean([r["ratio"] for r in rows]))
     print(f"mean overhead over inference: {mean:.1%} (population {a.population}, batch {a.batch}, K={a.window})")
     a.out.parent.mkdir(parents=True, exist_ok=True)

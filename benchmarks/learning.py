@@ -16,45 +16,55 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.driver import ModelDriver
-from qes_edge.gguf_model import file_sha256
-from qes_edge.ledger import Ledger
-from qes_edge.models import default_model_path
-from qes_edge.tasks import load_task
-from qes_edge.trainer import Trainer, TrainConfig
+from qes_edge.session import Session, SessionOptions
+from qes_edge.trainer import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(driver, task, cfg: TrainConfig, steps: int, eval_every: int, ledger_path: Path) -> dict:
+def run_one(driver, cfg: TrainConfig, steps: int, eval_every: int, ledger_path: Path) -> tuple[dict, object, int]:
+    """One run on a fresh ledger, through a Session; `driver` (None: the session loads the default
+    model) is reused across runs and left at the base model's codes.  Returns (result, driver,
+    number of held-out examples)."""
+    for suffix in ("", "-wal", "-shm"):  # a fresh ledger: an old one would be resumed
+        Path(str(ledger_path) + suffix).unlink(missing_ok=True)
+    session = Session.open(SessionOptions(cfg, ledger=ledger_path), driver=driver)
+    driver, task = session.driver, session.task
     base = [t.codes() for t in driver.tensors]
-    ledger_path.unlink(missing_ok=True)
-    lg = Ledger(ledger_path)
-    run = lg.create_run(file_sha256(driver.path), driver.path.name, cfg.record(), 1)
-    tr = Trainer(driver, task, lg, run, cfg)
-    heldout = task.heldout_examples()
-    curve = [{"step": 0, **task.evaluate(driver, heldout)}]
-    rewards, timings = [], []
+    curve, rewards, timings = [], [], []
     t0 = time.time()
-    for s in range(1, steps + 1):
-        rec = tr.step()
+
+    def on_step(rec):
         rewards.append(float(np.nanmean(rec.rewards)))
         timings.append(rec.timings)
-        if s % eval_every == 0 or s == steps:
-            curve.append({"step": s, **task.evaluate(driver, heldout)})
-            c = curve[-1]
-            print(f"  step {s}: train reward {rewards[-1]:.3f}  held-out balanced accuracy "
-                  f"{c['balanced_accuracy']:.3f} (pos {c['accuracy_positive']:.2f} neg {c['accuracy_negative']:.2f}) "
-                  f"AUROC {c['auroc']:.3f} p {c['reward']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
-    changed = sum(int((t.codes() != b).sum()) for t, b in zip(driver.tensors, base))
-    for t, b in zip(driver.tensors, base):  # back to the base model for the next run
-        t.set_codes(b)
-    lg.close()
+
+    def on_eval(step, m, error):
+        nonlocal t0
+        if m is None:
+            raise SystemExit(f"step {step}: held-out evaluation failed: {error}")
+        curve.append({"step": step, **m})
+        if step == 0:
+            t0 = time.time()  # the run's seconds count from after the step-0 evaluation
+            return
+        c = curve[-1]
+        print(f"  step {step}: train reward {rewards[-1]:.3f}  held-out balanced accuracy "
+              f"{c['balanced_accuracy']:.3f} (pos {c['accuracy_positive']:.2f} neg {c['accuracy_negative']:.2f}) "
+              f"AUROC {c['auroc']:.3f} p {c['reward']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+
+    try:
+        stopped = session.train(steps, eval_every=eval_every, on_step=on_step, on_eval=on_eval)
+        if stopped != "done":
+            raise SystemExit(f"the run stopped at step {session.step}: {stopped}")
+        changed = sum(int((t.codes() != b).sum()) for t, b in zip(driver.tensors, base))
+    finally:
+        for t, b in zip(driver.tensors, base):  # back to the base model for the next run
+            t.set_codes(b)
+        session.close()
     ev = sum(x["eval_s"] for x in timings)
     ov = sum(x["perturb_s"] + x["restore_s"] + x["update_s"] for x in timings)
     return {"curve": curve, "train_reward": rewards, "codes_changed": changed,
             "codes_changed_fraction": changed / driver.n_codes, "seconds": time.time() - t0,
-            "eval_s": ev, "overhead_s": ov, "overhead_ratio": ov / ev}
+            "eval_s": ev, "overhead_s": ov, "overhead_ratio": ov / ev}, driver, len(task.heldout_examples())
 
 
 def group(r) -> str:
@@ -127,8 +137,7 @@ def main(argv=None):
         if (old["steps"], old["population"], old["batch"]) != (a.steps, a.population, a.batch):
             raise SystemExit("--append: learning.json holds runs of other settings")
         runs = old["runs"]
-    driver = ModelDriver(default_model_path(), n_ctx=256)
-    task = load_task("sentiment")
+    driver = None  # loaded by the first run's session, then shared by every run
     (RESULTS / "ledgers").mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
         for v in a.variants:
@@ -137,13 +146,13 @@ def main(argv=None):
             cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, sigma=0.01,
                               alpha=a.alpha_ef if ef else a.alpha_noef, error_feedback=ef, seed=seed, n_ctx=256)
             print(f"seed {seed}, {variant}, alpha {cfg.alpha}", flush=True)
-            r = run_one(driver, task, cfg, a.steps, a.eval_every,
-                        RESULTS / "ledgers" / f"sentiment-s{seed}-{v}-a{cfg.alpha:g}.qes")
+            r, driver, n_heldout = run_one(driver, cfg, a.steps, a.eval_every,
+                                           RESULTS / "ledgers" / f"sentiment-s{seed}-{v}-a{cfg.alpha:g}.qes")
             runs = [x for x in runs if (x["seed"], x["variant"], x["alpha"]) != (seed, variant, cfg.alpha)]
             runs.append({"seed": seed, "variant": variant, "alpha": cfg.alpha, **r})
             result = {"task": "sentiment", "model": driver.path.name, "steps": a.steps, "population": a.population,
                       "batch": a.batch, "balanced_batches": cfg.balance, "sigma": 0.01,
-                      "heldout": len(task.heldout_examples()), "runs": runs, "date": time.strftime("%Y-%m-%d")}
+                      "heldout": n_heldout, "runs": runs, "date": time.strftime("%Y-%m-%d")}
             out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "learning.png")
     summary(runs)
