@@ -20,8 +20,9 @@ _COUNT = 0
 def _parse(value: str | None) -> tuple[str, int, int] | None:
     if not value:
         return None
-    name, n, sig = (value.split(":") + ["1", "KILL"])[:3]
-    return name, int(n or 1), int(getattr(signal, f"SIG{sig or 'KILL'}"))
+    parts = value.split(":")
+    name, n, sig = parts[0], parts[1] if len(parts) > 1 else "1", parts[2] if len(parts) > 2 else "KILL"
+    return name, int(n), int(getattr(signal, f"SIG{sig}"))
 
 
 _SPEC = _parse(os.environ.get("QES_EDGE_CRASH_AT"))
