@@ -277,6 +277,7 @@ class Daemon:
                 continue
             idle_noted = False
             code = self._run_job(job)
+            _give_memory_back()
             if code is not None:
                 return code
 
@@ -345,7 +346,7 @@ class Daemon:
                               head=session.head())
                     return None
                 if reason.startswith("abandoned"):
-                    self._check_restored(session, job)
+                    self._check_restored(session, job, reason.removeprefix("abandoned: "))
                 self.note("info", f"job {job.id}: stopped at step {session.step} ({reason}); it resumes there "
                           "at the next start", job.id)
                 self._stop_reason = reason if not reason.startswith("abandoned") else "stop requested"
@@ -364,17 +365,30 @@ class Daemon:
             self.db.set_job(job.id, state="failed", error=str(e), finished=time.time())
             return None
 
-    def _check_restored(self, session, job: Job) -> None:
+    def _check_restored(self, session, job: Job, what: str) -> None:
+        """After a stop request: the live weights must be those of the last recorded step."""
         from .engine import digest_tensors
         want = session.history[-1].weights_sha256 if session.history else None
         got = digest_tensors(session.trainer.tensors)
         if want is None or got == want:
-            self.note("info", f"job {job.id}: step {session.step} abandoned; the weights are restored"
+            self.note("info", f"job {job.id}: {what}; the weights are restored"
                       + (f" (hash {got[:12]}… equals step {session.step - 1}'s)" if want else ""), job.id)
         else:  # never expected: say it loudly; the ledger is still right, the next start rebuilds
-            self.note("error", f"job {job.id}: after abandoning step {session.step} the weights hash {got[:12]}… "
-                      f"differs from the recorded {want[:12]}…; the next start rebuilds them from the ledger",
-                      job.id, level=logging.ERROR)
+            self.note("error", f"job {job.id}: {what}, but the weights hash {got[:12]}… differs from the recorded "
+                      f"{want[:12]}…; the next start rebuilds them from the ledger", job.id, level=logging.ERROR)
+
+
+def _give_memory_back() -> None:
+    """After a job the model is gone; hand the freed heap back to the system, so that an idle
+    daemon holds what an idle Python process holds, not the high-water mark of the last run."""
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and os.uname().sysname == "Linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def start_detached(argv: list[str], home: Path, timeout: float = 20.0) -> int:

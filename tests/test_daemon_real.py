@@ -144,7 +144,7 @@ def test_sigterm_mid_step_then_resume_and_status_while_writing(data, reference, 
     assert p.wait(300) == 0, p.stderr.read()
     text = (home / "daemon.log").read_text()
     assert "SIGTERM received" in text
-    assert ("job 1: step 1 abandoned; the weights are restored (hash "
+    assert ("job 1: step 1 abandoned after 1 of 2 members; the weights are restored (hash "
             f"{reference[0][3][:12]}… equals step 0's)") in text, text
     assert same_training(steps_of(ledger), reference[:1])
     # SIGTERM at any moment, while status is read as the daemon writes
