@@ -11,8 +11,11 @@ import typer
 
 from .cli import JsonOpt, ThreadsOpt, _explicit, _fail, _user_errors, app, console
 
-queue_app = typer.Typer(help="The daemon's queue of runs.", no_args_is_help=True)
-daemon_app = typer.Typer(help="The overnight agent: trains the queued runs in the background.", no_args_is_help=True)
+queue_app = typer.Typer(help="The daemon's queue of runs: add takes train's options.\n\n"
+                        "Example: qes-edge queue add --task choice --data quiz.jsonl --steps 200", no_args_is_help=True)
+daemon_app = typer.Typer(help="The overnight agent: trains the queued runs in the background, pausing on battery or "
+                         "heat, resuming after a crash or a reboot.\n\nExample: qes-edge daemon start --stop-at 07:00",
+                         no_args_is_help=True)
 app.add_typer(queue_app, name="queue")
 app.add_typer(daemon_app, name="daemon")
 

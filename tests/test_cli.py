@@ -16,12 +16,16 @@ GOLDEN = json.loads((Path(__file__).resolve().parent.parent / "docs" / "noise-go
 def test_every_command_is_documented():
     group = get_command(app)
     assert set(group.commands) >= {"info", "demo", "noise"}
-    for name, cmd in group.commands.items():
+    commands = [([name], cmd) for name, cmd in group.commands.items()]
+    commands += [([name, sub], c) for name, cmd in group.commands.items() for sub, c in getattr(cmd, "commands", {}).items()]
+    assert len(commands) > len(group.commands)  # the daemon's and the queue's subcommands
+    for path, cmd in commands:
+        name = " ".join(path)
         assert cmd.help and len(cmd.help.strip()) > 20, f"command {name} has no help text"
         for p in cmd.params:
             if p.param_type_name == "option":
                 assert p.help, f"option {p.name} of {name} has no help"
-        res = runner.invoke(app, [name, "--help"])
+        res = runner.invoke(app, [*path, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
         assert "Example: qes-edge " + name in " ".join(res.output.split()), f"command {name} has no example"
 
