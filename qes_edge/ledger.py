@@ -353,6 +353,119 @@ class Ledger:
             self.checkpoint()
         return rec
 
+    # -- rows received from a peer (ledger sync): verified, never computed ------------------
+    def export_run(self, run_id: str) -> dict:
+        """The run row as a peer needs it to create the same run (docs/sync-protocol.md):
+        run_id, created, base_sha256, base_name, config (its canonical JSON text), noise_spec, hash."""
+        self.run(run_id)  # named errors for a missing run or an unreadable config
+        r = self.db["runs"].get(run_id)
+        return {k: r[k] for k in ("run_id", "created", "base_sha256", "base_name", "config", "noise_spec", "hash")}
+
+    def import_run(self, info: dict) -> Run:
+        """Create a run received from a peer with the SAME run id, config, base and hash as its
+        sender.  Nothing is computed from scratch: the run hash is recomputed from the received
+        fields and must equal the one carried.  A run this ledger already holds with that hash is
+        returned as it is (importing twice is harmless); one with another hash is refused."""
+        try:
+            run_id, cfg, base_sha, base_name = info["run_id"], info["config"], info["base_sha256"], info["base_name"]
+            noise_spec, carried = info["noise_spec"], info["hash"]
+            created = info.get("created")
+            ok = (isinstance(run_id, str) and len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id)
+                  and isinstance(cfg, str) and isinstance(base_name, str) and type(noise_spec) is int
+                  and all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+                          for h in (base_sha, carried)))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise LedgerError(f"{self.path}: the received run cannot be decoded (fields missing or of the wrong type)")
+        try:
+            canonical = canonical_json(json.loads(cfg)) == cfg
+        except (ValueError, TypeError):
+            canonical = False
+        if not canonical:
+            raise LedgerError(f"run {run_id}: the received config is not canonical JSON")
+        expect = _h(GENESIS, run_id.encode(), bytes.fromhex(base_sha), base_name.encode(), cfg.encode(),
+                    struct.pack("<q", noise_spec))
+        if expect != carried:
+            raise LedgerError(f"run {run_id}: the received run does not hash to the value it carries "
+                              f"({carried[:16]}…, recomputed {expect[:16]}…): refusing it")
+        have = self.db.execute("select hash from runs where run_id = ?", [run_id]).fetchone()
+        if have is not None:
+            if have[0] != carried:
+                raise LedgerError(f"run {run_id}: this ledger holds that run with another hash "
+                                  f"({have[0][:16]}…, received {carried[:16]}…)")
+            return self.run(run_id)
+        if not (isinstance(created, (int, float)) and created == created and abs(created) < 1e12):
+            created = time.time()
+        with self._writing("import a run"):
+            with self._tx():
+                self.db["runs"].insert({"run_id": run_id, "created": float(created), "base_sha256": base_sha,
+                                        "base_name": base_name, "config": cfg, "noise_spec": noise_spec,
+                                        "hash": carried})
+                self.db["heads"].insert({"run_id": run_id, "n_steps": 0, "head_hash": carried,
+                                         "updated": time.time()})
+            self.checkpoint()
+        return self.run(run_id)
+
+    def append_received(self, run_id: str, rec: StepRecord, created: float | None = None) -> StepRecord:
+        """Record a step received from a peer, checked instead of computed: its number must follow
+        the head, and its payload chained to the head (the run's hash or the last step's) must hash
+        to the `hash` it carries.  One transaction, like append_step, with the members rows and the
+        head; `created` is the sender's time of the step (the time of receipt when None)."""
+        run = self.run(run_id)
+        with self._writing(f"record received step {rec.step}"), self._tx():
+            last = self.last_step(run_id)
+            expected = 0 if last is None else last.step + 1
+            if rec.step != expected:
+                raise LedgerError(f"run {run_id}: received step {rec.step} out of order (next is {expected})")
+            seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
+            coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
+            rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
+            members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
+            if members is None or not members:
+                raise LedgerError(f"run {run_id}: received step {rec.step} has {len(seeds) // 8} seeds, "
+                                  f"{len(coefs) // 4} coefficients and {len(rewards) // 8} rewards")
+            if not (0 < rec.threshold < 2**32) or rec.failures < 0 or len(rec.weights_sha256) != 64:
+                raise LedgerError(f"run {run_id}: received step {rec.step} cannot be decoded")
+            prev = run.hash if last is None else last.hash
+            got = _h(bytes.fromhex(prev), rec.payload(run_id))
+            if got != rec.hash:
+                raise LedgerError(f"run {run_id}: received step {rec.step} does not chain to step {rec.step - 1} "
+                                  f"(it carries {rec.hash[:16]}…, its payload after {prev[:16]}… hashes to "
+                                  f"{got[:16]}…): refusing it")
+            rec.prev_hash = prev
+            if not (isinstance(created, (int, float)) and created == created and abs(created) < 1e12):
+                created = time.time()
+            self.db["steps"].insert({
+                "run_id": run_id, "step": rec.step, "threshold": rec.threshold,
+                "seeds": seeds, "coefs_q16": coefs, "rewards": rewards, "failures": rec.failures,
+                "timings": canonical_json(rec.timings), "weights_sha256": rec.weights_sha256,
+                "prev_hash": prev, "hash": rec.hash, "created": float(created),
+            })
+            self.db.conn.executemany(_INSERT_MEMBERS, members)
+            self.db["heads"].upsert({"run_id": run_id, "n_steps": rec.step + 1, "head_hash": rec.hash,
+                                     "updated": time.time()}, pk="run_id")
+            faults.point("ledger-write")
+        with self._writing(f"record received step {rec.step}"):
+            self.checkpoint()
+        return rec
+
+    def step_hashes(self, run_id: str, steps) -> dict[int, str]:
+        """The recorded hash of each of the given steps that the run holds."""
+        out = {}
+        for k in steps:
+            row = self.db.execute("select hash from steps where run_id = ? and step = ?", [run_id, int(k)]).fetchone()
+            if row is not None:
+                out[int(k)] = row[0]
+        return out
+
+    def step_times(self, run_id: str, start: int = 0, stop: int | None = None) -> dict[int, float]:
+        """`created` of the run's steps in [start, stop): when each was recorded (not chained)."""
+        sql, args = "select step, created from steps where run_id = ? and step >= ?", [run_id, start]
+        if stop is not None:
+            sql, args = sql + " and step < ?", args + [stop]
+        return {s: c for s, c in self.db.execute(sql, args).fetchall()}
+
     def _record(self, row) -> StepRecord:
         cols = [d[0] for d in self.db.execute("select * from steps limit 0").description]
         r = dict(zip(cols, row))
