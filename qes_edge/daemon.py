@@ -276,7 +276,14 @@ class Daemon:
                 self.stop.wait(self.cfg.poll_s)
                 continue
             idle_noted = False
-            code = self._run_job(job)
+            try:
+                code = self._run_job(job)
+            except Exception as e:  # noqa: BLE001 - a bug must not make a restarted daemon retry it forever
+                LOG.exception(f"job {job.id}: unexpected error")
+                self.note("error", f"job {job.id} failed on an unexpected error (a bug; the traceback is in the "
+                          f"log): {type(e).__name__}: {e}", job.id, level=logging.ERROR)
+                self.db.set_job(job.id, state="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+                code = None
             _give_memory_back()
             if code is not None:
                 return code

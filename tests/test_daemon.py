@@ -201,3 +201,22 @@ def test_install_dry_run_prints_a_unit_that_runs_the_daemon(home):
         assert "org.qes-edge.daemon" in res.stdout
     else:
         assert "[Service]" in res.stdout and "daemon run" in res.stdout and f"QES_EDGE_HOME={home}" in res.stdout
+
+
+def test_a_job_that_hits_a_bug_fails_and_the_daemon_goes_on(home, monkeypatch):
+    """An unexpected exception in a job (a bug) marks that job failed with the traceback in the log;
+    the daemon goes on with the queue instead of dying (a restarted daemon would retry it forever)."""
+    import qes_edge.session as session_mod
+    db = DaemonDB(home / "daemon.db")
+    for i in range(2):
+        db.add_job({"cfg": {}, "explicit": []}, 3, 0, str(home / f"r{i}.qes"), "/nowhere/m.gguf", "sentiment")
+    db.close()
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(session_mod.Session, "open", classmethod(boom))
+    assert Daemon(home, DaemonConfig(exit_when_empty=True)).run() == 0
+    db = DaemonDB(home / "daemon.db", readonly=True)
+    assert [(j.state, j.error) for j in db.jobs()] == [("failed", "ZeroDivisionError: a bug")] * 2
+    log = (home / "daemon.log").read_text()
+    assert "Traceback" in log and "job 2 failed on an unexpected error" in log
