@@ -69,6 +69,7 @@ class Options:
     slice: float = 0.05    # how long one read of the link waits
     engine_noise_spec: int | None = None  # None: the native library's
     software: str | None = None
+    protocol: int = M.PROTOCOL  # what this side's hello says (another value only in tests)
 
     def noise_spec(self) -> int:
         if self.engine_noise_spec is None:
@@ -211,7 +212,7 @@ class Store:
 
     def hello(self, opts: Options, node: str, role: str) -> M.Hello:
         n, head = self.head()
-        return M.Hello(M.PROTOCOL, opts.version(), node, role, opts.noise_spec(), self.export(), n, head, self.want)
+        return M.Hello(opts.protocol, opts.version(), node, role, opts.noise_spec(), self.export(), n, head, self.want)
 
     def close(self) -> None:
         if self.lg is not None:
@@ -227,9 +228,9 @@ def _short(h: str | None) -> str:
 
 def compare(mine: M.Hello, peer: M.Hello, receiving_engine: int | None = None) -> None:
     """Raise Refused naming what differs, for a peer this side must not sync with."""
-    if peer.protocol != M.PROTOCOL:
+    if peer.protocol != mine.protocol:
         raise Refused(f"the peer speaks sync protocol v{peer.protocol} (qes-edge {peer.software}), this qes-edge "
-                      f"speaks v{M.PROTOCOL}: update the older one")
+                      f"speaks v{mine.protocol}: update the older one")
     if peer.node == mine.node:
         raise Refused("the link echoes this side's own frames back (loop:// or a looped-back line): there is no peer "
                       "on it")
@@ -362,6 +363,8 @@ class Side:
         self._stream: list | None = None
         self._req: M.Request | None = None
         self.sent: set[int] = set()
+        self.peer_has_all = False  # a request from our head came: the peer holds every step we do
+        self.frames_in = 0
 
     def say_hello(self) -> None:
         self.mine = self.store.hello(self.opts, self.node, self.role)
@@ -419,6 +422,7 @@ class Side:
         if at != req.head:
             self._refuse_fork_at_request(req, n, head)
         end = min(req.start + req.count, n)
+        self.peer_has_all = req.start == n
         self._req, self._stream = req, self.store.steps(req.start, end)
         self._end, self._n, self._head = end, n, head
 
@@ -459,6 +463,7 @@ class Side:
                     return None
                 continue
             deadline = time.monotonic() + timeout
+            self.frames_in += 1
             if not self._duty(f):
                 return f
 
@@ -509,8 +514,8 @@ class Side:
             store.import_run(self.peer.run)
         run_id = store.run_id
         n, head = store.head()
-        target, misses = peer_n, 0
-        while n < target:
+        target, misses, confirmed = peer_n, 0, False
+        while not confirmed:  # until a request from the head is answered with "nothing more"
             req = M.Request(run_id, n, min(opts.window, M.MAX_WINDOW), head)
             self.chan.send(T.REQUEST, M.request(req))
             asked_again = False
@@ -553,14 +558,15 @@ class Side:
                     if d.run_id != run_id or d.start != req.start:
                         continue  # the end of a stream that a later request replaced
                     target = d.n_steps
-                    break  # all of it came (n == d.end), or some did not: ask from the head again
+                    confirmed = d.start == n == d.n_steps
+                    break  # the next window, or what did not come: ask from the head again
         self.result.n_steps, self.result.head = n, head
 
     def finish(self, ack: bool) -> M.Hello | None:
         """Say bye (with this side's head) and wait for the peer's; a lost bye costs a few
         repeats, never data (everything received is already committed)."""
         n, head = self.store.head()
-        for _ in range(2):
+        for _ in range(2 if ack else max(2, self.opts.retries)):
             try:
                 self.chan.send(T.BYE, M.bye(n, head, ack))
             except LinkClosed:
@@ -644,11 +650,20 @@ def client_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opt
                 side.finish(ack=False)
             elif ahead:
                 side.chan.send(T.PULL, M.pull(result.run_id))
-                misses = 0
+                result.stats["pushed"] = 1
+                misses, heard = 0, 0
                 while True:
-                    f = side.wait(opts.timeout)
+                    try:
+                        f = side.wait(opts.timeout)
+                    except LinkClosed:
+                        if side.peer_has_all:  # it holds everything; only its bye was lost
+                            break
+                        raise
                     if f is None:
-                        misses += 1
+                        misses = 1 if side.frames_in != heard else misses + 1  # in a row, without a frame
+                        heard = side.frames_in
+                        if side.peer_has_all and misses > 1:
+                            break
                         if misses > opts.retries:
                             raise Incomplete(f"the peer stopped pulling ({misses} waits without a frame)")
                         if not side.sent:
@@ -707,8 +722,11 @@ def sync(connect: Callable[[], Link] | str, ledger: str | Path, run_id: str | No
         drops += 1
         if drops > opts.retries:
             result.seconds = time.monotonic() - t0
-            kept = (f"steps {result.first}..{result.last} were received and kept" if result.first is not None
-                    else "nothing was received")
+            if result.stats.get("pushed"):
+                kept = "the peer keeps every step it received"
+            else:
+                kept = (f"steps {result.first}..{result.last} were received and kept" if result.first is not None
+                        else "nothing was received")
             raise Incomplete(f"the link to {url} failed {drops} times (last: {last_error}); {kept}; run sync again "
                              "to continue from this ledger's head")
         time.sleep(min(2.0, 0.1 * 2 ** drops))
@@ -749,7 +767,11 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
             result.action, result.error, result.exit_code = "refused", f"the peer sent a malformed hello ({e})", 2
             return result, None
         prefer = (peer.run or {}).get("run_id") or peer.want_run
-        store = Store(ledger, run_id, prefer)
+        try:
+            store = Store(ledger, run_id, prefer)
+        except Refused as e:  # this ledger cannot be used: tell the client why
+            chan.send(T.ERROR, M.error("ledger", f"the peer's ledger cannot be used: {e}"))
+            raise
         side = Side(chan, store, opts, "server", result)
         side.peer = peer
         side.say_hello()
@@ -762,8 +784,16 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
             raise
         side.accepted = True
         while True:
-            g = side.wait(idle)
+            try:
+                g = side.wait(idle if not side.peer_has_all else opts.timeout * 2)
+            except LinkClosed:
+                if not side.peer_has_all:
+                    raise
+                g = None
             if g is None:
+                if side.peer_has_all:  # it pulled everything; only its bye was lost
+                    result.action = "sent" if result.first is not None else "up to date"
+                    break
                 result.action = "incomplete"
                 result.error = f"the peer went quiet for {idle:.0f} s"
                 result.exit_code = 1

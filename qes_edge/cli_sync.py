@@ -1,0 +1,163 @@
+"""Commands that keep two devices' ledgers of a run at the same head: sync and sync serve
+(docs/sync-protocol.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import _fail, _one_line, app
+
+sync_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+app.add_typer(sync_app, name="sync")
+
+LedgerOpt = typer.Option(None, "--ledger", help="This device's ledger (created when a run is received into it).")
+RunIdOpt = typer.Option(None, "--run-id", help="The run to sync (default: the peer's run, or this ledger's latest).")
+BaudOpt = typer.Option(115200, "--baud", min=1, help="Line speed of a serial device (ignored on TCP).")
+TimeoutOpt = typer.Option(3.0, "--timeout", min=0.05, help="Seconds without a frame from the peer before a message is "
+                                                           "sent again.")
+RetriesOpt = typer.Option(5, "--retries", min=0, help="Timeouts in a row, and reconnections after a dropped link, "
+                                                      "before giving up (what was received is kept).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per sync or session on stdout.")
+
+
+def _check_ledger(ledger: Optional[Path], run_id: Optional[str]) -> Path:
+    """Bad input is refused before the link is opened: a folder, a foreign or damaged ledger, a
+    run that does not verify; a ledger that does not exist yet is created only when a run comes."""
+    from .ledger import Ledger, LedgerError
+    if ledger is None:
+        _fail("--ledger is needed: this device's ledger (it is created when a run is received)")
+    if ledger.is_dir():
+        _fail(f"{ledger}: is a directory, not a ledger file")
+    if not ledger.exists():
+        if not ledger.parent.is_dir():
+            _fail(f"the folder {ledger.parent} does not exist")
+        return ledger
+    lg = None
+    try:
+        lg = Ledger(ledger, readonly=True)
+        runs = [r.run_id for r in lg.runs()]
+        for rid in ([run_id] if run_id in runs else runs[-1:] if run_id is None else []):
+            lg.verify(rid)
+    except LedgerError as e:
+        _fail(str(e))
+    finally:
+        if lg is not None:
+            lg.close()
+    return ledger
+
+
+def _check_run_id(run_id: Optional[str]) -> None:
+    if run_id is not None and (len(run_id) != 32 or any(c not in "0123456789abcdef" for c in run_id)):
+        _fail(f"--run-id {run_id!r} is not a run id (32 lowercase hex digits)")
+
+
+def _opts(timeout: float, retries: int):
+    from .sync import Options
+    return Options(timeout=timeout, retries=retries)
+
+
+def _exit_for(e) -> None:
+    """One line on stderr; exit 1 (the link failed: run it again), 2 (refused), 3 (a fork)."""
+    typer.echo(f"error: {_one_line(e)}", err=True)
+    raise typer.Exit(e.exit_code)
+
+
+@sync_app.callback()
+def sync_cmd(ctx: typer.Context,
+             ledger: Optional[Path] = LedgerOpt,
+             peer: Optional[str] = typer.Option(None, "--peer", help="The peer running `qes-edge sync serve`: "
+                                                                      "socket://HOST:PORT, a serial device "
+                                                                      "(/dev/ttyUSB0) or another pyserial URL."),
+             run_id: Optional[str] = RunIdOpt,
+             baud: int = BaudOpt,
+             timeout: float = TimeoutOpt,
+             retries: int = RetriesOpt,
+             as_json: bool = JsonOpt):
+    """Bring this ledger and a peer's to the same head: only the missing steps cross the wire,
+    each checked against the hash chain as it arrives and committed on its own.  The side that is
+    behind receives (into a new ledger too); a fork (both extended the run) is reported and
+    nothing is written (exit 3); a peer with another base model, noise spec or protocol is
+    refused, naming which (exit 2); a link that fails keeps what came (exit 1: run it again).
+
+    Example: qes-edge sync --ledger run.qes --peer socket://jetson.local:8765"""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .sync import SyncError, sync
+    if peer is None or not peer.strip():
+        _fail("sync needs --peer (socket://HOST:PORT or a serial device), or `qes-edge sync serve` to answer")
+    _check_run_id(run_id)
+    ledger = _check_ledger(ledger, run_id)
+    progress = None
+    if not as_json:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        bar = Progress(TextColumn("sync"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        task = None
+
+        def progress(n: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("sync", total=total)
+            bar.update(task, completed=n, total=total)
+    try:
+        result = sync(peer, ledger, run_id, _opts(timeout, retries), progress=progress, baudrate=baud)
+    except SyncError as e:
+        _exit_for(e)
+    finally:
+        if progress is not None and task is not None:
+            bar.stop()
+    typer.echo(json.dumps(result.to_json()) if as_json else result.line())
+
+
+@sync_app.command("serve")
+def serve_cmd(ledger: Optional[Path] = LedgerOpt,
+              on: str = typer.Option(..., "--on", help="Where to answer: socket://HOST:PORT (HOST empty or 0.0.0.0 "
+                                                       "for every interface, PORT 0 for any free port), or a serial "
+                                                       "device (/dev/ttyUSB0)."),
+              run_id: Optional[str] = typer.Option(None, "--run-id", help="The run offered to a peer that holds none "
+                                                                         "(default: the latest; a peer that names a "
+                                                                         "run this ledger holds gets that one)."),
+              baud: int = BaudOpt,
+              timeout: float = TimeoutOpt,
+              retries: int = RetriesOpt,
+              once: bool = typer.Option(False, "--once", help="Answer one session, then exit with its outcome."),
+              as_json: bool = JsonOpt):
+    """Answer `qes-edge sync` from peers, one session after another: send the steps a peer lacks,
+    receive the steps it has that this ledger lacks (the ledger may keep training meanwhile).
+    Prints where it listens, then one line per session.
+
+    Example: qes-edge sync serve --ledger run.qes --on socket://0.0.0.0:8765"""
+    from .sync import Listener, LinkError, SyncError, serve
+    _check_run_id(run_id)
+    ledger = _check_ledger(ledger, run_id)
+    try:
+        listener = Listener(on, baud)
+    except LinkError as e:
+        _fail(str(e))
+    typer.echo(f"listening on {listener.url} (ledger {ledger}); Ctrl-C stops", err=True)
+
+    def report(r) -> None:
+        if as_json:
+            typer.echo(json.dumps(r.to_json()))
+        elif r.error:
+            typer.echo(f"{r.peer}: {r.action}: {_one_line(r.error)}")
+        else:
+            typer.echo(r.line())
+
+    try:
+        last = serve(listener, ledger, run_id, _opts(timeout, retries), once=once, on_session=report)
+    except SyncError as e:
+        _exit_for(e)
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+        raise typer.Exit(0)
+    finally:
+        listener.close()
+    if once and last is not None and last.exit_code:
+        raise typer.Exit(last.exit_code)
