@@ -735,7 +735,7 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
 
 
 # commands that live in modules of their own register themselves on `app`
-from . import cli_daemon, cli_runs  # noqa: E402,F401
+from . import cli_daemon, cli_runs, cli_sync  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
