@@ -5,6 +5,7 @@ a fixed prompt change, restore, see them come back bit for bit.  If not, it refu
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from ._native import ffi
 from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
 from .chat import ChatTemplateError, load_template
 from .llama_runtime import clear, decode_rows, forward, last_logits, load_llama
-from .llama_weights import capture_weights, weight_code_tensors
+from .llama_weights import capture_model_weights, weight_code_tensors
 from .quant import QESError
 
 SELF_CHECK_PROMPT = b"The quick brown fox jumps over the lazy dog. The capital of France is"
@@ -52,13 +53,19 @@ class ModelDriver:
         # our own validation of the file and of every trainable type, before llama.cpp sees it
         header = GGUFModel(self.path).header
         planned = trainable_infos(header.tensors, frozen)
-        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads)
+        # the weights are found on a throwaway context before llama-cpp-python makes its own:
+        # its buffers are freed before the real context's are allocated (not held beside them)
+        found: dict = {}
+        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads,
+                              before_context=lambda model, n: found.update(capture_model_weights(model, n)))
         # the model's own chat template, with its vocabulary's BOS/EOS texts (None: it has none)
         self.chat = load_template(self.path, header.metadata, self.llm._model.token_get_text)
         self.bos = self.llm.token_bos()
         self.add_bos = bool(self.llm._model.add_bos_token()) and self.bos >= 0
-        self._prompt_cache: dict[tuple, tuple[int, ...]] = {}
-        self.weights = capture_weights(self.llm)
+        # example.render_key() -> its tokens as C ints (4 bytes a token: a tuple of Python ints
+        # costs 36, and check_prompts fills this with every example of the task)
+        self._prompt_cache: dict[tuple, array] = {}
+        self.weights = found
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
         with open(self.path, "rb") as f:
             for live, disk in zip(self.tensors, planned):
@@ -143,7 +150,7 @@ class ModelDriver:
                 where = f"{example.where}: " if example.where else ""
                 raise QESError(f"{where}the prompt is {len(tokens)} tokens, the context holds {self.llm.n_ctx()} "
                                "(raise --n-ctx or shorten the prompt)")
-            got = self._prompt_cache[key] = tuple(tokens)
+            got = self._prompt_cache[key] = array("i", tokens)
         return list(got)
 
     def check_prompts(self, examples) -> int:

@@ -30,6 +30,7 @@ MAX_NAME = 63                # GGML_MAX_NAME - 1
 MAX_DIM = 1 << 62
 DEFAULT_ALIGNMENT = 32
 MAX_DECODED_ARRAY = 4096     # numeric arrays up to this length are decoded (per-layer hyperparameters)
+STRING_CHUNK = 1024          # strings of an array checked for UTF-8 together
 
 # GGUF metadata value types: id -> (name, fixed size or None)
 VALUE_TYPES = {0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4), 5: ("i32", 4),
@@ -157,10 +158,14 @@ class _Reader:
 
     def _strings(self, count: int, what: str) -> None:
         """Walk an array of count strings (the tokenizer's 50k-250k tokens: this loop is the
-        validator's hot path), checking each length and that every string is UTF-8."""
+        validator's hot path), checking each length and that every string is UTF-8.
+
+        The strings are checked STRING_CHUNK at a time: the bytes of a whole vocabulary at once
+        (a list of 50k+ objects, then their join and its decoding, several MB) would be freed
+        memory that the allocator keeps, in every process that opens a model."""
         data, pos, end = self.data, self.pos, len(self.data)
         unpack = _U64.unpack_from
-        pieces = []
+        pieces, first = [], 0
         for i in range(count):
             if pos + 8 > end:
                 self.pos = pos
@@ -175,6 +180,14 @@ class _Reader:
                 self.fail(f"truncated: {what}[{i}] needs {n} bytes, {end - pos} remain")
             pieces.append(data[pos:pos + n])
             pos += n
+            if len(pieces) == STRING_CHUNK:
+                self._utf8(pieces, first, what)
+                pieces, first = [], i + 1
+        self._utf8(pieces, first, what)
+        self.pos = pos
+
+    def _utf8(self, pieces: list, first: int, what: str) -> None:
+        """Every one of pieces (the strings first, first + 1, ... of the array) is UTF-8."""
         # joined by an ASCII byte (never part of a multi-byte sequence), the strings are valid
         # UTF-8 together exactly when each one is
         try:
@@ -184,8 +197,7 @@ class _Reader:
                 try:
                     p.decode("utf-8")
                 except UnicodeDecodeError:
-                    self.fail(f"{what}[{i}] is not UTF-8")
-        self.pos = pos
+                    self.fail(f"{what}[{first + i}] is not UTF-8")
 
 
 def check_gguf(path: str | Path) -> Header:

@@ -43,14 +43,38 @@ def _no_extra_buffers(C):
         C.llama_model_default_params = orig
 
 
-def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False):
+@contextlib.contextmanager
+def _before_context(C, hook):
+    """While Llama(...) loads: hook(model) runs on the loaded llama_model pointer once, just before
+    llama-cpp-python creates its context (llama_init_from_model) from it."""
+    orig = C.llama_init_from_model
+
+    def init(model, params):
+        C.llama_init_from_model = orig
+        hook(model)
+        return orig(model, params)
+
+    C.llama_init_from_model = init
+    try:
+        yield
+    finally:
+        C.llama_init_from_model = orig
+
+
+def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False,
+               before_context=None):
     """n_threads (None or 0: threads.default_threads()) is used for generation and for prompt
-    processing alike: llama-cpp-python leaves n_threads_batch at every core otherwise."""
+    processing alike: llama-cpp-python leaves n_threads_batch at every core otherwise.
+
+    before_context(model, n_threads): called with the loaded llama_model pointer before the
+    context is created (ModelDriver finds the weights there: llama_weights.capture_model_weights),
+    so that whatever it allocates and frees is not held beside the context's buffers."""
     from .threads import resolve_threads, set_wait_policy
     set_wait_policy()  # before llama.cpp's OpenMP runtime is loaded (a no-op once qes_edge is imported)
     llama_cpp, C = _llama_cpp()
     n = resolve_threads(n_threads)
-    with _no_extra_buffers(C):
+    hook = (lambda model: before_context(model, n)) if before_context is not None else None
+    with _no_extra_buffers(C), (_before_context(C, hook) if hook else contextlib.nullcontext()):
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
                                use_mmap=False, verbose=verbose)
 

@@ -57,6 +57,17 @@ class Weight:
 
 def capture_weights(llm) -> dict[str, Weight]:
     """Every weight tensor of a loaded Llama, by name, from one forward pass on a throwaway context."""
+    return capture_model_weights(llm.model, getattr(llm, "n_threads", None))
+
+
+def capture_model_weights(model, n_threads: int | None = None) -> dict[str, Weight]:
+    """Every weight tensor of a llama.cpp model (a llama_model pointer), by name, from one forward
+    pass on a throwaway context (n_threads: its threads; None: llama.cpp's default).
+
+    llama_runtime.load_llama(before_context=...) runs this on the model before llama-cpp-python
+    creates its own context, so that the throwaway context's buffers (a 256-cell KV cache, a
+    compute buffer: ~8 MB for SmolLM2) are freed before the real ones are allocated, not held
+    beside them."""
     from llama_cpp import llama_cpp as C
 
     g = _ggml_base()
@@ -85,12 +96,18 @@ def capture_weights(llm) -> dict[str, Weight]:
     callback = C.ggml_backend_sched_eval_callback(on_node)
     params = C.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = 16, 16, 16
+    if n_threads:  # the threads the real context uses: no extra OpenMP workers left idle
+        params.n_threads = params.n_threads_batch = int(n_threads)
     params.cb_eval, params.cb_eval_user_data = callback, None
-    ctx = C.llama_init_from_model(llm.model, params)
+    # the tokens of b"qes" with BOS, as Llama.tokenize(b"qes", add_bos=True) gives them
+    text = b"qes"
+    buf = (C.llama_token * 16)()
+    n = C.llama_tokenize(C.llama_model_get_vocab(model), text, len(text), buf, 16, True, False)
+    tokens = list(buf[:max(0, n)])[:2] or [0]
+    ctx = C.llama_init_from_model(model, params)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context to find the weights")
     try:
-        tokens = llm.tokenize(b"qes", add_bos=True)[:2] or [0]
         arr = (C.llama_token * len(tokens))(*tokens)
         rc = C.llama_decode(ctx, C.llama_batch_get_one(arr, len(tokens)))
         if rc != 0:

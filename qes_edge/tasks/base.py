@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Example:
-    """One prompt and what scores it.
+    """One prompt and what scores it (slots: a task holds thousands of them).
 
     prompt: the user's text (a one-turn chat), or the whole prompt as given when raw;
     messages: the chat before the answer, a tuple of {"role", "content"} dicts; empty means one
@@ -51,6 +51,99 @@ class Example:
         if self.raw:
             return ("raw", self.prompt)
         return ("chat", tuple((m["role"], m["content"]) for m in self.chat()), self.prefill)
+
+
+# -- the fixed train/held-out split -----------------------------------------------------------
+# numpy.random.default_rng(seed).permutation(n), computed in Python: the same list, element for
+# element (tests/test_tasks_split.py checks it against NumPy), without importing numpy.random
+# (its extension modules and Python code are ~2 MB resident in a process that never needs them:
+# training draws its seeds and batches with derive.py).  SeedSequence(seed) hashes the seed into
+# a PCG64 state; Generator.shuffle is a Fisher-Yates shuffle drawing each index with
+# random_interval (masked rejection sampling on PCG64's 32-bit halves).
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+_M128 = (1 << 128) - 1
+_SS_INIT_A, _SS_MULT_A, _SS_INIT_B, _SS_MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_SS_MIX_L, _SS_MIX_R = 0xCA01F9DD, 0x4973F715
+_PCG64_MULT = 0x2360ED051FC65DA44385DF649FCCF645
+
+
+def _seed_sequence_words(seed: int, n: int) -> list[int]:
+    """numpy.random.SeedSequence(seed).generate_state(n, np.uint32) for an int seed >= 0."""
+    entropy = []
+    x = seed
+    while True:
+        entropy.append(x & _M32)
+        x >>= 32
+        if not x:
+            break
+    h = _SS_INIT_A
+
+    def hashmix(v):
+        nonlocal h
+        v = (v ^ h) & _M32
+        h = (h * _SS_MULT_A) & _M32
+        v = (v * h) & _M32
+        return v ^ (v >> 16)
+
+    def mix(a, b):
+        r = (_SS_MIX_L * a - _SS_MIX_R * b) & _M32
+        return r ^ (r >> 16)
+
+    pool = [hashmix(entropy[i] if i < len(entropy) else 0) for i in range(4)]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(4, len(entropy)):
+        for dst in range(4):
+            pool[dst] = mix(pool[dst], hashmix(entropy[src]))
+    h = _SS_INIT_B
+    out = []
+    for i in range(n):
+        v = (pool[i % 4] ^ h) & _M32
+        h = (h * _SS_MULT_B) & _M32
+        v = (v * h) & _M32
+        out.append(v ^ (v >> 16))
+    return out
+
+
+def fixed_permutation(seed: int, n: int) -> list[int]:
+    """numpy.random.default_rng(seed).permutation(n).tolist(), without numpy.random (see above)."""
+    if seed < 0 or n > _M32:  # outside what is written here: ask NumPy
+        return np.random.default_rng(seed).permutation(n).tolist()
+    w = _seed_sequence_words(seed, 8)
+    v = [w[2 * k] | (w[2 * k + 1] << 32) for k in range(4)]
+    init, seq = (v[0] << 64) | v[1], (v[2] << 64) | v[3]
+    inc = ((seq << 1) | 1) & _M128
+    state = (inc + init) & _M128  # srandom: state 0, a step, += init, a step
+    state = (state * _PCG64_MULT + inc) & _M128
+    buffered = None
+
+    def next32():
+        nonlocal state, buffered
+        if buffered is not None:
+            r, buffered = buffered, None
+            return r
+        state = (state * _PCG64_MULT + inc) & _M128
+        x = ((state >> 64) ^ state) & _M64
+        rot = state >> 122
+        out = ((x >> rot) | (x << ((-rot) & 63))) & _M64
+        buffered = out >> 32
+        return out & _M32
+
+    arr = list(range(n))
+    for i in range(n - 1, 0, -1):
+        mask = i
+        for s in (1, 2, 4, 8, 16):
+            mask |= mask >> s
+        while True:
+            j = next32() & mask
+            if j <= i:
+                break
+        arr[i], arr[j] = arr[j], arr[i]
+    return arr
 
 
 class RewardFailure(Exception):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward
+from .base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward, fixed_permutation
 
 
 MAX_DATA_BYTES = 1 << 30  # a JSONL of prompts larger than 1 GiB is a mistake, not a task
@@ -127,7 +127,7 @@ class JsonlTask(Task):
                  raw_prompt: bool = False):
         self.raw_prompt = raw_prompt
         ex = read_jsonl(path, raw_prompt, self.check_example)
-        order = np.random.default_rng(999).permutation(len(ex))
+        order = fixed_permutation(999, len(ex))  # default_rng(999).permutation, without numpy.random
         k = max(1, int(len(ex) * heldout_fraction))
         self._heldout = [ex[i] for i in order[:k]]
         self._train = [ex[i] for i in order[k:]]

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .base import Example, Task, auroc
+from .base import Example, Task, auroc, fixed_permutation
 
 # a chat of a system turn and a user turn, rendered by the model's own template, then the
 # answer cue "Answer:" inside the assistant's turn.  The word comes last but for the template's
@@ -24,6 +24,8 @@ SYSTEM = "You classify the sentiment of single words."
 USER = "Positive or negative?\nWord: {word}"
 PREFILL = "Answer:"
 CLASSES = {"positive": (" positive", " Positive"), "negative": (" negative", " Negative")}
+_CHOICES = tuple(CLASSES)
+_SYSTEM_MESSAGE = {"role": "system", "content": SYSTEM}  # shared by every example: never mutated
 
 
 def afinn_words(min_abs: int = 2) -> list[tuple[str, str]]:
@@ -47,7 +49,8 @@ class SentimentTask(Task):
     def __init__(self, seed: int = 0, heldout: int = 200, min_abs: int = 2, raw_prompt: bool = False):
         self.raw_prompt = raw_prompt
         words = afinn_words(min_abs)
-        order = np.random.default_rng(12345).permutation(len(words))  # fixed split, whatever the run seed
+        # a fixed split, whatever the run seed: default_rng(12345).permutation, without numpy.random
+        order = fixed_permutation(12345, len(words))
         # held out: the first heldout/2 words of each class in that order, so accuracy is not a class prior
         held = set()
         for label in CLASSES:
@@ -59,11 +62,11 @@ class SentimentTask(Task):
     def _example(self, word, label):
         user = USER.format(word=word)
         if self.raw_prompt:  # a base model without a template: the same words as plain text
-            return Example(f"{SYSTEM}\n{user}\n{PREFILL}", answer=label, choices=tuple(CLASSES),
+            return Example(f"{SYSTEM}\n{user}\n{PREFILL}", answer=label, choices=_CHOICES,
                            meta={"word": word}, raw=True)
-        return Example(user, answer=label, choices=tuple(CLASSES), meta={"word": word},
-                       messages=({"role": "system", "content": SYSTEM}, {"role": "user", "content": user}),
-                       prefill=PREFILL)
+        # the system turn and the choices are the same objects in every example (thousands of them)
+        return Example(user, answer=label, choices=_CHOICES, meta={"word": word},
+                       messages=(_SYSTEM_MESSAGE, {"role": "user", "content": user}), prefill=PREFILL)
 
     def describe(self):
         return {"name": self.name, "raw_prompt": self.raw_prompt}
