@@ -91,26 +91,25 @@ def sync_cmd(ctx: typer.Context,
         _fail("sync needs --peer (socket://HOST:PORT or a serial device), or `qes-edge sync serve` to answer")
     _check_run_id(run_id)
     ledger = _check_ledger(ledger, run_id)
-    progress = None
-    if not as_json:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-        bar = Progress(TextColumn("sync"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        task = None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(TextColumn("sync"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = None
 
-        def progress(n: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                bar.start()
-                task = bar.add_task("sync", total=total)
-            bar.update(task, completed=n, total=total)
+    def progress(n: int, total: int) -> None:  # a bar on stderr while steps come in
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("sync", total=total)
+        bar.update(task, completed=n, total=total)
     try:
-        result = sync(peer, ledger, run_id, _opts(timeout, retries), progress=progress, baudrate=baud)
+        result = sync(peer, ledger, run_id, _opts(timeout, retries), progress=None if as_json else progress,
+                      baudrate=baud)
     except SyncError as e:
         _exit_for(e)
     finally:
-        if progress is not None and task is not None:
+        if task is not None:
             bar.stop()
     typer.echo(json.dumps(result.to_json()) if as_json else result.line())
 

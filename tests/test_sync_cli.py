@@ -161,7 +161,7 @@ def test_sync_over_a_serial_device(tmp_path):
     finally:
         t.join(60)
         os.close(slave)
-    assert r.returncode == 0 and r.stdout.startswith(f"received steps 0..19 (20 steps"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("received steps 0..19 (20 steps"), r.stdout + r.stderr
     assert device in r.stdout and out["r"].action == "sent"
     assert rows(dst) == rows(src)
 

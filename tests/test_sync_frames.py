@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qes_edge.sync.frames import HEADER_SIZE, MAGIC, MAX_PAYLOAD, OVERHEAD, Decoder, Frame, FrameError, encode
+from qes_edge.sync.testing import corrupt
 
 
 def frames_of(rng, n, max_len=700):
@@ -118,47 +119,6 @@ def test_another_frame_version_is_named():
     dec = Decoder()
     assert dec.feed(head + b"abc" + b"\0" * 4) == []
     assert dec.versions_seen == {2} and dec.stats["other_version"] == 1
-
-
-def corrupt(raw: bytes, rng) -> tuple[bytes, str]:
-    """One random corruption that changes the frame's bytes."""
-    b = bytearray(raw)
-    kind = ["flip", "flip_header", "flip_length", "drop", "insert", "truncate", "swap", "zero_run", "burst"][
-        int(rng.integers(0, 9))]
-    if kind == "flip":
-        i = int(rng.integers(0, len(b)))
-        b[i] ^= 1 << int(rng.integers(0, 8))
-    elif kind == "flip_header":
-        i = int(rng.integers(0, HEADER_SIZE))
-        b[i] ^= 1 << int(rng.integers(0, 8))
-    elif kind == "flip_length":
-        b[16 + int(rng.integers(0, 4))] ^= 1 << int(rng.integers(0, 8))
-    elif kind == "drop":
-        del b[int(rng.integers(0, len(b)))]
-    elif kind == "insert":
-        b.insert(int(rng.integers(1, len(b))), int(rng.integers(0, 256)))  # inside: before or after is garbage
-    elif kind == "truncate":
-        b = b[:int(rng.integers(0, len(b)))]
-    elif kind == "swap":
-        i = int(rng.integers(0, len(b) - 1))
-        if b[i] == b[i + 1]:
-            b[i] ^= 0xFF
-        else:
-            b[i], b[i + 1] = b[i + 1], b[i]
-    elif kind == "zero_run":
-        i = int(rng.integers(0, len(b)))
-        n = int(rng.integers(1, 16))
-        if all(x == 0 for x in b[i:i + n]):
-            b[i] = 1
-        else:
-            b[i:i + n] = bytes(len(b[i:i + n]))
-    else:
-        i = int(rng.integers(0, len(b)))
-        burst = rng.bytes(int(rng.integers(1, 32)))
-        b[i:i + len(burst)] = burst
-    if bytes(b) == raw:  # the random change happened to change nothing
-        b[0] ^= 1
-    return bytes(b), kind
 
 
 def fuzz_decoder(n_corrupted: int, seed: int) -> dict:

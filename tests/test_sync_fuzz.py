@@ -11,14 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from test_sync_frames import corrupt
 from qes_edge.ledger import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.frames import Decoder, encode
 from qes_edge.sync.link import Link
 from qes_edge.sync.messages import T, MessageError
 from qes_edge.sync.session import Channel, Options, Result, Side, Store
-from qes_edge.sync.testing import synthetic_ledger
+from qes_edge.sync.testing import corrupt, synthetic_ledger
 
 SESSION = 0x5EED
 
@@ -117,7 +116,8 @@ def test_ten_thousand_corrupted_frames_through_a_receiver(tmp_path):
     try:
         assert b.verify(run_id) == n_steps and b.head_hash(run_id) == head
         cols = "step, threshold, seeds, coefs_q16, rewards, failures, timings, weights_sha256, prev_hash, hash, created"
-        assert b.db.execute(f"select {cols} from steps").fetchall() == a.db.execute(f"select {cols} from steps").fetchall()
+        assert b.db.execute(f"select {cols} from steps").fetchall() == \
+            a.db.execute(f"select {cols} from steps").fetchall()
     finally:
         a.close()
         b.close()

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from qes_edge.ledger import Ledger
-from qes_edge.sync import (ForkError, Incomplete, Listener, Options, PeerError, Refused, open_link, serve,
-                           serve_session, sync)
+from qes_edge.sync import ForkError, Incomplete, Listener, Options, PeerError, Refused, serve, serve_session, sync
 from qes_edge.sync.testing import FaultyLink, extend, pty_pair, socket_pair, synthetic_ledger
 
 COLS = "run_id, step, threshold, seeds, coefs_q16, rewards, failures, timings, weights_sha256, prev_hash, hash, created"
@@ -106,9 +103,6 @@ def test_sync_is_idempotent_and_resumes_from_the_head(src, tmp_path):
     lg = Ledger(src)
     run_id = lg.run().run_id
     lg.close()
-    # a receiver that already has the first 15 steps (an earlier sync)
-    part = tmp_path / "part.qes"
-    synthetic_ledger(part, 0)
     res, _ = run_pair(dst, src)
     assert res.steps == 40
     before = (sha(src), sha(dst))
@@ -399,3 +393,13 @@ def test_a_run_edited_at_its_root_is_refused(src, tmp_path):
     assert srv.action == "refused" and "the run row was edited" in srv.error
     assert isinstance(res, PeerError) and "the peer's ledger cannot be used" in str(res) and res.exit_code == 2
     assert not (tmp_path / "new.qes").exists()
+
+
+def test_a_run_without_steps_is_received_too(tmp_path):
+    src, dst = tmp_path / "src.qes", tmp_path / "dst.qes"
+    synthetic_ledger(src, 0)
+    res, srv = run_pair(dst, src)
+    assert res.action == "received" and res.steps == 0 and "no step recorded yet" in res.line()
+    assert rows(dst) == rows(src) and verified(dst) == verified(src)
+    res, srv = run_pair(dst, src)
+    assert res.action == "up to date"

@@ -114,6 +114,8 @@ class Result:
 
     def line(self) -> str:
         kb = (self.bytes_in if self.action == "received" else self.bytes_out) / 1000
+        if self.action == "received" and self.first is None:
+            return f"received run {self.run_id} (no step recorded yet) from {self.peer}; head {self.head}"
         if self.action == "received":
             return (f"received steps {self.first}..{self.last} ({self.steps} steps, {kb:.1f} kB) from {self.peer}; "
                     f"head {self.head}")
@@ -512,6 +514,7 @@ class Side:
         store, opts = self.store, self.opts
         if store.run_id is None:
             store.import_run(self.peer.run)
+            self.result.stats["run_created"] = 1
         run_id = store.run_id
         n, head = store.head()
         target, misses, confirmed = peer_n, 0, False
@@ -646,7 +649,8 @@ def client_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opt
             ahead = peer.run is None or peer.n_steps < mine.n_steps
             if behind:
                 side.pull(peer.n_steps, progress)
-                result.action = "received" if result.first is not None else "up to date"
+                result.action = "received" if result.first is not None or result.stats.get("run_created") \
+                    else "up to date"
                 side.finish(ack=False)
             elif ahead:
                 side.chan.send(T.PULL, M.pull(result.run_id))
@@ -806,7 +810,8 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
                 return result, nxt
             if g.type == T.PULL:
                 side.pull(peer.n_steps)
-                result.action = "received" if result.first is not None else "up to date"
+                result.action = "received" if result.first is not None or result.stats.get("run_created") \
+                    else "up to date"
                 side.finish(ack=False)
                 break
             if g.type == T.BYE:
@@ -851,18 +856,13 @@ def serve(listener, ledger: str | Path, run_id: str | None = None, opts: Options
         if link is None:
             continue
         try:
+            hello_wait = None if listener.is_serial else opts.timeout * (opts.retries + 1)
             result, pending = serve_session(link, ledger, run_id, opts, first=pending, finished=finished,
-                                            idle=None, stop=stop,
-                                            hello_wait=None if listener.is_serial else opts.timeout * (opts.retries + 1))
+                                            idle=None, stop=stop, hello_wait=hello_wait)
         except LinkClosed as e:
             if listener.is_serial:
                 raise Incomplete(f"{listener.url}: {e}") from None
             result = Result(action="incomplete", error=str(e), exit_code=1, peer=link.name)
-        except Refused as e:  # the ledger itself (a directory, a foreign file)
-            result = Result(action="refused", error=str(e), exit_code=2, peer=link.name)
-            if not listener.is_serial:
-                link.close()
-            raise
         if not listener.is_serial:
             link.close()
         if result.action == "ended" and stop is not None and stop():

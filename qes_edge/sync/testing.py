@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .frames import HEADER_SIZE
 from .link import FdLink, Link, LinkClosed, SocketLink
 
 REAL_TIMINGS = {"changed": 47549, "digest_s": 0.346605, "eval_s": 50.872957, "perturb_s": 0.241477,
@@ -45,8 +46,9 @@ def extend(lg, run_id: str, n_steps: int, seed: int = 0, population: int = 16, t
     for i in range(start, start + n_steps):
         base = rng.integers(1, 2**31 - 1, population // 2)
         lg.append_step(run_id, StepRecord(
-            i, 34268880, np.stack([base, -base], 1).reshape(-1), rng.integers(-3 * 65536, 3 * 65536, population).astype(np.int32),
-            rng.random(population), rng.bytes(32).hex(), dict(timings or REAL_TIMINGS)))
+            i, 34268880, np.stack([base, -base], 1).reshape(-1),
+            rng.integers(-3 * 65536, 3 * 65536, population).astype(np.int32), rng.random(population),
+            rng.bytes(32).hex(), dict(timings or REAL_TIMINGS)))
 
 
 def socket_pair() -> tuple[Link, Link]:
@@ -64,6 +66,48 @@ def pty_pair(baudrate: int = 115200) -> tuple[Link, Link]:
     ser = serial.Serial(name, baudrate=baudrate, timeout=0)
     os.close(slave)  # pyserial holds its own descriptor
     return SerialLink(ser, name), FdLink(master, f"{name} (master)")
+
+
+def corrupt(raw: bytes, rng) -> tuple[bytes, str]:
+    """One random corruption that changes the frame's bytes (never leaves it intact with garbage
+    before or after it): (damaged bytes, the kind of damage)."""
+    b = bytearray(raw)
+    kind = ["flip", "flip_header", "flip_length", "drop", "insert", "truncate", "swap", "zero_run", "burst"][
+        int(rng.integers(0, 9))]
+    if kind == "flip":
+        i = int(rng.integers(0, len(b)))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "flip_header":
+        i = int(rng.integers(0, HEADER_SIZE))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "flip_length":
+        b[16 + int(rng.integers(0, 4))] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "drop":
+        del b[int(rng.integers(0, len(b)))]
+    elif kind == "insert":
+        b.insert(int(rng.integers(1, len(b))), int(rng.integers(0, 256)))  # inside: before or after is garbage
+    elif kind == "truncate":
+        b = b[:int(rng.integers(0, len(b)))]
+    elif kind == "swap":
+        i = int(rng.integers(0, len(b) - 1))
+        if b[i] == b[i + 1]:
+            b[i] ^= 0xFF
+        else:
+            b[i], b[i + 1] = b[i + 1], b[i]
+    elif kind == "zero_run":
+        i = int(rng.integers(0, len(b)))
+        n = int(rng.integers(1, 16))
+        if all(x == 0 for x in b[i:i + n]):
+            b[i] = 1
+        else:
+            b[i:i + n] = bytes(len(b[i:i + n]))
+    else:
+        i = int(rng.integers(0, len(b)))
+        burst = rng.bytes(int(rng.integers(1, 32)))
+        b[i:i + len(burst)] = burst
+    if bytes(b) == raw:  # the random change happened to change nothing
+        b[0] ^= 1
+    return bytes(b), kind
 
 
 class FaultyLink(Link):
@@ -165,4 +209,34 @@ class FaultyLink(Link):
 
     def close(self) -> None:
         self._closed = True
+        self.inner.close()
+
+
+class PacedLink(Link):
+    """What a UART does to writes: bytes leave at baud/bits_per_byte bytes a second (a start bit,
+    8 data bits and a stop bit: 10 bits a byte), so a write returns when its last byte is on the
+    wire.  Pseudo-terminals ignore the line speed; wrapping both ends of one in this gives the
+    timing of a real serial line (less its latency)."""
+
+    def __init__(self, inner: Link, baud: int, bits_per_byte: int = 10, chunk: int = 16):
+        self.inner, self.name = inner, getattr(inner, "name", "paced")
+        self.rate, self.chunk = baud / bits_per_byte, chunk
+        self._free = time.monotonic()
+
+    def read(self, timeout: float) -> bytes:
+        return self.inner.read(timeout)
+
+    def write(self, data: bytes) -> None:
+        for i in range(0, len(data), self.chunk):
+            piece = data[i:i + self.chunk]
+            now = time.monotonic()
+            # a line that was sending goes on from where its last byte ended (the sleep's own
+            # lateness is not charged to the line); an idle one starts now
+            self._free = (self._free if now - self._free < 0.005 else now) + len(piece) / self.rate
+            delay = self._free - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.inner.write(piece)
+
+    def close(self) -> None:
         self.inner.close()
