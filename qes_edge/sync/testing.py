@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frames import HEADER_SIZE
+from .frames import HEADER_SIZE, Decoder, Frame, encode
 from .link import FdLink, Link, LinkClosed, SocketLink
 
 REAL_TIMINGS = {"changed": 47549, "digest_s": 0.346605, "eval_s": 50.872957, "perturb_s": 0.241477,
@@ -108,6 +108,61 @@ def corrupt(raw: bytes, rng) -> tuple[bytes, str]:
     if bytes(b) == raw:  # the random change happened to change nothing
         b[0] ^= 1
     return bytes(b), kind
+
+
+def fuzz_decoder(n_corrupted: int, seed: int = 0, batch: int = 200) -> dict:
+    """n_corrupted damaged frames, each followed by an intact one, through one decoder in random
+    chunks.  Counts what matters:
+
+    - `wrong`: frames delivered that differ from the frame sent with that sequence number (a
+      damaged frame let through): must be 0;
+    - `out_of_order`, `repeated`: must be 0;
+    - `intact_lost`: intact frames not delivered.  One can be lost only when the damage to the
+      frame before it happened to leave that frame whole, borrowing the intact frame's first byte
+      (its last byte dropped, and the next byte equal to it): then the damaged frame is delivered
+      exactly as sent instead, so `intact_lost` <= `damaged_but_whole`;
+    - `damaged_but_whole`: damaged frames delivered exactly as sent (the damage fell outside
+      the frame: a byte inserted before its last one and equal to it, a burst past its end)."""
+    rng = np.random.default_rng(seed)
+    dec = Decoder()
+    sent: dict[int, Frame] = {}
+    kinds: dict[str, int] = {}
+    delivered: list[Frame] = []
+    parts: list[bytes] = []
+
+    def feed(data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            k = int(rng.integers(1, 4096))
+            delivered.extend(dec.feed(data[i:i + k]))
+            i += k
+
+    t0 = time.perf_counter()
+    for i in range(n_corrupted):
+        bad = Frame(6, 9, 2 * i, rng.bytes(int(rng.integers(0, 600))))
+        good = Frame(6, 9, 2 * i + 1, rng.bytes(int(rng.integers(0, 600))))
+        sent[bad.seq], sent[good.seq] = bad, good
+        damaged, kind = corrupt(encode(bad.type, bad.payload, bad.session, bad.seq), rng)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        parts.append(damaged + encode(good.type, good.payload, good.session, good.seq))
+        if len(parts) == batch:
+            feed(b"".join(parts))
+            parts = []
+    feed(b"".join(parts))
+    delivered.extend(dec.give_up_partial())
+    seqs = [f.seq for f in delivered]
+    good_seen = {s for s in seqs if s % 2}
+    return {"corrupted_frames": n_corrupted, "intact_frames": n_corrupted, "kinds": kinds,
+            "delivered": len(delivered), "wrong": sum(f != sent.get(f.seq) for f in delivered),
+            "out_of_order": sum(a >= b for a, b in zip(seqs, seqs[1:])), "repeated": len(seqs) - len(set(seqs)),
+            "intact_lost": n_corrupted - len(good_seen), "damaged_but_whole": sum(1 for s in seqs if s % 2 == 0),
+            "seconds": round(time.perf_counter() - t0, 2), "decoder": dict(dec.stats)}
+
+
+def check_fuzz(out: dict) -> None:
+    assert out["wrong"] == 0, f"{out['wrong']} damaged frames were delivered"
+    assert out["out_of_order"] == 0 and out["repeated"] == 0, out
+    assert out["intact_lost"] <= out["damaged_but_whole"], out
 
 
 class FaultyLink(Link):
