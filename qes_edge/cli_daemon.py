@@ -156,10 +156,13 @@ MaxTemp = typer.Option(85.0, "--max-temp", help="Pause while any thermal zone is
 Nice = typer.Option(None, "--nice", min=0, max=19, help="CPU niceness of the daemon (0..19; 10 is a good neighbour).")
 IONice = typer.Option(None, "--ionice", help="IO priority: idle, best-effort or best-effort:N (0..7).")
 Poll = typer.Option(30.0, "--poll", min=0.05, help="Seconds between looks at an empty queue or a paused machine.")
+Serve = typer.Option(None, "--serve", help="While training, answer `qes-edge sync` and `qes-edge follow` peers "
+                                           "with the current job's ledger (read-only) on socket://HOST:PORT or a "
+                                           "serial device.")
 
 
 def _daemon_config(max_steps, max_wall, stop_at, run_on_battery, max_temp, nice, ionice, poll, threads,
-                   exit_when_empty=False):
+                   exit_when_empty=False, serve=None):
     from .daemon import DaemonConfig, parse_clock, parse_duration
     from .manners import parse_ionice
     try:
@@ -167,11 +170,19 @@ def _daemon_config(max_steps, max_wall, stop_at, run_on_battery, max_temp, nice,
         at = parse_clock(stop_at) if stop_at else None
         if ionice:
             parse_ionice(ionice)
+        if serve is not None and not serve.strip():
+            raise ValueError("--serve needs socket://HOST:PORT or a serial device")
+        if serve is not None and serve.startswith("socket://"):
+            from .sync.link import LinkError, _tcp_address
+            try:
+                _tcp_address(serve)
+            except LinkError as e:
+                raise ValueError(f"--serve: {e}") from None
     except ValueError as e:
         _fail(str(e))
     return DaemonConfig(max_steps=max_steps, max_wall_s=wall, stop_at=at, pause_on_battery=not run_on_battery,
                         max_temp_c=max_temp, nice=nice, ionice=ionice, poll_s=poll, exit_when_empty=exit_when_empty,
-                        threads=threads)
+                        threads=threads, serve=serve)
 
 
 @daemon_app.command("run")
@@ -179,14 +190,15 @@ def daemon_run(max_steps: Optional[int] = MaxSteps, max_wall: Optional[str] = Ma
                stop_at: Optional[str] = StopAt, run_on_battery: bool = OnBattery, max_temp: float = MaxTemp,
                nice: Optional[int] = Nice, ionice: Optional[str] = IONice, poll: float = Poll,
                threads: int = ThreadsOpt,
-               exit_when_empty: bool = typer.Option(False, "--exit-when-empty", help="Exit once the queue is empty.")):
+               exit_when_empty: bool = typer.Option(False, "--exit-when-empty", help="Exit once the queue is empty."),
+               serve: Optional[str] = Serve):
     """Run the daemon in the foreground (what `daemon start` and the systemd unit run): log lines
     on stderr and in <home>/daemon.log.
 
     Example: qes-edge daemon run --exit-when-empty"""
     from .daemon import Daemon, DaemonError
     cfg = _daemon_config(max_steps, max_wall, stop_at, run_on_battery, max_temp, nice, ionice, poll, threads,
-                         exit_when_empty)
+                         exit_when_empty, serve)
     try:
         code = Daemon(_home(), cfg).run()
     except DaemonError as e:
@@ -198,13 +210,14 @@ def daemon_run(max_steps: Optional[int] = MaxSteps, max_wall: Optional[str] = Ma
 def daemon_start(max_steps: Optional[int] = MaxSteps, max_wall: Optional[str] = MaxWall,
                  stop_at: Optional[str] = StopAt, run_on_battery: bool = OnBattery, max_temp: float = MaxTemp,
                  nice: Optional[int] = Nice, ionice: Optional[str] = IONice, poll: float = Poll,
-                 threads: int = ThreadsOpt):
+                 threads: int = ThreadsOpt, serve: Optional[str] = Serve):
     """Start the daemon in the background: it trains the queued runs one after another, pausing
     on battery or heat, until the queue is empty (it then waits for more) or a budget ends.
 
     Example: qes-edge daemon start --stop-at 07:00 --nice 10"""
     from .daemon import DaemonError, daemon_paths, running_pid, start_detached
-    _daemon_config(max_steps, max_wall, stop_at, run_on_battery, max_temp, nice, ionice, poll, threads)  # checks
+    _daemon_config(max_steps, max_wall, stop_at, run_on_battery, max_temp, nice, ionice, poll, threads,
+                   serve=serve)  # checks
     home = _home()
     pid = running_pid(daemon_paths(home)["lock"])
     if pid is not None:
@@ -212,7 +225,7 @@ def daemon_start(max_steps: Optional[int] = MaxSteps, max_wall: Optional[str] = 
     argv = [sys.executable, "-m", "qes_edge", "daemon", "run", "--max-temp", str(max_temp), "--poll", str(poll),
             "--threads", str(threads)]
     for flag, v in (("--max-steps", max_steps), ("--max-wall", max_wall), ("--stop-at", stop_at), ("--nice", nice),
-                    ("--ionice", ionice)):
+                    ("--ionice", ionice), ("--serve", serve)):
         if v is not None:
             argv += [flag, str(v)]
     if run_on_battery:

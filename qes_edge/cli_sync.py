@@ -160,3 +160,105 @@ def serve_cmd(ledger: Optional[Path] = LedgerOpt,
         listener.close()
     if once and last is not None and last.exit_code:
         raise typer.Exit(last.exit_code)
+
+
+@app.command("follow")
+def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer serving the run: `qes-edge sync "
+                                                                         "serve` or `qes-edge daemon run --serve` "
+                                                                         "(socket://HOST:PORT or a serial device)."),
+               out: Optional[Path] = typer.Option(None, "--out", help="The GGUF kept current (rewritten atomically "
+                                                                      "after each batch of new steps)."),
+               ledger: Optional[Path] = typer.Option(None, "--ledger", help="The local copy of the run's ledger "
+                                                                            "(default: beside --out, <out>.qes)."),
+               base: Optional[str] = typer.Option(None, "--base", help="Base model, any name --model takes (default: "
+                                                                       "the default model, if the run names it)."),
+               run_id: Optional[str] = RunIdOpt,
+               interval: float = typer.Option(5.0, "--interval", min=0.05, help="Seconds between syncs once caught "
+                                                                                 "up."),
+               once: bool = typer.Option(False, "--once", help="Catch up, write the GGUF, and exit."),
+               baud: int = BaudOpt,
+               timeout: float = TimeoutOpt,
+               retries: int = RetriesOpt,
+               threads: int = typer.Option(0, "--threads", min=0, help="Threads for the replay (0: all cores)."),
+               as_json: bool = JsonOpt):
+    """Keep a replayed copy of a peer's run current: sync its new steps into a local ledger
+    (each checked against the hash chain), replay each onto the base model's codes in memory
+    (each weights hash checked), and rewrite the GGUF atomically after each batch, so that it
+    is always a complete earlier or later version.  Prints each step's replay time against its
+    recorded training time.  Ctrl-C or SIGTERM stops it cleanly.  Exit 1 when a step does not
+    replay to its recorded weights (or the link failed with --once), 2 refused, 3 a fork.
+
+    Example: qes-edge follow --peer socket://jetson.local:8765 --out follow.gguf"""
+    import signal
+    import threading
+
+    from .atomic import check_output_path
+    from .sync import SyncError
+    from .sync.follow import FollowError, follow
+    if peer is None or not peer.strip():
+        _fail("follow needs --peer: the device serving the run (socket://HOST:PORT or a serial device)")
+    if out is None:
+        _fail("follow needs --out: the GGUF to keep current")
+    _check_run_id(run_id)
+    if ledger is None:
+        ledger = out.with_name(out.name + ".qes")
+    try:
+        check_output_path(out, {"ledger": ledger})
+    except ValueError as e:
+        _fail(str(e))
+    if out.suffix == ".qes" or out.resolve() == ledger.resolve():
+        _fail(f"--out {out}: give a .gguf file name (it would be the ledger)")
+    ledger = _check_ledger(ledger, run_id)
+    if base is not None:
+        from .models import ModelNotFound, resolve_model
+        try:
+            resolve_model(base)
+        except (ModelNotFound, ValueError) as e:
+            _fail(str(e))
+
+    stop = threading.Event()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def on_step(st) -> None:
+        if as_json:
+            typer.echo(json.dumps(st.to_json()))
+        else:
+            train = f"{st.train_s:.3f} s" if st.train_s else "not recorded"
+            ratio = f" ({100 * st.ratio:.2f}%)" if st.ratio is not None else ""
+            typer.echo(f"step {st.step}: replay {st.replay_s:.3f} s, training {train}{ratio}")
+
+    def on_batch(b) -> None:
+        if as_json:
+            typer.echo(json.dumps({"event": "batch", "first": b.first, "last": b.last, "n_steps": b.n_steps,
+                                   "head": b.head, "write_s": round(b.write_s, 3), "sync_s": round(b.sync_s, 3),
+                                   "out": str(out)}))
+        else:
+            typer.echo(b.line(out))
+
+    def on_sync_error(e) -> None:
+        typer.echo(f"warning: {_one_line(e)}", err=True)
+
+    f = None
+    try:
+        f = follow(peer, ledger, out, base, run_id, interval, once, _opts(timeout, retries), baud, threads, stop,
+                   on_batch=on_batch, on_step=on_step, on_sync_error=on_sync_error)
+    except FollowError as e:
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        raise typer.Exit(e.exit_code)
+    except SyncError as e:
+        _exit_for(e)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped; {out} is complete" + ("" if out.exists() else " (none was written yet)"), err=True)
+        raise typer.Exit(0)
+    if as_json:
+        typer.echo(json.dumps({"event": "summary", **f.summary()}))
+    else:
+        s = f.summary()
+        if s["ratio"] is not None:
+            typer.echo(f"{s['steps']} steps followed: replay {s['replay_s']:.3f} s, "
+                       f"{100 * s['ratio']:.2f}% of training {s['train_s']:.2f} s (worst step "
+                       f"{100 * s['max_ratio']:.2f}%)")

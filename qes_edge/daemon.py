@@ -129,6 +129,7 @@ class DaemonConfig:
     poll_s: float = 30.0                  # how often an idle or paused daemon looks again
     exit_when_empty: bool = False
     threads: int = 0
+    serve: str | None = None              # socket://HOST:PORT or a serial device: serve the job's ledger there
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -152,6 +153,9 @@ class Daemon:
         self.lock = HomeLock(self.paths["lock"])
         self.paused: str | None = None
         self._paused_since = 0.0
+        self.serving: Path | None = None  # the ledger the sync server offers (the current or last job's)
+        self._listener = None
+        self._server: threading.Thread | None = None
 
     # -- logging ----------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -233,6 +237,8 @@ class Daemon:
         try:
             self.db = DaemonDB(self.paths["db"])
             self._setup_logging()
+            if self.cfg.serve:
+                self._start_server()  # DaemonError when it cannot listen: before anything is trained
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
             applied = []
@@ -249,9 +255,60 @@ class Daemon:
             self._state(status="stopped", stopped=time.time(), stop_reason=self._stop_reason, job=None)
             return code
         finally:
+            self._stop_server()
             if self.db is not None:
                 self.db.close()
             self.lock.release()
+
+    # -- serving the ledger while training -------------------------------------------------------
+    def _start_server(self) -> None:
+        """`qes-edge sync` / `qes-edge follow` peers are answered from a thread of their own: it
+        reads the ledger through its own read-only connection (SQLite WAL: readers never block
+        the writer), only sends (a peer that asks it to pull is refused), and whatever happens
+        to it is logged and never reaches the training loop."""
+        from .sync import Listener, LinkError
+        try:
+            self._listener = Listener(self.cfg.serve)
+        except LinkError as e:
+            raise DaemonError(f"--serve: {e}") from None
+        done = [j for j in self.db.jobs() if j.state == "done" and Path(j.ledger).exists()]
+        self.serving = Path(done[-1].ledger) if done else None  # until a job starts: the last finished one
+        self._server = threading.Thread(target=self._serve_loop, name="qes-sync-serve", daemon=True)
+        self._server.start()
+        self.note("info", f"serving the ledger of the current job on {self._listener.url} (read-only)",
+                  url=self._listener.url)
+
+    def _serve_loop(self) -> None:
+        from .sync import Options, serve
+        opts = Options()
+        while not self.stop.is_set():
+            try:
+                serve(self._listener, lambda: self.serving, None, opts, stop=self.stop.is_set, readonly=True,
+                      on_session=self._served)
+                return
+            except Exception as e:  # noqa: BLE001 - the server must never take the daemon down
+                if self.stop.is_set():
+                    return
+                LOG.warning(f"sync server: {type(e).__name__}: {e}; serving again")
+                self.stop.wait(1.0)
+
+    def _served(self, r) -> None:
+        if r.error:
+            LOG.info(f"sync server: {r.peer}: {r.action}: {r.error}")
+        elif r.first is not None:
+            LOG.info(f"sync server: {r.line()}")
+
+    def _stop_server(self) -> None:
+        if self._server is not None:
+            self.stop.set()
+            self._server.join(timeout=5.0)
+            self._server = None
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._listener = None
 
     _stop_reason = ""
 
@@ -299,6 +356,7 @@ class Daemon:
                   f"{Path(job.model).name} task {job.task} to step {job.steps}, ledger {job.ledger}", job.id)
         self.db.set_job(job.id, state="running", started=job.started or time.time(), error=None)
         self._state(status="opening", job=job.id, ledger=job.ledger, target=job.steps)
+        self.serving = Path(job.ledger)
         opts = SessionOptions(TrainConfig(**o["cfg"]), model=job.model, ledger=Path(job.ledger),
                               explicit=o.get("explicit", ()), resume=o.get("resume", False),
                               new_run=o.get("new_run", False) and job.run_id is None,

@@ -140,16 +140,20 @@ class Store:
     """The ledger this side syncs: opened for writing only when it exists (it is created when a
     run is received), the run chosen, its chain and head verified before anything is offered."""
 
-    def __init__(self, path: str | Path, run_id: str | None = None, prefer: str | None = None):
+    def __init__(self, path: str | Path, run_id: str | None = None, prefer: str | None = None,
+                 readonly: bool = False):
         self.path = Path(path)
         self.lg: Ledger | None = None
         self.run_id: str | None = None
         self.want: str | None = None
+        self.readonly = readonly  # only sends (a daemon serving the ledger it trains): opened read-only
         if self.path.is_dir():
             raise Refused(f"{self.path}: is a directory, not a ledger file")
+        if readonly and not self.path.exists():
+            raise Refused(f"{self.path}: no ledger there yet")
         if self.path.exists():
             try:
-                self.lg = Ledger(self.path)
+                self.lg = Ledger(self.path, readonly=readonly)
             except LedgerError as e:
                 raise Refused(str(e)) from None
         elif not self.path.parent.is_dir():
@@ -738,13 +742,16 @@ def sync(connect: Callable[[], Link] | str, ledger: str | Path, run_id: str | No
 
 # -- the server: qes-edge sync serve ------------------------------------------------------------
 
-def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Options, name: str = "",
-                  first: Frame | None = None, idle: float | None = None, finished: set | None = None,
-                  stop: Callable[[], bool] | None = None,
-                  hello_wait: float | None = None) -> tuple[Result, Frame | None]:
+def serve_session(link: Link, ledger: str | Path | Callable[[], str | Path | None], run_id: str | None,
+                  opts: Options, name: str = "", first: Frame | None = None, idle: float | None = None,
+                  finished: set | None = None, stop: Callable[[], bool] | None = None,
+                  hello_wait: float | None = None, readonly: bool = False) -> tuple[Result, Frame | None]:
     """Answer one client from its hello to its bye.  Returns the result and, on a serial line, a
     hello of a new session that arrived before this one ended (the client started again).
-    hello_wait: how long to wait for the hello (None: until one comes or stop())."""
+    hello_wait: how long to wait for the hello (None: until one comes or stop()).
+    ledger may be a function giving the path to serve when a hello comes (None: nothing to
+    serve yet; the daemon serves the ledger of the job it trains).  readonly: the ledger is
+    opened read-only and only sent from; a client that asks this side to pull is refused."""
     result = Result(peer=name or link.name)
     chan = Channel(link, opts, None, "server")
     t0 = time.monotonic()
@@ -771,8 +778,11 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
             result.action, result.error, result.exit_code = "refused", f"the peer sent a malformed hello ({e})", 2
             return result, None
         prefer = (peer.run or {}).get("run_id") or peer.want_run
+        path = ledger() if callable(ledger) else ledger
         try:
-            store = Store(ledger, run_id, prefer)
+            if path is None:
+                raise Refused("this server has no ledger to offer yet (the daemon has no job)")
+            store = Store(path, run_id, prefer, readonly=readonly)
         except Refused as e:  # this ledger cannot be used: tell the client why
             chan.send(T.ERROR, M.error("ledger", f"the peer's ledger cannot be used: {e}"))
             raise
@@ -808,6 +818,10 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
                     continue  # a late copy of a finished session's hello
                 result.action = result.action if result.first is not None else "ended"
                 return result, nxt
+            if g.type == T.PULL and store.readonly:
+                msg = "this server only sends (it serves a ledger that is being trained): sync the other way"
+                side.send_error("refused", msg)
+                raise Refused(msg)
             if g.type == T.PULL:
                 side.pull(peer.n_steps)
                 result.action = "received" if result.first is not None or result.stats.get("run_created") \
@@ -842,9 +856,9 @@ def serve_session(link: Link, ledger: str | Path, run_id: str | None, opts: Opti
     return result, None
 
 
-def serve(listener, ledger: str | Path, run_id: str | None = None, opts: Options | None = None,
-          once: bool = False, on_session: Callable[[Result], None] | None = None,
-          stop: Callable[[], bool] | None = None) -> Result | None:
+def serve(listener, ledger: str | Path | Callable[[], str | Path | None], run_id: str | None = None,
+          opts: Options | None = None, once: bool = False, on_session: Callable[[Result], None] | None = None,
+          stop: Callable[[], bool] | None = None, readonly: bool = False) -> Result | None:
     """Answer clients one after another (qes-edge sync serve): on TCP each connection is a
     session; on a serial line sessions follow one another on the open device."""
     opts = opts or Options()
@@ -858,7 +872,7 @@ def serve(listener, ledger: str | Path, run_id: str | None = None, opts: Options
         try:
             hello_wait = None if listener.is_serial else opts.timeout * (opts.retries + 1)
             result, pending = serve_session(link, ledger, run_id, opts, first=pending, finished=finished,
-                                            idle=None, stop=stop, hello_wait=hello_wait)
+                                            idle=None, stop=stop, hello_wait=hello_wait, readonly=readonly)
         except LinkClosed as e:
             if listener.is_serial:
                 raise Incomplete(f"{listener.url}: {e}") from None
