@@ -308,3 +308,100 @@ def decode_step(payload: bytes) -> tuple[StepRecord, float | None]:
     rec = StepRecord(step=step, threshold=threshold, seeds=seeds, coefs_q16=coefs, rewards=rewards,
                      weights_sha256=weights, timings=timings, failures=failures, hash=h)
     return rec, (created if math.isfinite(created) else None)
+
+
+# -- the shared population (types 16 and 17, docs/sync-protocol.md §9) ----------------------------
+#   evaluate: {req, step, members (population indices), seeds, batch, n_steps, head}
+#   rewards:  {req, step, members, rewards (null where it failed), failures, timings, n_steps, head,
+#              behind (true: the worker does not hold steps 0..step-1, nothing was evaluated)}
+# Rewards are floats in JSON (Python writes the shortest text that reads back to the same double,
+# so they cross bit for bit); a failed member's NaN is null.
+
+@dataclass
+class Evaluate:
+    req: int           # the coordinator's request number: a reply to an older request is dropped
+    step: int
+    members: list[int]  # indices into the step's population
+    seeds: list[int]
+    batch: list[int]    # indices into the task's training examples
+    n_steps: int        # the step starts from steps 0..n_steps-1 (n_steps == step)
+    head: str           # the hash of step n_steps-1 (the run's hash when n_steps is 0)
+
+
+def evaluate(e: Evaluate) -> bytes:
+    return encode_json({"req": e.req, "step": e.step, "members": e.members, "seeds": e.seeds, "batch": e.batch,
+                        "n_steps": e.n_steps, "head": e.head})
+
+
+def _int_list(v, lo: int, hi: int, what: str, limit: int = MAX_MEMBERS) -> list[int]:
+    if not isinstance(v, list) or len(v) > limit:
+        raise MessageError(f"{what} is not a list of at most {limit} integers")
+    return [_int(x, lo, hi, what) for x in v]
+
+
+def decode_evaluate(payload: bytes) -> Evaluate:
+    obj = decode_json(payload, "evaluate")
+    _fields(obj, "evaluate", {"req", "step", "members", "seeds", "batch", "n_steps", "head"})
+    e = Evaluate(_int(obj["req"], 0, I64, "evaluate: req"), _int(obj["step"], 0, I64, "evaluate: step"),
+                 _int_list(obj["members"], 0, MAX_MEMBERS, "evaluate: members"),
+                 _int_list(obj["seeds"], -I64, I64, "evaluate: seeds"),
+                 _int_list(obj["batch"], 0, I64, "evaluate: batch"), _int(obj["n_steps"], 0, I64, "evaluate: n_steps"),
+                 _hex(obj["head"], 64, "evaluate: head"))
+    if len(e.members) != len(e.seeds) or not e.seeds or not e.batch or 0 in e.seeds:
+        raise MessageError("evaluate: members and seeds differ in length, or a seed is 0, or nothing to evaluate")
+    if e.n_steps != e.step:
+        raise MessageError("evaluate: n_steps is not the step")
+    return e
+
+
+@dataclass
+class Rewards:
+    req: int
+    step: int
+    members: list[int]
+    rewards: list[float]       # NaN where the member failed
+    failures: list[str]
+    timings: dict
+    n_steps: int               # the worker's step count and head after this request
+    head: str
+    behind: bool = False       # the worker lacked steps: nothing evaluated, rewards empty
+
+
+def rewards(r: Rewards) -> bytes:
+    return encode_json({"req": r.req, "step": r.step, "members": r.members,
+                        "rewards": [None if math.isnan(x) else float(x) for x in r.rewards],
+                        "failures": r.failures, "timings": {k: float(v) for k, v in r.timings.items()},
+                        "n_steps": r.n_steps, "head": r.head, "behind": r.behind})
+
+
+def decode_rewards(payload: bytes) -> Rewards:
+    obj = decode_json(payload, "rewards")
+    _fields(obj, "rewards", {"req", "step", "members", "rewards", "failures", "timings", "n_steps", "head", "behind"})
+    vals = obj["rewards"]
+    if not isinstance(vals, list) or len(vals) > MAX_MEMBERS:
+        raise MessageError("rewards: rewards is not a list")
+    out = []
+    for v in vals:
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+        else:
+            raise MessageError("rewards: a reward is not a finite number or null")
+    fails = obj["failures"]
+    if not isinstance(fails, list) or len(fails) > MAX_MEMBERS:
+        raise MessageError("rewards: failures is not a list")
+    timings = obj["timings"]
+    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in timings.values()):
+        raise MessageError("rewards: timings is not an object of numbers")
+    if not isinstance(obj["behind"], bool):
+        raise MessageError("rewards: behind is not true or false")
+    r = Rewards(_int(obj["req"], 0, I64, "rewards: req"), _int(obj["step"], 0, I64, "rewards: step"),
+                _int_list(obj["members"], 0, MAX_MEMBERS, "rewards: members"), out,
+                [_str(f, "rewards: failure") for f in fails], {str(k): float(v) for k, v in timings.items()},
+                _int(obj["n_steps"], 0, I64, "rewards: n_steps"), _hex(obj["head"], 64, "rewards: head"),
+                obj["behind"])
+    if not r.behind and len(r.rewards) != len(r.members):
+        raise MessageError("rewards: not one reward per member")
+    return r

@@ -1,0 +1,200 @@
+"""The shared population (qes_edge/executor_peers.py, docs/sync-protocol.md §9): a coordinator and
+workers over socket pairs on a toy model (no llama.cpp) give exactly the ledger of one process;
+a worker that drops mid-step has its members evaluated by the coordinator; a worker that cannot
+hold the run is left out.  The slow test runs the real model in two processes over TCP."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from qes_edge.engine import TensorGroup
+from qes_edge.executor import LocalExecutor
+from qes_edge.executor_peers import PeerExecutor, Worker, split_members
+from qes_edge.ledger import Ledger
+from qes_edge.sync import messages as M
+from qes_edge.sync.link import LinkClosed
+from qes_edge.sync.testing import socket_pair
+from qes_edge.trainer import Trainer, TrainConfig
+from test_trainer_unit import ToyDriver, ToyTask
+
+CFG = dict(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2, window=5)
+
+
+def run_local(tmp_path, n_steps, name="one"):
+    cfg = TrainConfig(**CFG)
+    lg = Ledger(tmp_path / f"{name}.qes")
+    run = lg.create_run("00" * 32, "toy.gguf", cfg.record(), 1)
+    tr = Trainer(ToyDriver(0), ToyTask(), lg, run, cfg)
+    for _ in range(n_steps):
+        tr.step()
+    return lg, run
+
+
+def toy_opener(info):
+    return ToyDriver(0), ToyTask(), 0
+
+
+def start_worker(tmp_path, name, link, opener=toy_opener, wrap=None):
+    w = Worker(tmp_path / f"{name}.qes", opener)
+    out = {}
+
+    def go():
+        try:
+            out["why"] = w.serve_link(wrap(link) if wrap else link)
+        except LinkClosed as e:
+            out["why"] = f"closed: {e}"
+        finally:
+            link.close()
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    return w, th, out
+
+
+def coordinator(tmp_path, links, name="two", **kw):
+    cfg = TrainConfig(**CFG)
+    lg = Ledger(tmp_path / f"{name}.qes")
+    run = lg.create_run("00" * 32, "toy.gguf", cfg.record(), 1)
+    drv = ToyDriver(0)
+    tr = Trainer(drv, ToyTask(), lg, run, cfg)
+    said = []
+    ex = PeerExecutor(tr.executor, links, timeout=kw.pop("timeout", 30.0), say=said.append, **kw)
+    ex.bind(lg, run.run_id)
+    tr.executor = ex
+    return tr, lg, run, ex, said
+
+
+def rows(lg, run):
+    return [(r.step, r.seeds.tolist(), r.coefs_q16.tolist(), r.rewards.tobytes(), r.weights_sha256, r.failures)
+            for r in lg.steps(run.run_id)]
+
+
+def test_split_keeps_mirrored_pairs_together():
+    for n in (2, 4, 8, 10, 16):
+        for parts in (1, 2, 3, 5):
+            shares = split_members(n, parts)
+            assert len(shares) == parts
+            assert np.array_equal(np.concatenate(shares), np.arange(n))
+            assert all(len(s) % 2 == 0 and (not len(s) or s[0] % 2 == 0) for s in shares)
+            assert max(map(len, shares)) - min(map(len, shares)) <= 2
+
+
+def test_messages_round_trip_bit_for_bit():
+    e = M.Evaluate(3, 7, [2, 3], [11, -11], [0, 5], 7, "ab" * 32)
+    assert M.decode_evaluate(M.evaluate(e)) == e
+    vals = [0.1 + 0.2, float("nan"), -1e-300, 1 / 3]
+    r = M.decode_rewards(M.rewards(M.Rewards(3, 7, [0, 1, 2, 3], vals, ["member 1 (seed 5): x"], {"eval_s": 1.5},
+                                             7, "cd" * 32)))
+    assert np.array(r.rewards).tobytes() == np.array(vals).tobytes()
+    for bad in (b"{}", b"[1]", M.evaluate(M.Evaluate(1, 2, [0], [0], [1], 2, "ab" * 32)),
+                M.evaluate(M.Evaluate(1, 2, [0, 1], [3], [1], 2, "ab" * 32))):
+        with pytest.raises(M.MessageError):
+            M.decode_evaluate(bad)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_shared_population_gives_the_one_process_ledger(tmp_path, n_workers):
+    lg1, run1 = run_local(tmp_path, 6)
+    pairs = [socket_pair() for _ in range(n_workers)]
+    workers = [start_worker(tmp_path, f"w{i}", b) for i, (a, b) in enumerate(pairs)]
+    tr, lg2, run2, ex, said = coordinator(tmp_path, [a for a, b in pairs])
+    for _ in range(6):
+        tr.step()
+    assert rows(lg2, run2) == rows(lg1, run1)
+    assert all(p.alive and p.members > 0 for p in ex.peers), said
+    assert all(r.timings["remote_members"] == 8 * n_workers // (n_workers + 1) // 2 * 2 for r in lg2.steps(run2.run_id))
+    ex.close()
+    for w, th, out in workers:
+        th.join(10)
+        assert out["why"] in ("bye", "the coordinator hung up")
+        # the worker holds steps 0..4 (it evaluated step 5 from them), chained as the coordinator's
+        wl = Ledger(w.ledger_path, readonly=True)
+        assert [r.hash for r in wl.steps(run2.run_id)] == [r.hash for r in lg2.steps(run2.run_id)][:5]
+
+
+class DropAfter:
+    """A link that hangs up once it has carried `n` evaluate frames to the worker."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.name = inner, n, "drop"
+
+    def read(self, timeout):
+        data = self.inner.read(timeout)
+        if b"QES\xa7\x01\x10" in data:  # a frame of type 16
+            self.n -= 1
+            if self.n < 0:
+                self.inner.close()
+                raise LinkClosed("dropped mid-step")
+        return data
+
+    def write(self, data):
+        self.inner.write(data)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_worker_that_drops_mid_step_has_its_members_evaluated_here(tmp_path):
+    lg1, run1 = run_local(tmp_path, 5)
+    (a, b), (c, d) = socket_pair(), socket_pair()
+    start_worker(tmp_path, "w0", b, wrap=lambda link: DropAfter(link, 2))  # drops at step 2
+    start_worker(tmp_path, "w1", d)
+    tr, lg2, run2, ex, said = coordinator(tmp_path, [a, c])
+    for _ in range(5):
+        tr.step()
+    assert rows(lg2, run2) == rows(lg1, run1)
+    assert not ex.peers[0].alive and ex.peers[1].alive
+    assert any("left out" in s for s in said), said
+    remote = [r.timings["remote_members"] for r in lg2.steps(run2.run_id)]
+    assert remote[:2] == [4, 4] and remote[3:] == [4, 4], remote  # 2 + 2 of 8, then the live worker's 4
+    ex.close()
+
+
+def test_a_worker_that_cannot_hold_the_run_is_left_out(tmp_path):
+    lg1, run1 = run_local(tmp_path, 3)
+    a, b = socket_pair()
+
+    def refuse(info):
+        raise ValueError("base model sha256 differs")
+    start_worker(tmp_path, "w0", b, opener=refuse)
+    tr, lg2, run2, ex, said = coordinator(tmp_path, [a])
+    assert not ex.peers[0].alive and "base model sha256 differs" in ex.peers[0].why
+    for _ in range(3):
+        tr.step()
+    assert rows(lg2, run2) == rows(lg1, run1)
+
+
+def test_a_worker_that_missed_a_row_says_so_and_catches_up(tmp_path):
+    """A lost step frame: the worker answers 'behind', its members are evaluated here, and the
+    next step's request carries the rows it lacks."""
+    lg1, run1 = run_local(tmp_path, 5)
+    a, b = socket_pair()
+
+    class LoseStep:
+        name, lost = "lose", False
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def read(self, timeout):
+            data = self.inner.read(timeout)
+            i = data.find(b"QES\xa7\x01\x06")
+            if i >= 0 and not LoseStep.lost:  # a step frame: lose its first byte (the CRC drops it)
+                LoseStep.lost = True
+                data = data[:i] + data[i + 1:]
+            return data
+
+        def write(self, data):
+            self.inner.write(data)
+
+        def close(self):
+            self.inner.close()
+    w, th, out = start_worker(tmp_path, "w0", b, wrap=LoseStep)
+    tr, lg2, run2, ex, said = coordinator(tmp_path, [a])
+    for _ in range(5):
+        tr.step()
+    assert rows(lg2, run2) == rows(lg1, run1)
+    assert ex.peers[0].alive
+    remote = [r.timings["remote_members"] for r in lg2.steps(run2.run_id)]
+    assert remote[1] == 0 and remote[0] == remote[2] == remote[4] == 4, remote
+    ex.close()
