@@ -279,7 +279,11 @@ def train(ctx: typer.Context,
           raw_prompt: bool = RawPromptOpt,
           choice_norm: str = ChoiceNormOpt,
           as_json: bool = typer.Option(False, "--json", help="One JSON line per step and per evaluation on stdout "
-                                                              "(human messages and progress go to stderr).")):
+                                                              "(human messages and progress go to stderr)."),
+          peers: Optional[str] = typer.Option(None, "--peers", help="Share each step's population with workers "
+                                                                   "(`qes-edge worker`), comma-separated: "
+                                                                   "socket://HOST:PORT or serial devices. The "
+                                                                   "ledger is the same as without them.")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
     re-run with the same ledger resumes where it stopped, with the config it recorded. Options
     that differ from that config are refused (--resume ignores them, --new-run starts a new run).
@@ -287,11 +291,13 @@ def train(ctx: typer.Context,
     Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
     with _json_output(as_json):
         _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json)
+               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
+               peers)
 
 
 def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json):
+           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
+           peers=None):
     from .session import RUN_OPTIONS, Session, SessionOptions, check_data_option
     from .trainer import TrainConfig
 
@@ -303,9 +309,37 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
                           choice_norm=choice_norm)
         opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
                               new_run=new_run, threads=threads)
-        session = Session.open(opts, say=lambda m: console.print(m, markup=False, highlight=False))
+        links = _peer_links(peers)  # reached before anything is written
+        try:
+            session = Session.open(opts, say=lambda m: console.print(m, markup=False, highlight=False))
+        except BaseException:
+            for link in links:
+                link.close()
+            raise
     with session, _user_errors():
+        if links:  # the workers' handshake: one that cannot share the run is left out, said
+            from .executor_peers import PeerExecutor
+            session.trainer.executor = PeerExecutor.for_session(session, links)
         _train_session(session, steps, eval_every, as_json)
+
+
+def _peer_links(peers: Optional[str]) -> list:
+    """The links to `--peers` (comma-separated URLs), each opened; one that cannot be is the error."""
+    if peers is None:
+        return []
+    from .sync import LinkError, open_link
+    urls = [u.strip() for u in peers.split(",")]
+    if not all(urls):
+        _fail(f"--peers {peers!r}: an empty URL (give socket://HOST:PORT or serial devices, comma-separated)")
+    links = []
+    try:
+        for u in urls:
+            links.append(open_link(u))
+    except LinkError as e:
+        for link in links:
+            link.close()
+        _fail(f"--peers: {e}")
+    return links
 
 
 def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
@@ -735,7 +769,7 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
 
 
 # commands that live in modules of their own register themselves on `app`
-from . import cli_daemon, cli_runs, cli_sync  # noqa: E402,F401
+from . import cli_daemon, cli_runs, cli_sync, cli_workers  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

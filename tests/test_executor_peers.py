@@ -198,3 +198,67 @@ def test_a_worker_that_missed_a_row_says_so_and_catches_up(tmp_path):
     remote = [r.timings["remote_members"] for r in lg2.steps(run2.run_id)]
     assert remote[1] == 0 and remote[0] == remote[2] == remote[4] == 4, remote
     ex.close()
+
+
+# -- the real model: a coordinator and a worker process over loopback TCP -------------------------
+
+def _qes(args, **kw):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.Popen([sys.executable, "-m", "qes_edge", *args], env=env, text=True, **kw)
+
+
+def _steps(path):
+    lg = Ledger(path, readonly=True)
+    try:
+        run = lg.run()
+        lg.verify(run.run_id)
+        return [(r.seeds.tolist(), r.coefs_q16.tolist(), r.rewards.tobytes(), r.weights_sha256, r.failures)
+                for r in lg.steps(run.run_id)], [r.timings for r in lg.steps(run.run_id)]
+    finally:
+        lg.close()
+
+
+def start_worker_process(ledger, threads=1):
+    import re
+    import subprocess
+    w = _qes(["worker", "--on", "socket://127.0.0.1:0", "--ledger", str(ledger), "--threads", str(threads),
+              "--once"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    line = w.stderr.readline()
+    m = re.search(r"listening on (socket://\S+)", line)
+    assert m, line
+    return w, m.group(1)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_ledger(tmp_path):
+    import json
+    import subprocess
+    pairs = [(3, 7), (12, 5), (8, 9), (40, 14), (2, 20), (33, 31), (17, 71), (6, 60), (90, 19), (11, 13)]
+    data = tmp_path / "bigger.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Which number is bigger, {a} or {b}?", "choices": [str(a), str(b)],
+                                          "answer": int(b > a)}) for a, b in pairs) + "\n")
+    train = ["train", "--task", "choice", "--data", str(data), "--population", "4", "--batch", "2", "--n-ctx", "128",
+             "--threads", "1", "--steps", "4"]
+    one = _qes([*train, "--ledger", str(tmp_path / "one.qes")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = one.communicate(timeout=600)
+    assert one.returncode == 0, err[-2000:]
+    w, url = start_worker_process(tmp_path / "worker.qes")
+    try:
+        two = _qes([*train, "--ledger", str(tmp_path / "two.qes"), "--peers", url], stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+        out, err = two.communicate(timeout=600)
+        assert two.returncode == 0, err[-2000:]
+        _, werr = w.communicate(timeout=60)
+        assert w.returncode == 0, werr[-2000:]
+    finally:
+        if w.poll() is None:
+            w.kill()
+    want, _ = _steps(tmp_path / "one.qes")
+    got, timings = _steps(tmp_path / "two.qes")
+    assert len(got) == 4 and got == want
+    assert [t["remote_members"] for t in timings] == [2, 2, 2, 2], (timings, err[-2000:])
+    held, _ = _steps(tmp_path / "worker.qes")  # the worker held steps 0..2 to evaluate step 3
+    assert held == got[:3]
