@@ -207,7 +207,7 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
     except ValueError as e:
         _fail(str(e))
     if out.suffix == ".qes" or out.resolve() == ledger.resolve():
-        _fail(f"--out {out}: give a .gguf file name (it would be the ledger)")
+        _fail(f"--out {out}: a ledger's name; give a .gguf file name")
     ledger = _check_ledger(ledger, run_id)
     if base is not None:
         from .models import ModelNotFound, resolve_model
