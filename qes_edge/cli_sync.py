@@ -185,7 +185,8 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
     (each checked against the hash chain), replay each onto the base model's codes in memory
     (each weights hash checked), and rewrite the GGUF atomically after each batch, so that it
     is always a complete earlier or later version.  Prints each step's replay time against its
-    recorded training time.  Ctrl-C or SIGTERM stops it cleanly.  Exit 1 when a step does not
+    recorded training time.  A peer that cannot be reached is waited for (a warning each
+    --interval).  Ctrl-C or SIGTERM stops it cleanly.  Exit 1 when a step does not
     replay to its recorded weights (or the link failed with --once), 2 refused, 3 a fork.
 
     Example: qes-edge follow --peer socket://jetson.local:8765 --out follow.gguf"""
@@ -217,6 +218,7 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
             _fail(str(e))
 
     stop = threading.Event()
+    said: list = []
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -232,6 +234,7 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
             typer.echo(f"step {st.step}: replay {st.replay_s:.3f} s, training {train}{ratio}")
 
     def on_batch(b) -> None:
+        said.clear()
         if as_json:
             typer.echo(json.dumps({"event": "batch", "first": b.first, "last": b.last, "n_steps": b.n_steps,
                                    "head": b.head, "write_s": round(b.write_s, 3), "sync_s": round(b.sync_s, 3),
@@ -239,8 +242,12 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
         else:
             typer.echo(b.line(out))
 
-    def on_sync_error(e) -> None:
-        typer.echo(f"warning: {_one_line(e)}", err=True)
+    def on_sync_error(e) -> None:  # once per cause, not at every --interval
+        line = _one_line(e)
+        key = line.split(";")[0]
+        if not said or said[-1] != key:
+            typer.echo(f"warning: {line}", err=True)
+        said[:] = [key]
 
     f = None
     try:

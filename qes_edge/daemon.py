@@ -293,6 +293,8 @@ class Daemon:
                 self.stop.wait(1.0)
 
     def _served(self, r) -> None:
+        if r.error and "no run to offer yet" in r.error:
+            return  # a follower waiting for the job's run: not worth a line each time it asks
         if r.error:
             LOG.info(f"sync server: {r.peer}: {r.action}: {r.error}")
         elif r.first is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..ledger import Ledger, LedgerError
-from .session import Options, Refused, SyncError, sync
+from .link import LinkError, open_link
+from .session import Incomplete, Options, PeerError, Refused, SyncError, sync
 
 TRAIN_PARTS = ("perturb_s", "eval_s", "restore_s", "update_s", "digest_s")
 
@@ -185,7 +186,7 @@ class Follower:
                 "max_ratio": max((round(s.ratio, 5) for s in timed), default=None)}
 
 
-def follow(peer: str, ledger: Path, out: Path, base: str | None = None, run_id: str | None = None,
+def follow(peer: str | Callable, ledger: Path, out: Path, base: str | None = None, run_id: str | None = None,
            interval: float = 5.0, once: bool = False, opts: Options | None = None, baudrate: int = 115200,
            threads: int = 0, stop: threading.Event | None = None,
            on_batch: Callable[[Batch], None] | None = None,
@@ -201,10 +202,31 @@ def follow(peer: str, ledger: Path, out: Path, base: str | None = None, run_id: 
     while not stop.is_set():
         t0 = time.monotonic()
         failed = None
+        try:  # a peer that cannot be reached (not started yet, restarting) is waited for, unless once
+            first = open_link(peer, baudrate) if isinstance(peer, str) else peer()
+        except LinkError as e:
+            if once:
+                raise Refused(str(e)) from None
+            if on_sync_error is not None:
+                on_sync_error(Incomplete(f"{e}; trying again in {interval:g} s"))
+            stop.wait(interval)
+            continue
+        links = [first]
+
+        def connect():
+            return links.pop() if links else (open_link(peer, baudrate) if isinstance(peer, str) else peer())
+        connect.url = peer if isinstance(peer, str) else getattr(peer, "url", "the peer")
         try:
-            res = sync(peer, ledger, f.run_id or run_id, opts, baudrate=baudrate)
+            res = sync(connect, ledger, f.run_id or run_id, opts, baudrate=baudrate)
             if f.run_id is None and res.run_id is not None:
                 f.run_id = res.run_id
+        except PeerError as e:
+            if e.code != "unavailable" or once:
+                raise
+            if on_sync_error is not None:  # a daemon before its job's run exists: ask again later
+                on_sync_error(Incomplete(f"{e}; asking again in {interval:g} s"))
+            stop.wait(interval)
+            continue
         except SyncError as e:
             if e.exit_code != 1:
                 raise

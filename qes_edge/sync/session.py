@@ -52,6 +52,11 @@ class Incomplete(SyncError):
     exit_code = 1
 
 
+class Unavailable(Refused):
+    """A server with nothing to offer yet (a daemon before its first job's ledger has a run):
+    error code `unavailable`; a follower waits and asks again."""
+
+
 class PeerError(SyncError):
     """The peer ended the session with an error (a refusal, a fork it found)."""
 
@@ -780,9 +785,15 @@ def serve_session(link: Link, ledger: str | Path | Callable[[], str | Path | Non
         prefer = (peer.run or {}).get("run_id") or peer.want_run
         path = ledger() if callable(ledger) else ledger
         try:
-            if path is None:
-                raise Refused("this server has no ledger to offer yet (the daemon has no job)")
+            if path is None or (readonly and not Path(path).exists()):
+                raise Unavailable("the peer has no run to offer yet (its daemon has not started a job's run)")
             store = Store(path, run_id, prefer, readonly=readonly)
+            if readonly and store.run_id is None:
+                raise Unavailable(f"the peer has no run to offer yet ({Path(path).name} holds "
+                                  + (f"no run {run_id or prefer})" if run_id or prefer else "no run)"))
+        except Unavailable as e:
+            chan.send(T.ERROR, M.error("unavailable", str(e)))
+            raise
         except Refused as e:  # this ledger cannot be used: tell the client why
             chan.send(T.ERROR, M.error("ledger", f"the peer's ledger cannot be used: {e}"))
             raise
