@@ -277,6 +277,7 @@ class Daemon:
         self._server.start()
         self.note("info", f"serving the ledger of the current job on {self._listener.url} (read-only)",
                   url=self._listener.url)
+        self._state(serving=self._listener.url)
 
     def _serve_loop(self) -> None:
         from .sync import Options, serve
