@@ -295,3 +295,29 @@ def test_the_daemon_serves_its_ledger_to_a_follower_while_it_trains(data, traine
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "f.gguf").read_bytes() == (tmp_path / "r.gguf").read_bytes()
     assert not (tmp_path / "f.gguf.tmp").exists()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.12])
+def test_sigterm_while_writing_leaves_a_complete_gguf(trained, tmp_path, delay):
+    """SIGTERM right as the GGUF of steps 1..2 is being written: the file is the earlier version
+    (1 step) or the later one (3 steps), never anything else, and no temporary file is left."""
+    src = tmp_path / "src.qes"
+    grow(src, trained, 1)
+    srv = ServerThread(src)
+    try:
+        follow(srv.url, tmp_path / "f.qes", tmp_path / "f.gguf", once=True, opts=FAST, threads=2)
+        grow(src, trained, STEPS)
+        p = subprocess.Popen([sys.executable, "-m", "qes_edge", "follow", "--peer", srv.url, "--out",
+                              str(tmp_path / "f.gguf"), "--interval", "0.2", "--threads", "2"], env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in p.stdout:
+            if line.startswith(f"step {STEPS - 1}:"):  # the last replayed: the write comes next
+                break
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        srv.close()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert sha(tmp_path / "f.gguf") in (trained["replayed"][1], trained["replayed"][STEPS])
+    assert not (tmp_path / "f.gguf.tmp").exists()
