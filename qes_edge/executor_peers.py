@@ -327,11 +327,11 @@ class Worker:
         if self.run is not None:
             self.run.ledger.close()
             self.run = None
+        driver, task, threads = self.opener(info)  # refuses a foreign base before the ledger is touched
         lg = Ledger(self.ledger_path)
         try:
             run = lg.import_run(info)
             cfg = TrainConfig.from_record(json.loads(run.config) if isinstance(run.config, str) else run.config)
-            driver, task, threads = self.opener(info)
             state, history = UpdateState(cfg, driver.tensors), []
             from .trainer import apply_recorded_step
             for rec in lg.steps(run.run_id):  # catch up from this worker's own ledger

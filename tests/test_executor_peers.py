@@ -159,6 +159,7 @@ def test_a_worker_that_cannot_hold_the_run_is_left_out(tmp_path):
     start_worker(tmp_path, "w0", b, opener=refuse)
     tr, lg2, run2, ex, said = coordinator(tmp_path, [a])
     assert not ex.peers[0].alive and "base model sha256 differs" in ex.peers[0].why
+    assert not (tmp_path / "w0.qes").exists()  # refused before its ledger was touched
     for _ in range(3):
         tr.step()
     assert rows(lg2, run2) == rows(lg1, run1)
