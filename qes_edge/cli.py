@@ -282,8 +282,9 @@ def train(ctx: typer.Context,
                                                               "(human messages and progress go to stderr)."),
           peers: Optional[str] = typer.Option(None, "--peers", help="Share each step's population with workers "
                                                                    "(`qes-edge worker`), comma-separated: "
-                                                                   "socket://HOST:PORT or serial devices. The "
-                                                                   "ledger is the same as without them.")):
+                                                                   "socket://HOST:PORT or serial devices. With "
+                                                                   "the workers at this --threads, the ledger is "
+                                                                   "the one recorded without them.")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
     re-run with the same ledger resumes where it stopped, with the config it recorded. Options
     that differ from that config are refused (--resume ignores them, --new-run starts a new run).
