@@ -257,32 +257,25 @@ def test_the_daemon_serves_its_ledger_to_a_follower_while_it_trains(data, traine
     follower = subprocess.Popen([sys.executable, "-m", "qes_edge", "follow", "--peer", url, "--out",
                                  str(tmp_path / "f.gguf"), "--interval", "0.3", "--threads", "1", "--timeout", "0.5",
                                  "--json"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def batches():
+        return [json.loads(x) for x in list(lines) if x.startswith('{"event": "batch"')]
     try:
         deadline = time.monotonic() + 400
-        done = False
         while time.monotonic() < deadline and daemon.poll() is None and follower.poll() is None:
-            if ledger.exists():
-                lg = Ledger(ledger, readonly=True)
-                try:
-                    n = lg.head(lg.run().run_id)[0] if list(lg.runs()) else 0
-                finally:
-                    lg.close()
-                fl = tmp_path / "f.gguf.qes"
-                if n == STEPS and fl.exists():
-                    lf = Ledger(fl, readonly=True)
-                    try:
-                        m = lf.head(lf.run().run_id)[0] if list(lf.runs()) else 0
-                    finally:
-                        lf.close()
-                    if m == STEPS:
-                        time.sleep(1.5)  # the follower replays and writes the last batch
-                        done = True
-                        break
+            if any(b["last"] == STEPS - 1 for b in batches()):  # the last step replayed and written
+                break
             time.sleep(0.3)
-        assert done, (daemon.poll(), follower.poll())
+        assert any(b["last"] == STEPS - 1 for b in batches()), (daemon.poll(), follower.poll(), lines)
     finally:
         follower.send_signal(signal.SIGTERM)
-        fout, ferr = follower.communicate(timeout=60)
+        follower.wait(60)
+        reader.join(10)
+        ferr = follower.stderr.read()
+        fout = "".join(lines)
         daemon.send_signal(signal.SIGTERM)
         _, derr = daemon.communicate(timeout=120)
     assert follower.returncode == 0, ferr
