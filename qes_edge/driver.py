@@ -5,6 +5,7 @@ a fixed prompt change, restore, see them come back bit for bit.  If not, it refu
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from pathlib import Path
 
@@ -62,9 +63,9 @@ class ModelDriver:
         self.chat = load_template(self.path, header.metadata, self.llm._model.token_get_text)
         self.bos = self.llm.token_bos()
         self.add_bos = bool(self.llm._model.add_bos_token()) and self.bos >= 0
-        # example.render_key() -> its tokens as C ints (4 bytes a token: a tuple of Python ints
-        # costs 36, and check_prompts fills this with every example of the task)
-        self._prompt_cache: dict[tuple, array] = {}
+        # digest of example.render_key() -> its tokens as C ints (4 bytes a token: a tuple of
+        # Python ints costs 36, and check_prompts fills this with every example of the task)
+        self._prompt_cache: dict[bytes, array] = {}
         self.weights = found
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
         with open(self.path, "rb") as f:
@@ -140,7 +141,8 @@ class ModelDriver:
         """tokenize(render(example)), special tokens parsed (the template's markers are tokens, not
         text), with the BOS rule of _with_bos.  Cached per example: rendering does not depend on
         the weights.  A prompt that leaves no room in the context is refused."""
-        key = example.render_key()
+        # keyed by a 128-bit digest of the render key (49 bytes, where the key's tuples cost ~230)
+        key = hashlib.blake2b(repr(example.render_key()).encode(), digest_size=16).digest()
         got = self._prompt_cache.get(key)
         if got is None:
             tokens = self._with_bos(self.tokenize(self.render(example), add_bos=False, special=True))
