@@ -93,3 +93,35 @@ def test_training_time_is_the_sum_of_its_parts():
          "rss_mb": 180.0}
     assert train_seconds(t) == pytest.approx(51.0)
     assert train_seconds({}) is None and train_seconds(None) is None and train_seconds({"changed": 1}) is None
+
+
+def test_garbage_and_dropped_connections_do_not_stop_the_server(tmp_path):
+    """What the daemon's serving thread runs: serve() goes on after a peer that sends garbage,
+    one that hangs up mid-hello, and answers the next one."""
+    import os
+    import socket
+
+    from qes_edge.sync import Listener, serve
+    from qes_edge.sync import messages as M
+    from qes_edge.sync.frames import encode
+    src = tmp_path / "src.qes"
+    synthetic_ledger(src, 3)
+    listener = Listener("socket://127.0.0.1:0")
+    stop = threading.Event()
+    seen = []
+    t = threading.Thread(target=serve, args=(listener, src, None, opts()),
+                         kwargs={"stop": stop.is_set, "readonly": True, "on_session": seen.append}, daemon=True)
+    t.start()
+    port = int(listener.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(os.urandom(5000))
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(encode(int(M.T.HELLO), b'{"protocol": 1', 7, 0)[:20])  # cut mid-frame
+        res = sync(listener.url, tmp_path / "dst.qes", None, opts())
+        assert (res.first, res.last) == (0, 2)
+    finally:
+        stop.set()
+        t.join(10)
+        listener.close()
+    assert not t.is_alive() and head(tmp_path / "dst.qes") == head(src)
