@@ -18,6 +18,8 @@ command does count, as they do for a user.
                     --exit-when-empty` (the daemon trains the queued run and exits)
   daemon idle       `qes-edge daemon run` with an empty queue: its resident set after a few
                     seconds (psutil), not a peak
+  torch-bf16/fp32   one full-parameter AdamW step of the same architecture in PyTorch on the CPU
+                    (weights dequantized from the GGUF, torch_llama.py), when torch is installed
 
 The daemon rows are skipped, with a note, where `qes-edge daemon --help` fails.
 
@@ -28,6 +30,7 @@ Prints the table with ratios to inference and writes benchmarks/results/memory.j
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -70,6 +73,14 @@ def time_binary() -> str | None:
         return None
     r = subprocess.run([p, "-v", "true"], capture_output=True, text=True)
     return p if r.returncode == 0 and "Maximum resident set size" in r.stderr else None
+
+
+# a PyTorch AdamW step of the same architecture (torch_llama.py), for scale
+TORCH = r"""
+import sys, torch
+from torch_llama import adamw_step
+print(adamw_step(int(sys.argv[1]), getattr(torch, sys.argv[2]), lambda: 0.0))
+"""
 
 
 # a fresh intermediate process whose only child is the command: its RUSAGE_CHILDREN peak is the command's
@@ -183,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="also train with the default population 16")
     ap.add_argument("--idle-wait", type=float, default=8.0, help="seconds before the daemon's idle RSS is read")
     ap.add_argument("--no-daemon", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even where torch is installed")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
     a = ap.parse_args(argv)
 
@@ -265,6 +277,22 @@ def main(argv=None):
                 print(f"daemon idle: {idle['idle_rss_mb']:.1f} MB after {a.idle_wait:.0f} s", flush=True)
             except Exception as e:  # noqa: BLE001 - reported, the other rows stand
                 notes.append(f"daemon idle skipped: {e}")
+
+        # 4. PyTorch, for scale
+        have_torch = importlib.util.find_spec("torch") is not None
+        if not have_torch:
+            notes.append("torch is not installed: PyTorch AdamW rows skipped (pip install torch==2.13.0)")
+        for dtype in ("bfloat16", "float32") if have_torch and not a.no_torch else ():
+            d, env = fresh(f"torch_{dtype}")
+            env["PYTHONPATH"] = str(HERE) + os.pathsep + env["PYTHONPATH"]
+            r = measure([sys.executable, "-c", TORCH, str(a.n_ctx), dtype], env, d)
+            if r["rc"]:
+                notes.append(f"torch {dtype} failed: {r['stderr'].strip()[-300:]}")
+                continue
+            name = "torch-bf16 AdamW step" if dtype == "bfloat16" else "torch-fp32 AdamW step"
+            rows[name] = {"peak_rss_mb": r["peak_rss_mb"], "wall_s": r["wall_s"],
+                          "command": f"python -c <torch_llama.adamw_step({a.n_ctx}, torch.{dtype})>"}
+            print(f"{name}: {r['peak_rss_mb']:.1f} MB", flush=True)
 
     base = rows["inference"]["peak_rss_mb"]
     print(f"\npeak resident memory, {model.name}, n_ctx {a.n_ctx}, {threads} threads, "
