@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older typer over the click package
 
 app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies.",
                   no_args_is_help=True, add_completion=True)
-console = Console()
+console = Console(emoji=False)  # no :emoji: codes in our text; its table costs ~0.8 MB resident
 
 
 def _version(value: bool) -> None:
@@ -67,7 +67,7 @@ def _json_output(enabled: bool):
     if not enabled:
         yield
         return
-    saved, console = console, Console(stderr=True)
+    saved, console = console, Console(stderr=True, emoji=False)
     try:
         yield
     finally:
@@ -432,7 +432,7 @@ def evaluate(model: Optional[str] = ModelOpt,
     heldout = task_obj.heldout_examples()
     try:
         with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
+                      TimeRemainingColumn(), console=Console(stderr=True, emoji=False), transient=True) as progress:
             bar = progress.add_task("held-out", total=len(heldout))
             driver.on_prompt = lambda: progress.advance(bar)
             metrics = task_obj.evaluate(driver, heldout)

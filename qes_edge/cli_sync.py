@@ -94,7 +94,7 @@ def sync_cmd(ctx: typer.Context,
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("sync"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                   TimeRemainingColumn(), console=Console(stderr=True, emoji=False), transient=True)
     task = None
 
     def progress(n: int, total: int) -> None:  # a bar on stderr while steps come in

@@ -155,7 +155,9 @@ def test_sigterm_mid_step_then_resume_and_status_while_writing(data, reference, 
         assert time.time() < deadline and p.poll() is None
         r = qes(["status", "--json"], env_for(home, sysfs), timeout=60)
         assert r.returncode == 0, r.stderr
-        statuses.append(json.loads(r.stdout))
+        info = json.loads(r.stdout)
+        if info["daemon"]["running"] or statuses:  # from the moment it holds the lock
+            statuses.append(info)
     time.sleep(0.5)  # into the next step's members
     p.send_signal(signal.SIGTERM)
     assert p.wait(120) == 0
