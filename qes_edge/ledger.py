@@ -326,17 +326,7 @@ class Ledger:
         """Record one step durably; its number must follow the last one."""
         run = self.run(run_id)
         with self._writing(f"record step {rec.step}"), self._tx():  # one transaction: check and insert
-            last = self.last_step(run_id)
-            expected = 0 if last is None else last.step + 1
-            if rec.step != expected:
-                raise LedgerError(f"run {run_id}: step {rec.step} recorded out of order (next is {expected})")
-            seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
-            coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
-            rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
-            members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
-            if members is None:
-                raise LedgerError(f"run {run_id}: step {rec.step} has {len(seeds) // 8} seeds, {len(coefs) // 4} "
-                                  f"coefficients and {len(rewards) // 8} rewards: one per member each is needed")
+            last, seeds, coefs, rewards, members = self._next_row(run_id, rec, f"step {rec.step}")
             rec.prev_hash = run.hash if last is None else last.hash
             rec.hash = _h(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
             self.db["steps"].insert({
@@ -352,6 +342,22 @@ class Ledger:
         with self._writing(f"record step {rec.step}"):
             self.checkpoint()
         return rec
+
+    def _next_row(self, run_id: str, rec: StepRecord, what: str):
+        """(last step, seeds, coefs and rewards blobs, member rows) of a step about to be written:
+        it must follow the last one and hold one seed, coefficient and reward per member."""
+        last = self.last_step(run_id)
+        expected = 0 if last is None else last.step + 1
+        if rec.step != expected:
+            raise LedgerError(f"run {run_id}: {what} out of order (next is {expected})")
+        seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
+        coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
+        rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
+        members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
+        if not members:
+            raise LedgerError(f"run {run_id}: {what} has {len(seeds) // 8} seeds, {len(coefs) // 4} "
+                              f"coefficients and {len(rewards) // 8} rewards: one per member each is needed")
+        return last, seeds, coefs, rewards, members
 
     # -- rows received from a peer (ledger sync): verified, never computed ------------------
     def export_run(self, run_id: str) -> dict:
@@ -414,17 +420,7 @@ class Ledger:
         head; `created` is the sender's time of the step (the time of receipt when None)."""
         run = self.run(run_id)
         with self._writing(f"record received step {rec.step}"), self._tx():
-            last = self.last_step(run_id)
-            expected = 0 if last is None else last.step + 1
-            if rec.step != expected:
-                raise LedgerError(f"run {run_id}: received step {rec.step} out of order (next is {expected})")
-            seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
-            coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
-            rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
-            members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
-            if members is None or not members:
-                raise LedgerError(f"run {run_id}: received step {rec.step} has {len(seeds) // 8} seeds, "
-                                  f"{len(coefs) // 4} coefficients and {len(rewards) // 8} rewards")
+            last, seeds, coefs, rewards, members = self._next_row(run_id, rec, f"received step {rec.step}")
             if not (0 < rec.threshold < 2**32) or rec.failures < 0 or len(rec.weights_sha256) != 64:
                 raise LedgerError(f"run {run_id}: received step {rec.step} cannot be decoded")
             prev = run.hash if last is None else last.hash
