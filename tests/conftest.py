@@ -80,6 +80,21 @@ def fill_disk(disk: Path) -> Path:
     return filler
 
 
+@pytest.fixture(scope="session")
+def tiny_choice_data(tmp_path_factory) -> Path:
+    """A folder with bigger.jsonl, a 10-question choice task (8 train, 2 held out) for runs on the
+    real model that must be quick, and sys/, a sysfs with no battery and no thermal zone (a
+    daemon given it as QES_EDGE_SYSFS never pauses)."""
+    import json
+    d = tmp_path_factory.mktemp("data")
+    pairs = [(3, 7), (12, 5), (8, 9), (40, 14), (2, 20), (33, 31), (17, 71), (6, 60), (90, 19), (11, 13)]
+    rows = [{"prompt": f"Which number is bigger, {a} or {b}?", "choices": [str(a), str(b)], "answer": int(b > a)}
+            for a, b in pairs]
+    (d / "bigger.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "sys").mkdir()
+    return d
+
+
 @pytest.fixture(autouse=True)
 def qes_edge_home(tmp_path_factory, monkeypatch):
     """Every test gets its own QES_EDGE_HOME: nothing is written to the user's data folder."""

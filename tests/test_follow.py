@@ -54,14 +54,8 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    pairs = [(3, 7), (12, 5), (8, 9), (40, 14), (2, 20), (33, 31), (17, 71), (6, 60), (90, 19), (11, 13)]
-    rows = [{"prompt": f"Which number is bigger, {a} or {b}?", "choices": [str(a), str(b)], "answer": int(b > a)}
-            for a, b in pairs]
-    (d / "bigger.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (d / "sys").mkdir()  # no battery, no thermal zone: the daemon never pauses
-    return d
+def data(tiny_choice_data) -> Path:
+    return tiny_choice_data
 
 
 @pytest.fixture(scope="module")
