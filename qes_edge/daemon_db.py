@@ -99,7 +99,10 @@ class DaemonDB:
         if states:
             sql += f" where state in ({','.join('?' * len(states))})"
             args = list(states)
-        return [self._job(r) for r in self.db.query(sql + " order by id", args)]
+        try:
+            return [self._job(r) for r in self.db.query(sql + " order by id", args)]
+        except sqlite3.OperationalError:  # no table yet: a daemon creating the file right now
+            return []
 
     def job(self, job_id: int) -> Job | None:
         rows = list(self.db.query("select * from jobs where id = ?", [job_id]))

@@ -75,12 +75,18 @@ def collect(home: Path) -> dict:
                  "pauses": []}
     if not paths["db"].exists():
         return out
-    db = DaemonDB(paths["db"], readonly=True)
+    import sqlite3
+    try:
+        db = DaemonDB(paths["db"], readonly=True)
+    except sqlite3.Error:  # created this instant by a starting daemon
+        return out
     try:
         state = db.state()
         jobs = db.jobs()
         pauses = db.events(kinds=("pause", "resume"), limit=20)
         last_stop = db.events(kinds=("stop", "error"), limit=1)
+    except sqlite3.Error:
+        return out
     finally:
         db.close()
     out["daemon"].update({k: state.get(k) for k in ("status", "pause_reason", "paused_since", "started", "idle_rss_mb",
