@@ -8,8 +8,6 @@ import threading
 import numpy as np
 import pytest
 
-from qes_edge.engine import TensorGroup
-from qes_edge.executor import LocalExecutor
 from qes_edge.executor_peers import PeerExecutor, Worker, split_members
 from qes_edge.ledger import Ledger
 from qes_edge.sync import messages as M
@@ -234,13 +232,9 @@ def start_worker_process(ledger, threads=1):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_ledger(tmp_path):
-    import json
+def test_two_processes_give_the_one_process_ledger(tmp_path, tiny_choice_data):
     import subprocess
-    pairs = [(3, 7), (12, 5), (8, 9), (40, 14), (2, 20), (33, 31), (17, 71), (6, 60), (90, 19), (11, 13)]
-    data = tmp_path / "bigger.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Which number is bigger, {a} or {b}?", "choices": [str(a), str(b)],
-                                          "answer": int(b > a)}) for a, b in pairs) + "\n")
+    data = tiny_choice_data / "bigger.jsonl"
     train = ["train", "--task", "choice", "--data", str(data), "--population", "4", "--batch", "2", "--n-ctx", "128",
              "--threads", "1", "--steps", "4"]
     one = _qes([*train, "--ledger", str(tmp_path / "one.qes")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -2,15 +2,12 @@
 own copy of the real model, record exactly the ledger the local executor records; an actor that
 dies has its members evaluated here and is replaced.  Without Ray, the error names the extra."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 pytestmark = pytest.mark.slow
-
-PAIRS = [(3, 7), (12, 5), (8, 9), (40, 14), (2, 20), (33, 31), (17, 71), (6, 60), (90, 19), (11, 13)]
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):
@@ -78,13 +75,11 @@ def steps(path):
         lg.close()
 
 
-def test_two_ray_actors_give_the_local_executor_ledger(ray_local, tmp_path):
+def test_two_ray_actors_give_the_local_executor_ledger(ray_local, tmp_path, tiny_choice_data):
     from qes_edge.executor_ray import RayExecutor
     from qes_edge.session import RUN_OPTIONS, Session, SessionOptions
     from qes_edge.trainer import TrainConfig
-    data = tmp_path / "bigger.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Which number is bigger, {a} or {b}?", "choices": [str(a), str(b)],
-                                          "answer": int(b > a)}) for a, b in PAIRS) + "\n")
+    data = tiny_choice_data / "bigger.jsonl"
     opts = dict(task="choice", data=str(data), population=4, batch=2, n_ctx=128)
     r = subprocess.run([sys.executable, "-m", "qes_edge", "train", "--task", "choice", "--data", str(data),
                         "--population", "4", "--batch", "2", "--n-ctx", "128", "--threads", "1", "--steps", "4",
