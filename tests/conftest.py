@@ -95,6 +95,21 @@ def tiny_choice_data(tmp_path_factory) -> Path:
     return d
 
 
+def recorded_steps(ledger: Path) -> list[tuple]:
+    """A verified ledger's latest run, a tuple per step: (seeds, Q16 coefficients, reward bytes,
+    weights sha256, failures, row hash).  The first five are the training; the row hash also
+    covers the timings, which differ between any two runs."""
+    from qes_edge.ledger import Ledger
+    lg = Ledger(ledger, readonly=True)
+    try:
+        run = lg.run()
+        lg.verify(run.run_id)
+        return [(r.seeds.tolist(), r.coefs_q16.tolist(), r.rewards.tobytes(), r.weights_sha256, r.failures, r.hash)
+                for r in lg.steps(run.run_id)]
+    finally:
+        lg.close()
+
+
 @pytest.fixture(autouse=True)
 def qes_edge_home(tmp_path_factory, monkeypatch):
     """Every test gets its own QES_EDGE_HOME: nothing is written to the user's data folder."""
