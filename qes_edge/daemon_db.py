@@ -14,20 +14,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
 #: job states: queued (waiting), running (started; after a crash or a stop it is resumed first),
 #: done, failed (an error that running again will not fix), removed
 STATES = ("queued", "running", "done", "failed", "removed")
 
 
-def _migration_0001(db: sqlite_utils.Database) -> None:
-    db["jobs"].create({"id": int, "created": float, "state": str, "options": str, "steps": int, "eval_every": int,
-                       "ledger": str, "model": str, "task": str, "run_id": str, "error": str, "started": float,
-                       "finished": float}, pk="id")
-    db["events"].create({"id": int, "time": float, "job_id": int, "kind": str, "message": str, "data": str}, pk="id")
-    db["events"].create_index(["time"])
-    db["state"].create({"key": str, "value": str, "updated": float}, pk="key")
+# plain SQL (the tables sqlite-utils would create): the daemon imports nothing beyond sqlite3
+def _migration_0001(db: sqlite3.Connection) -> None:
+    db.execute('''CREATE TABLE "jobs" (
+   "id" INTEGER PRIMARY KEY, "created" REAL, "state" TEXT, "options" TEXT, "steps" INTEGER,
+   "eval_every" INTEGER, "ledger" TEXT, "model" TEXT, "task" TEXT, "run_id" TEXT, "error" TEXT,
+   "started" REAL, "finished" REAL)''')
+    db.execute('''CREATE TABLE "events" (
+   "id" INTEGER PRIMARY KEY, "time" REAL, "job_id" INTEGER, "kind" TEXT, "message" TEXT, "data" TEXT)''')
+    db.execute('CREATE INDEX "idx_events_time" ON "events" ("time")')
+    db.execute('''CREATE TABLE "state" ("key" TEXT PRIMARY KEY, "value" TEXT, "updated" REAL)''')
 
 
 MIGRATIONS = [("0001_initial", _migration_0001)]
@@ -61,27 +62,31 @@ class DaemonDB:
             conn.execute("pragma journal_mode=wal")
             conn.execute("pragma synchronous=full")
         conn.execute("pragma busy_timeout=10000")
-        self.db = sqlite_utils.Database(conn)
+        conn.row_factory = sqlite3.Row
+        self.conn = conn
         if not readonly:
             self._migrate()
 
     def _migrate(self) -> None:
-        self.db.conn.execute("begin immediate")
+        self.conn.execute("begin immediate")
         try:
-            self.db["migrations"].create({"name": str, "applied": float}, pk="name", if_not_exists=True)
-            done = {r["name"] for r in self.db["migrations"].rows}
+            self.conn.execute('CREATE TABLE IF NOT EXISTS "migrations" ("name" TEXT PRIMARY KEY, "applied" REAL)')
+            done = {r["name"] for r in self.conn.execute("select name from migrations")}
             for name, fn in MIGRATIONS:
                 if name not in done:
-                    fn(self.db)
-                    self.db["migrations"].insert({"name": name, "applied": time.time()})
-            self.db.conn.execute("commit")
+                    fn(self.conn)
+                    self.conn.execute("insert into migrations (name, applied) values (?, ?)", [name, time.time()])
+            self.conn.execute("commit")
         except BaseException:
-            self.db.conn.execute("rollback")
+            self.conn.execute("rollback")
             raise
 
     def _write(self, sql: str, args=()) -> int:
-        cur = self.db.conn.execute(sql, args)
+        cur = self.conn.execute(sql, args)
         return cur.lastrowid
+
+    def _query(self, sql: str, args=()) -> list[dict]:
+        return [dict(r) for r in self.conn.execute(sql, args).fetchall()]
 
     # -- queue -------------------------------------------------------------------------------
     def add_job(self, options: dict, steps: int, eval_every: int, ledger: str, model: str, task: str) -> int:
@@ -100,18 +105,18 @@ class DaemonDB:
             sql += f" where state in ({','.join('?' * len(states))})"
             args = list(states)
         try:
-            return [self._job(r) for r in self.db.query(sql + " order by id", args)]
+            return [self._job(r) for r in self._query(sql + " order by id", args)]
         except sqlite3.OperationalError:  # no table yet: a daemon creating the file right now
             return []
 
     def job(self, job_id: int) -> Job | None:
-        rows = list(self.db.query("select * from jobs where id = ?", [job_id]))
+        rows = list(self._query("select * from jobs where id = ?", [job_id]))
         return self._job(rows[0]) if rows else None
 
     def next_job(self) -> Job | None:
         """An interrupted job first (it was running when the daemon stopped or died), then the
         oldest queued one."""
-        rows = list(self.db.query("select * from jobs where state in ('running', 'queued') "
+        rows = list(self._query("select * from jobs where state in ('running', 'queued') "
                                   "order by state = 'queued', id limit 1"))
         return self._job(rows[0]) if rows else None
 
@@ -122,20 +127,20 @@ class DaemonDB:
     # -- state and events ----------------------------------------------------------------
     def set_state(self, **values) -> None:
         now = time.time()
-        self.db.conn.execute("begin immediate")
+        self.conn.execute("begin immediate")
         try:
             for k, v in values.items():
-                self.db.conn.execute("insert into state (key, value, updated) values (?, ?, ?) on conflict(key) "
+                self.conn.execute("insert into state (key, value, updated) values (?, ?, ?) on conflict(key) "
                                      "do update set value = excluded.value, updated = excluded.updated",
                                      [k, json.dumps(v), now])
-            self.db.conn.execute("commit")
+            self.conn.execute("commit")
         except BaseException:
-            self.db.conn.execute("rollback")
+            self.conn.execute("rollback")
             raise
 
     def state(self) -> dict:
         try:
-            return {r["key"]: json.loads(r["value"]) for r in self.db.query("select key, value from state")}
+            return {r["key"]: json.loads(r["value"]) for r in self._query("select key, value from state")}
         except sqlite3.OperationalError:  # no table yet (a daemon that never started)
             return {}
 
@@ -152,10 +157,10 @@ class DaemonDB:
             sql += " and job_id = ?"
             args.append(job_id)
         try:
-            rows = list(self.db.query(sql + " order by id desc limit ?", args + [limit]))
+            rows = list(self._query(sql + " order by id desc limit ?", args + [limit]))
         except sqlite3.OperationalError:
             return []
         return [{**r, "data": json.loads(r["data"]) if r["data"] else {}} for r in reversed(rows)]
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import sqlite_utils
 
 from . import faults
 
@@ -39,37 +38,48 @@ class LedgerError(Exception):
     """A ledger that cannot be used: corrupt, foreign, or not matching the model."""
 
 
-def _migration_0001_initial(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key")
-    db["runs"].create({
-        "run_id": str, "created": float, "base_sha256": str, "base_name": str,
-        "config": str, "noise_spec": int, "hash": str,
-    }, pk="run_id")
-    db["steps"].create({
-        "run_id": str, "step": int, "threshold": int, "seeds": bytes, "coefs_q16": bytes,
-        "rewards": bytes, "failures": int, "timings": str, "weights_sha256": str,
-        "prev_hash": str, "hash": str, "created": float,
-    }, pk=("run_id", "step"), foreign_keys=[("run_id", "runs", "run_id")])
+# The schema is plain SQL (the tables sqlite-utils would create, quoted the same way), so that a
+# ledger is readable by any SQLite tool and opening one imports nothing beyond sqlite3.
+def _migration_0001_initial(db: sqlite3.Connection) -> None:
+    db.execute('''CREATE TABLE "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)''')
+    db.execute('''CREATE TABLE "runs" (
+   "run_id" TEXT PRIMARY KEY, "created" REAL, "base_sha256" TEXT, "base_name" TEXT,
+   "config" TEXT, "noise_spec" INTEGER, "hash" TEXT)''')
+    db.execute('''CREATE TABLE "steps" (
+   "run_id" TEXT REFERENCES "runs"("run_id"), "step" INTEGER, "threshold" INTEGER,
+   "seeds" BLOB, "coefs_q16" BLOB, "rewards" BLOB, "failures" INTEGER, "timings" TEXT,
+   "weights_sha256" TEXT, "prev_hash" TEXT, "hash" TEXT, "created" REAL,
+   PRIMARY KEY ("run_id", "step"))''')
 
 
-def _migration_0002_evals(db: sqlite_utils.Database) -> None:
+def _migration_0002_evals(db: sqlite3.Connection) -> None:
     # held-out evaluations: observations of a run, not training state (not hash-chained)
-    db["evals"].create({"run_id": str, "step": int, "split": str, "metrics": str, "created": float},
-                       pk=("run_id", "step", "split"), foreign_keys=[("run_id", "runs", "run_id")])
+    db.execute('''CREATE TABLE "evals" (
+   "run_id" TEXT REFERENCES "runs"("run_id"), "step" INTEGER, "split" TEXT, "metrics" TEXT,
+   "created" REAL, PRIMARY KEY ("run_id", "step", "split"))''')
 
 
-def _migration_0003_heads(db: sqlite_utils.Database) -> None:
+def _migration_0003_heads(db: sqlite3.Connection) -> None:
     # the head of each run: how many steps it has and the last one's hash, updated in the same
     # transaction as each step, so that rows lost from the end are detected (not a defence
     # against someone who rewrites the head too).  Ledgers older than this get their head from
     # the steps they hold when they are first opened for writing.
-    db["heads"].create({"run_id": str, "n_steps": int, "head_hash": str, "updated": float},
-                       pk="run_id", foreign_keys=[("run_id", "runs", "run_id")])
+    db.execute('''CREATE TABLE "heads" (
+   "run_id" TEXT PRIMARY KEY REFERENCES "runs"("run_id"), "n_steps" INTEGER, "head_hash" TEXT,
+   "updated" REAL)''')
     for run_id, run_hash in db.execute("select run_id, hash from runs").fetchall():
         row = db.execute("select step, hash from steps where run_id = ? order by step desc limit 1",
                          [run_id]).fetchone()
         n, h = (0, run_hash) if row is None else (row[0] + 1, row[1])
-        db["heads"].insert({"run_id": run_id, "n_steps": n, "head_hash": h, "updated": time.time()})
+        db.execute(_UPSERT_HEAD, [run_id, n, h, time.time()])
+
+
+_UPSERT_HEAD = ("insert into heads (run_id, n_steps, head_hash, updated) values (?, ?, ?, ?) on conflict(run_id) "
+                "do update set n_steps = excluded.n_steps, head_hash = excluded.head_hash, updated = excluded.updated")
+_INSERT_RUN = ("insert into runs (run_id, created, base_sha256, base_name, config, noise_spec, hash) "
+               "values (?, ?, ?, ?, ?, ?, ?)")
+_INSERT_STEP = ("insert into steps (run_id, step, threshold, seeds, coefs_q16, rewards, failures, timings, "
+                "weights_sha256, prev_hash, hash, created) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _member_rows(run_id: str, step: int, seeds: bytes, coefs_q16: bytes, rewards: bytes) -> list[tuple] | None:
@@ -106,7 +116,7 @@ group by s.run_id, s.step
 """
 
 
-def _migration_0004_members(db: sqlite_utils.Database) -> None:
+def _migration_0004_members(db: sqlite3.Connection) -> None:
     # one row per member of each step, for SQL tools: derived from the step's blobs (which the
     # hash chain covers), written in the same transaction as the step, checked by verify.  The
     # primary key's index serves lookups by (run, step) and the foreign key's checks.
@@ -120,7 +130,7 @@ def _migration_0004_members(db: sqlite_utils.Database) -> None:
             "select run_id, step, seeds, coefs_q16, rewards from steps order by run_id, step").fetchall():
         rows = _member_rows(run_id, step, seeds, coefs, rewards)
         if rows is not None:  # an undecodable step gets none: readers and verify name it
-            db.conn.executemany(_INSERT_MEMBERS, rows)
+            db.executemany(_INSERT_MEMBERS, rows)
     db.execute(_STEP_SUMMARY)
 
 
@@ -197,7 +207,7 @@ class Ledger:
             else:
                 conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=30000")
-            self.db = sqlite_utils.Database(conn)
+            self.db = conn
             self._check_foreign()  # before any write: a foreign file must stay as it was
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -213,18 +223,21 @@ class Ledger:
 
     # -- schema ------------------------------------------------------------------------
     def _check_foreign(self) -> None:
-        tables = set(self.db.table_names())
+        tables = self._tables()
         if tables and "_migrations" not in tables:
             raise LedgerError(f"{self.path}: an SQLite file, but not a qes-edge ledger (tables: {sorted(tables)})")
 
+    def _tables(self) -> set[str]:
+        return {n for (n,) in self.db.execute("select name from sqlite_master where type = 'table'").fetchall()}
+
     def _migrate(self) -> None:
         db = self.db
-        if "_migrations" not in set(db.table_names()):
+        if "_migrations" not in self._tables():
             if self.readonly:
                 raise LedgerError(f"{self.path}: not a qes-edge ledger (the file holds no ledger tables)")
             with self._tx():
-                db["_migrations"].create({"name": str, "applied": float}, pk="name")
-        done = {r["name"] for r in db["_migrations"].rows}
+                db.execute('CREATE TABLE "_migrations" ("name" TEXT PRIMARY KEY, "applied" REAL)')
+        done = {n for (n,) in db.execute("select name from _migrations").fetchall()}
         unknown = done - {n for n, _ in MIGRATIONS}
         if unknown:
             raise LedgerError(f"{self.path}: written by a newer qes-edge (migrations {sorted(unknown)})")
@@ -237,15 +250,15 @@ class Ledger:
                     continue
                 with self._tx():
                     fn(db)
-                    db["_migrations"].insert({"name": name, "applied": time.time()})
-            if db["meta"].count == 0:
+                    db.execute("insert into _migrations (name, applied) values (?, ?)", [name, time.time()])
+            if db.execute("select count(*) from meta").fetchone()[0] == 0:
                 with self._tx():
-                    db["meta"].insert({"key": "format", "value": LEDGER_FORMAT})
+                    db.execute("insert into meta (key, value) values ('format', ?)", [LEDGER_FORMAT])
             self.checkpoint()
         fmt = db.execute("select value from meta where key = 'format'").fetchone()
         if not fmt or fmt[0] != LEDGER_FORMAT:
             raise LedgerError(f"{self.path}: not a qes-edge ledger")
-        tables = set(db.table_names())
+        tables = self._tables()
         self.has_heads = "heads" in tables
         self.has_members = "members" in tables  # not in a ledger before 0004 opened read-only
 
@@ -253,15 +266,15 @@ class Ledger:
     def _tx(self):
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any error); the
         connection is in autocommit mode otherwise, so `with conn:` would not be one."""
-        self.db.conn.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            if self.db.conn.in_transaction:
-                self.db.conn.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         else:
-            self.db.conn.execute("COMMIT")
+            self.db.execute("COMMIT")
 
     def checkpoint(self) -> None:
         """Copy every committed transaction from the -wal into the .qes file (and fsync it),
@@ -277,11 +290,53 @@ class Ledger:
                struct.pack("<q", noise_spec))
         with self._writing("start a run"):
             with self._tx():
-                self.db["runs"].insert({"run_id": run_id, "created": time.time(), "base_sha256": base_sha256,
-                                        "base_name": base_name, "config": cfg, "noise_spec": noise_spec, "hash": h})
-                self.db["heads"].insert({"run_id": run_id, "n_steps": 0, "head_hash": h, "updated": time.time()})
+                self.db.execute(_INSERT_RUN, [run_id, time.time(), base_sha256, base_name, cfg, noise_spec, h])
+                self.db.execute(_UPSERT_HEAD, [run_id, 0, h, time.time()])
             self.checkpoint()
         return self.run(run_id)
+
+    def branch(self, run_id: str, steps: int | None = None) -> Run:
+        """A new run that continues `run_id` after its first `steps` steps (all of them by default):
+        the way to keep both sides of a fork.  Its config is the parent's plus `parent` = {run_id,
+        steps, head (the hash of the parent's last step taken, or its run hash)}; its first `steps`
+        steps are the parent's, copied row for row (seeds, coefficients, rewards, failures, weights
+        hash, timings, times) and chained anew under the new run id, so that it replays, trains and
+        syncs on its own like any run.  One transaction: the new run exists whole or not at all."""
+        parent = self.run(run_id)
+        n = self.verify(run_id)
+        if steps is None:
+            steps = n
+        if not 0 <= steps <= n:
+            raise LedgerError(f"run {run_id}: cannot branch after {steps} steps (it has {n})")
+        copied = list(self.steps(run_id, 0, steps))
+        head = copied[-1].hash if copied else parent.hash
+        config = {**parent.config, "parent": {"run_id": run_id, "steps": steps, "head": head}}
+        new_id = uuid.uuid4().hex
+        cfg = canonical_json(config)
+        h = _h(GENESIS, new_id.encode(), bytes.fromhex(parent.base_sha256), parent.base_name.encode(), cfg.encode(),
+               struct.pack("<q", parent.noise_spec))
+        times = self.step_times(run_id, 0, steps)
+        with self._writing("branch a run"):
+            with self._tx():
+                self.db.execute(_INSERT_RUN, [new_id, time.time(), parent.base_sha256, parent.base_name, cfg,
+                                              parent.noise_spec, h])
+                prev = h
+                for rec in copied:
+                    payload_hash = _h(bytes.fromhex(prev), StepRecord(
+                        step=rec.step, threshold=rec.threshold, seeds=rec.seeds, coefs_q16=rec.coefs_q16,
+                        rewards=rec.rewards, weights_sha256=rec.weights_sha256, timings=rec.timings,
+                        failures=rec.failures).payload(new_id))
+                    seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
+                    coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
+                    rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
+                    self.db.execute(_INSERT_STEP, [new_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
+                                                   canonical_json(rec.timings), rec.weights_sha256, prev, payload_hash,
+                                                   times[rec.step]])
+                    self.db.executemany(_INSERT_MEMBERS, _member_rows(new_id, rec.step, seeds, coefs, rewards))
+                    prev = payload_hash
+                self.db.execute(_UPSERT_HEAD, [new_id, steps, prev, time.time()])
+            self.checkpoint()
+        return self.run(new_id)
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run that has no step (a start that failed before its first step): it holds
@@ -304,18 +359,22 @@ class Ledger:
             if not row:
                 raise LedgerError(f"{self.path}: holds no run")
             run_id = row[0]
-        try:
-            r = self.db["runs"].get(run_id)
-        except sqlite_utils.db.NotFoundError:
-            raise LedgerError(f"{self.path}: no run {run_id!r}") from None
+        r = self._run_row(run_id)
+        if r is None:
+            raise LedgerError(f"{self.path}: no run {run_id!r}")
         try:
             config = json.loads(r["config"])
         except json.JSONDecodeError:
             raise LedgerError(f"{self.path}: run {run_id}: config is not JSON (edited?)") from None
         return Run(r["run_id"], r["base_sha256"], r["base_name"], config, r["noise_spec"], r["hash"])
 
+    def _run_row(self, run_id: str) -> dict | None:
+        cur = self.db.execute("select * from runs where run_id = ?", [run_id])
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row))
+
     def runs(self) -> list[Run]:
-        return [self.run(r["run_id"]) for r in self.db["runs"].rows_where(order_by="created")]
+        return [self.run(r) for (r,) in self.db.execute("select run_id from runs order by created").fetchall()]
 
     # -- steps -------------------------------------------------------------------------
     def last_step(self, run_id: str) -> StepRecord | None:
@@ -329,15 +388,11 @@ class Ledger:
             last, seeds, coefs, rewards, members = self._next_row(run_id, rec, f"step {rec.step}")
             rec.prev_hash = run.hash if last is None else last.hash
             rec.hash = _h(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
-            self.db["steps"].insert({
-                "run_id": run_id, "step": rec.step, "threshold": rec.threshold,
-                "seeds": seeds, "coefs_q16": coefs, "rewards": rewards, "failures": rec.failures,
-                "timings": canonical_json(rec.timings), "weights_sha256": rec.weights_sha256,
-                "prev_hash": rec.prev_hash, "hash": rec.hash, "created": time.time(),
-            })
-            self.db.conn.executemany(_INSERT_MEMBERS, members)
-            self.db["heads"].upsert({"run_id": run_id, "n_steps": rec.step + 1, "head_hash": rec.hash,
-                                     "updated": time.time()}, pk="run_id")
+            self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
+                                           canonical_json(rec.timings), rec.weights_sha256, rec.prev_hash,
+                                           rec.hash, time.time()])
+            self.db.executemany(_INSERT_MEMBERS, members)
+            self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
             faults.point("ledger-write")  # the row written, its transaction not committed
         with self._writing(f"record step {rec.step}"):
             self.checkpoint()
@@ -364,7 +419,7 @@ class Ledger:
         """The run row as a peer needs it to create the same run (docs/sync-protocol.md):
         run_id, created, base_sha256, base_name, config (its canonical JSON text), noise_spec, hash."""
         self.run(run_id)  # named errors for a missing run or an unreadable config
-        r = self.db["runs"].get(run_id)
+        r = self._run_row(run_id)
         return {k: r[k] for k in ("run_id", "created", "base_sha256", "base_name", "config", "noise_spec", "hash")}
 
     def import_run(self, info: dict) -> Run:
@@ -405,11 +460,8 @@ class Ledger:
             created = time.time()
         with self._writing("import a run"):
             with self._tx():
-                self.db["runs"].insert({"run_id": run_id, "created": float(created), "base_sha256": base_sha,
-                                        "base_name": base_name, "config": cfg, "noise_spec": noise_spec,
-                                        "hash": carried})
-                self.db["heads"].insert({"run_id": run_id, "n_steps": 0, "head_hash": carried,
-                                         "updated": time.time()})
+                self.db.execute(_INSERT_RUN, [run_id, float(created), base_sha, base_name, cfg, noise_spec, carried])
+                self.db.execute(_UPSERT_HEAD, [run_id, 0, carried, time.time()])
             self.checkpoint()
         return self.run(run_id)
 
@@ -432,15 +484,11 @@ class Ledger:
             rec.prev_hash = prev
             if not (isinstance(created, (int, float)) and created == created and abs(created) < 1e12):
                 created = time.time()
-            self.db["steps"].insert({
-                "run_id": run_id, "step": rec.step, "threshold": rec.threshold,
-                "seeds": seeds, "coefs_q16": coefs, "rewards": rewards, "failures": rec.failures,
-                "timings": canonical_json(rec.timings), "weights_sha256": rec.weights_sha256,
-                "prev_hash": prev, "hash": rec.hash, "created": float(created),
-            })
-            self.db.conn.executemany(_INSERT_MEMBERS, members)
-            self.db["heads"].upsert({"run_id": run_id, "n_steps": rec.step + 1, "head_hash": rec.hash,
-                                     "updated": time.time()}, pk="run_id")
+            self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
+                                           canonical_json(rec.timings), rec.weights_sha256, prev, rec.hash,
+                                           float(created)])
+            self.db.executemany(_INSERT_MEMBERS, members)
+            self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
             faults.point("ledger-write")
         with self._writing(f"record received step {rec.step}"):
             self.checkpoint()
@@ -602,9 +650,9 @@ class Ledger:
 
     def record_eval(self, run_id: str, step: int, split: str, metrics: dict) -> None:
         with self._writing("record an evaluation"), self._tx():
-            self.db["evals"].upsert({"run_id": run_id, "step": step, "split": split,
-                                     "metrics": canonical_json(metrics), "created": time.time()},
-                                    pk=("run_id", "step", "split"))
+            self.db.execute("insert into evals (run_id, step, split, metrics, created) values (?, ?, ?, ?, ?) "
+                            "on conflict(run_id, step, split) do update set metrics = excluded.metrics, "
+                            "created = excluded.created", [run_id, step, split, canonical_json(metrics), time.time()])
         with self._writing("record an evaluation"):
             self.checkpoint()
 
@@ -613,7 +661,7 @@ class Ledger:
         return [{"step": s, "split": sp, **json.loads(m)} for s, sp, m in rows.fetchall()]
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.db.close()
 
 
 class _WriteGuard:

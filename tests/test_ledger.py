@@ -30,8 +30,8 @@ def ledger(tmp_path):
 def test_pragmas_and_migrations(ledger):
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert [r["name"] for r in ledger.db["_migrations"].rows] == ["0001_initial", "0002_evals", "0003_heads",
-                                                                 "0004_members"]
+    names = [n for (n,) in ledger.db.execute("select name from _migrations order by rowid")]
+    assert names == ["0001_initial", "0002_evals", "0003_heads", "0004_members"]
 
 
 @settings(max_examples=30, deadline=None)

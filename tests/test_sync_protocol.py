@@ -10,6 +10,7 @@ import hashlib
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qes_edge.ledger import Ledger
@@ -359,8 +360,8 @@ def test_a_fork_is_reported_and_nothing_written(src, tmp_path, common, mine, the
     lg.db.execute("delete from members where step >= ?", [common])
     lg.db.execute("delete from steps where step >= ?", [common])
     last = lg.db.execute("select hash from steps where step = ?", [common - 1]).fetchone()
-    lg.db["heads"].upsert({"run_id": run_id, "n_steps": common, "head_hash": last[0] if last else lg.run().hash,
-                           "updated": 0.0}, pk="run_id")
+    lg.db.execute("update heads set n_steps = ?, head_hash = ?, updated = 0.0 where run_id = ?",
+                  [common, last[0] if last else lg.run().hash, run_id])
     lg.close()
     a.write_bytes(src.read_bytes())
     b.write_bytes(src.read_bytes())
@@ -403,3 +404,67 @@ def test_a_run_without_steps_is_received_too(tmp_path):
     assert rows(dst) == rows(src) and verified(dst) == verified(src)
     res, srv = run_pair(dst, src)
     assert res.action == "up to date"
+
+
+# -- keeping both sides of a fork: one continues as a new run that names its parent --------------
+
+def forked(src, tmp_path, common=20, mine=5, theirs=8):
+    a, b = tmp_path / "a.qes", tmp_path / "b.qes"
+    lg = Ledger(src)
+    run_id = lg.run().run_id
+    lg.close()
+    for path in (a, b):
+        path.write_bytes(src.read_bytes())
+        lg = Ledger(path)
+        lg.db.execute("delete from members where step >= ?", [common])
+        lg.db.execute("delete from steps where step >= ?", [common])
+        last = lg.db.execute("select hash from steps where step = ?", [common - 1]).fetchone()[0]
+        lg.db.execute("update heads set n_steps = ?, head_hash = ? where run_id = ?", [common, last, run_id])
+        extend(lg, run_id, mine if path == a else theirs, seed=1 if path == a else 2)
+        lg.close()
+    return a, b, run_id
+
+
+def test_a_fork_is_kept_by_continuing_one_side_as_a_child_run(src, tmp_path):
+    a, b, run_id = forked(src, tmp_path)
+    assert isinstance(run_pair(a, b)[0], ForkError)
+    lg = Ledger(b)
+    child = lg.branch(run_id)
+    parent_steps = list(lg.steps(run_id))
+    assert child.config == {**lg.run(run_id).config, "parent": {"run_id": run_id, "steps": 28,
+                                                                 "head": parent_steps[-1].hash}}
+    assert lg.verify(child.run_id) == 28 and lg.run().run_id == child.run_id  # the latest: what train continues
+    copied = list(lg.steps(child.run_id))
+    assert all(c.hash != p.hash for c, p in zip(copied, parent_steps))
+    for c, p in zip(copied, parent_steps):
+        assert (c.step, c.threshold, c.failures, c.weights_sha256, c.timings) == \
+            (p.step, p.threshold, p.failures, p.weights_sha256, p.timings)
+        assert all(np.array_equal(getattr(c, f), getattr(p, f)) for f in ("seeds", "coefs_q16", "rewards"))
+    assert lg.members(child.run_id) == lg.members(run_id)
+    assert lg.step_times(child.run_id) == lg.step_times(run_id)
+    lg.close()
+    # the other device takes the child into a ledger of its own; its own branch stays as it was
+    before = sha(a)
+    res, srv = run_pair(tmp_path / "child.qes", b, client_run=child.run_id)
+    assert res.action == "received" and res.steps == 28, res
+    assert verified(tmp_path / "child.qes") == (28, copied[-1].hash) and sha(a) == before
+    # the forked run itself is still a fork: nothing was merged
+    assert isinstance(run_pair(a, b, client_run=run_id)[0], ForkError)
+
+
+def test_a_branch_after_some_steps_and_its_bad_input(src, tmp_path):
+    from qes_edge.ledger import LedgerError
+    lg = Ledger(src)
+    run_id = lg.run().run_id
+    child = lg.branch(run_id, 3)
+    assert lg.verify(child.run_id) == 3 and child.config["parent"]["steps"] == 3
+    assert child.config["parent"]["head"] == lg.step_hashes(run_id, [2])[2]
+    empty = lg.branch(run_id, 0)
+    assert lg.verify(empty.run_id) == 0 and empty.config["parent"]["head"] == lg.run(run_id).hash
+    n_runs = len(lg.runs())
+    with pytest.raises(LedgerError, match="cannot branch after 41 steps \\(it has 40\\)"):
+        lg.branch(run_id, 41)
+    with pytest.raises(LedgerError, match="no run 'nope'"):
+        lg.branch("nope")
+    assert len(lg.runs()) == n_runs
+    lg.close()
