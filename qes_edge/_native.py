@@ -1,7 +1,8 @@
 """Load libqes through cffi (ABI mode) and pick its backend.
 
 The declarations are read from the installed ``qes.h`` (between BEGIN CDEF and END CDEF), so
-the binding can never drift from the header.  The backend is chosen by the environment
+the binding can never drift from the header; they come pre-parsed from ``_qes_ffi.py`` (made by
+``_ffi_gen.py``) while its recorded hash matches them, which keeps pycparser out of the process.  The backend is chosen by the environment
 variable ``QES_EDGE_BACKEND`` (``auto`` | ``portable`` | ``avx2``) and reported by
 :data:`backend`; asking for one that is not available raises, it never falls back silently.
 """
@@ -9,11 +10,10 @@ variable ``QES_EDGE_BACKEND`` (``auto`` | ``portable`` | ``avx2``) and reported 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
-import cffi
+from ._ffi_gen import cdef_of, cdef_sha256
 
 _HERE = Path(__file__).resolve().parent
 _LIB_NAMES = {"linux": "libqes.so", "darwin": "libqes.dylib"}
@@ -42,20 +42,33 @@ def _find(name: str) -> Path:
     )
 
 
-def _header_text(lib_path: Path) -> str:
+def _header_cdef(lib_path: Path) -> str:
     for h in (lib_path.parent / "include" / "qes.h", _HERE / "include" / "qes.h",
               _HERE.parent / "native" / "include" / "qes.h"):
         if h.is_file():
-            text = h.read_text()
-            m = re.search(r"/\* BEGIN CDEF \*/(.*)/\* END CDEF \*/", text, re.S)
-            if m:
-                return m.group(1)
+            cdef = cdef_of(h.read_text())
+            if cdef is not None:
+                return cdef
     raise NativeLibraryMissing("qes.h (the binding's declarations) is missing from the installation")
 
 
+def _make_ffi(cdef: str):
+    """(ffi, mode): the generated out-of-line module where it was made from these declarations
+    (no C parser in the process), else cffi parsing them in-line."""
+    try:
+        from . import _qes_ffi
+        if _qes_ffi.CDEF_SHA256 == cdef_sha256(cdef):
+            return _qes_ffi.ffi, "out-of-line"
+    except Exception:  # missing, or made by a cffi this one cannot read: parse instead
+        pass
+    import cffi
+    f = cffi.FFI()
+    f.cdef(cdef)
+    return f, "in-line"
+
+
 _lib_path = _find(_LIB_NAMES.get(sys.platform, "libqes.so"))
-ffi = cffi.FFI()
-ffi.cdef(_header_text(_lib_path))
+ffi, ffi_mode = _make_ffi(_header_cdef(_lib_path))
 lib = ffi.dlopen(str(_lib_path))
 
 BACKENDS = {"portable": lib.QES_BACKEND_PORTABLE, "avx2": lib.QES_BACKEND_AVX2}
