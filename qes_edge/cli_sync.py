@@ -269,3 +269,43 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
             typer.echo(f"{s['steps']} steps followed: replay {s['replay_s']:.3f} s, "
                        f"{100 * s['ratio']:.2f}% of training {s['train_s']:.2f} s (worst step "
                        f"{100 * s['max_ratio']:.2f}%)")
+
+
+@app.command("branch")
+def branch_cmd(ledger: Path = typer.Option(..., "--ledger", help="The ledger that holds the run to continue."),
+               run_id: Optional[str] = typer.Option(None, "--run-id", help="The run to continue (default: the "
+                                                                          "latest)."),
+               steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Continue after the run's first N "
+                                                                               "steps (default: all of them)."),
+               as_json: bool = JsonOpt):
+    """Continue a run as a new run that names its parent, in the same ledger: the way to keep both
+    sides of a fork.  The new run's first steps are the parent's, copied and chained anew under
+    its own id, and its config records parent = {run_id, steps, head}; being the ledger's latest
+    run, it is the one that train, sync and the daemon continue.  Replaying it gives the parent's
+    weights at that step, then its own.
+
+    Example (after `sync` reported a fork): qes-edge branch --ledger run.qes, then
+    qes-edge sync --ledger run.qes --peer socket://laptop:8765 sends the new run"""
+    from .cli import _open_ledger_readonly
+    from .ledger import Ledger, LedgerError
+    _check_run_id(run_id)
+    lg, parent, _ = _open_ledger_readonly(ledger, run_id)  # a file that is no ledger stays as it was
+    lg.close()
+    lg = None
+    try:
+        lg = Ledger(ledger)
+        child = lg.branch(parent.run_id, steps)
+        n = lg.verify(child.run_id)
+        head = lg.head_hash(child.run_id)
+    except LedgerError as e:
+        _fail(str(e))
+    finally:
+        if lg is not None:
+            lg.close()
+    info = child.config["parent"]
+    if as_json:
+        typer.echo(json.dumps({"run_id": child.run_id, "parent": info, "steps": n, "head": head}))
+        return
+    where = f"after its step {info['steps'] - 1}" if info["steps"] else "from its start"
+    typer.echo(f"run {child.run_id}: continues run {parent.run_id} {where} (head {info['head'][:16]}…); "
+               f"{n} steps copied, head {head}")

@@ -105,3 +105,38 @@ def test_reward_failures_stop_with_a_clear_message(tmp_path):
                               "--population", "2", "--batch", "4", "--ledger", str(ledger), "--n-ctx", "256"])
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "members failed their reward" in text and "reward server down" in text
+
+
+def test_a_branch_replays_to_its_parent_and_trains_on(tmp_path, driver):
+    """`branch` continues a run as a new one: replaying it gives the parent's weights at the branch
+    point, and training it on redoes the parent's next step bit for bit (same seeds, same batch,
+    same weights: the run is a pure function of its config and base)."""
+    from qes_edge.gguf_model import GGUFModel
+    from qes_edge.ledger import Ledger
+    ledger, res = train(tmp_path)
+    assert res.exit_code == 0, res.output
+    lg = Ledger(ledger, readonly=True)
+    parent = lg.run()
+    p_steps = list(lg.steps(parent.run_id))
+    lg.close()
+    res = runner.invoke(app, ["branch", "--ledger", str(ledger), "--steps", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["parent"] == {"run_id": parent.run_id, "steps": 1, "head": p_steps[0].hash} and info["steps"] == 1
+    out = tmp_path / "branch.gguf"
+    res = runner.invoke(app, ["replay", "--ledger", str(ledger), "--run-id", info["run_id"], "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = GGUFModel(out)
+    assert m.weights_digest(m.code_tensors()) == p_steps[0].weights_sha256
+    # train continues the branch (the ledger's latest run), not the parent
+    _, res = train(tmp_path)
+    assert res.exit_code == 0, res.output
+    assert f"resuming run {info['run_id'][:8]}" in res.output
+    lg = Ledger(ledger, readonly=True)
+    assert lg.verify(parent.run_id) == 2 and lg.verify(info["run_id"]) == 2
+    child = list(lg.steps(info["run_id"]))
+    lg.close()
+    assert child[1].hash != p_steps[1].hash  # another chain ...
+    for a, b in zip(child, p_steps):         # ... with the same training in it
+        assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.coefs_q16, b.coefs_q16)
+        assert np.array_equal(a.rewards, b.rewards) and a.weights_sha256 == b.weights_sha256
