@@ -283,7 +283,7 @@ def fork_message(run_id: str, k: int, mine_n: int, mine_head: str, mine_k: str, 
     return (f"fork at step {k}: {common}; this ledger has steps {k}..{mine_n - 1} (step {k} {_short(mine_k)}, head "
             f"{_short(mine_head)}), the peer has steps {k}..{peer_n - 1} (step {k} {_short(peer_k)}, head "
             f"{_short(peer_head)}). Nothing was written. To keep one branch, move the other device's ledger aside and "
-            "sync it again from this one (or the reverse); to keep both, continue one as a new run")
+            "sync it again from this one (or the reverse); to keep both, continue one as a new run (qes-edge branch)")
 
 
 # -- one session's frames ---------------------------------------------------------------------
