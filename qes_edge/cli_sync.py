@@ -284,8 +284,8 @@ def branch_cmd(ledger: Path = typer.Option(..., "--ledger", help="The ledger tha
     run, it is the one that train, sync and the daemon continue.  Replaying it gives the parent's
     weights at that step, then its own.
 
-    Example (after `sync` reported a fork): qes-edge branch --ledger run.qes, then
-    qes-edge sync --ledger run.qes --peer socket://laptop:8765 sends the new run"""
+    Example: qes-edge branch --ledger run.qes (after sync reported a fork; the other device can
+    then take the new run into a ledger of its own with sync --run-id)"""
     from .cli import _open_ledger_readonly
     from .ledger import Ledger, LedgerError
     _check_run_id(run_id)
