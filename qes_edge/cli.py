@@ -284,7 +284,12 @@ def train(ctx: typer.Context,
                                                                    "(`qes-edge worker`), comma-separated: "
                                                                    "socket://HOST:PORT or serial devices. With "
                                                                    "the workers at this --threads, the ledger is "
-                                                                   "the one recorded without them.")):
+                                                                   "the one recorded without them."),
+          ray: Optional[int] = typer.Option(None, "--ray", min=1, help="Evaluate each step's population on this "
+                                                                      "many Ray actors, each with its own copy of "
+                                                                      "the model (pip install 'qes-edge[ray]'; "
+                                                                      "the cluster in RAY_ADDRESS, else a local "
+                                                                      "Ray).")):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
     re-run with the same ledger resumes where it stopped, with the config it recorded. Options
     that differ from that config are refused (--resume ignores them, --new-run starts a new run).
@@ -293,12 +298,23 @@ def train(ctx: typer.Context,
     with _json_output(as_json):
         _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
                balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-               peers)
+               peers, ray)
+
+
+def check_executor_options(peers: Optional[str], ray: Optional[int]) -> None:
+    """--peers and --ray: one of them, and Ray installed when asked for (before any work)."""
+    if peers is not None and ray is not None:
+        _fail("--peers and --ray each take the members elsewhere: give one of them")
+    if ray is not None:
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            from .executor_ray import INSTALL
+            _fail(f"--ray needs Ray, which is not installed: {INSTALL}")
 
 
 def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
            balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-           peers=None):
+           peers=None, ray=None):
     from .session import RUN_OPTIONS, Session, SessionOptions, check_data_option
     from .trainer import TrainConfig
 
@@ -310,6 +326,7 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
                           choice_norm=choice_norm)
         opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
                               new_run=new_run, threads=threads)
+        check_executor_options(peers, ray)
         links = _peer_links(peers)  # reached before anything is written
         try:
             session = Session.open(opts, say=lambda m: console.print(m, markup=False, highlight=False))
@@ -319,8 +336,9 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
             raise
     with session, _user_errors():
         if links:  # the workers' handshake: one that cannot share the run is left out, said
-            from .executor_peers import PeerExecutor
-            session.trainer.executor = PeerExecutor.for_session(session, links)
+            session.share_with_peers(links)
+        elif ray is not None:
+            session.share_with_ray(ray)
         _train_session(session, steps, eval_every, as_json)
 
 

@@ -65,6 +65,21 @@ def queue_add(ctx: typer.Context):
             _fail(str(e))
         if p["resume"] and p["new_run"]:
             _fail("--resume continues the ledger's run and --new-run starts another: give one of them")
+        from .cli import check_executor_options
+        check_executor_options(p["peers"], p["ray"])
+        peers = None
+        if p["peers"] is not None:  # checked now, opened by the daemon when the job starts
+            peers = [u.strip() for u in p["peers"].split(",")]
+            if not all(peers):
+                _fail(f"--peers {p['peers']!r}: an empty URL (give socket://HOST:PORT or serial devices, "
+                      "comma-separated)")
+            from .sync.link import LinkError, _tcp_address
+            for u in peers:
+                if u.startswith("socket://"):
+                    try:
+                        _tcp_address(u)
+                    except LinkError as e:
+                        _fail(f"--peers: {e}")
         model = trainable_model(p["model"], cfg.frozen).resolve()
     ledger = (Path(p["ledger"]).expanduser().absolute() if p["ledger"] else default_ledger(model, cfg.task, cfg.seed))
     explicit = _explicit(sub, RUN_OPTIONS)
@@ -91,7 +106,7 @@ def queue_add(ctx: typer.Context):
                 _fail(f"job {j.id} ({j.state}) already trains {ledger}: remove it (qes-edge queue remove {j.id}) "
                       "or give another --ledger")
         options = {"cfg": asdict(cfg), "explicit": explicit, "resume": p["resume"], "new_run": p["new_run"],
-                   "threads": p["threads"], "args": list(ctx.args)}
+                   "threads": p["threads"], "peers": peers, "ray": p["ray"], "args": list(ctx.args)}
         job_id = db.add_job(options, p["steps"], p["eval_every"], str(ledger), str(model), cfg.task)
         db.event("queue", f"job {job_id} queued: {model.name} task {cfg.task} to step {p['steps']}", job_id)
     finally:

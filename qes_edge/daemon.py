@@ -380,6 +380,7 @@ class Daemon:
                 if job.run_id is None or job.run_id != session.run.run_id:
                     self.db.set_job(job.id, run_id=session.run.run_id)
                 session.trainer.executor.should_stop = self.stop.is_set
+                self._share(session, job)
                 n = session.recorded_steps()
                 if n:
                     self._state(status=f"replaying {n} steps")
@@ -432,6 +433,25 @@ class Daemon:
             self.note("error", f"job {job.id} failed: {e}", job.id, level=logging.ERROR)
             self.db.set_job(job.id, state="failed", error=str(e), finished=time.time())
             return None
+
+    def _share(self, session, job: Job) -> None:
+        """The job's --peers or --ray: members evaluated elsewhere too.  A worker that cannot be
+        reached now is left out (logged): its members are evaluated here, which records the same
+        step (the executors' contract), so an unreachable device never stops a night's training."""
+        o = job.options
+        if o.get("peers"):
+            from .sync import LinkError, open_link
+            links = []
+            for url in o["peers"]:
+                try:
+                    links.append(open_link(url))
+                except LinkError as e:
+                    self.note("peer", f"job {job.id}: worker {url} cannot be reached ({e}): its members are "
+                              "evaluated here", job.id)
+            if links:
+                session.share_with_peers(links)
+        elif o.get("ray"):
+            session.share_with_ray(int(o["ray"]))
 
     def _check_restored(self, session, job: Job, what: str) -> None:
         """After a stop request: the live weights must be those of the last recorded step."""

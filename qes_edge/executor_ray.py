@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .executor import Evaluation, LocalExecutor
+from .executor import Evaluation, LocalExecutor, StepAbandoned
 from .executor_peers import split_members
 
 INSTALL = "pip install 'qes-edge[ray]'"
@@ -125,8 +125,28 @@ class RayExecutor:
         remote = self.ray.remote(num_cpus=self.num_cpus)(MemberActor)
         return remote.remote(self.opener, self.info)
 
+    def _wait(self, futures: list) -> None:
+        """Wait for the actors, asking `local.should_stop` twice a second: a stop request abandons
+        the step (StepAbandoned, nothing recorded); the actors, whose state this side no longer
+        knows, are killed and started afresh if another step comes."""
+        stop = getattr(self.local, "should_stop", None)
+        pending = list(futures)
+        while pending:
+            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if pending and stop is not None and stop():
+                for actor in self.actors:
+                    try:
+                        self.ray.kill(actor)
+                    except Exception:
+                        pass
+                self.actors = []
+                raise StepAbandoned("stop requested while Ray actors evaluated the members")
+
     def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
         ray = self.ray
+        if not self.actors:  # after an abandoned step
+            self.actors = [self._new_actor() for _ in range(self.n_actors)]
+            self.sent = [0] * self.n_actors
         rows = list(self.ledger.steps(self.run_id, min(self.sent + [step]), step))
         by_step = {r.step: r for r in rows}
         shares = split_members(len(seeds), self.n_actors)
@@ -140,6 +160,7 @@ class RayExecutor:
         failures: dict[int, str] = {}
         t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
         t0 = time.perf_counter()
+        self._wait(futures)
         for a, (fut, idx) in enumerate(zip(futures, shares)):
             try:
                 r, fails, tt, n = ray.get(fut)

@@ -385,6 +385,31 @@ class Session:
     def head(self) -> str:
         return self.ledger.head_hash(self.run.run_id)
 
+    # -- who evaluates the members (the executor seam) ---------------------------------------
+    def share_with_peers(self, links) -> None:
+        """Split each step's members between this process and workers (`qes-edge worker`) on
+        `links`; a worker that cannot hold the run is left out (said), one that drops out has
+        its members evaluated here."""
+        from .executor_peers import PeerExecutor
+        self.trainer.executor = PeerExecutor.for_session(self, links)
+
+    def share_with_ray(self, actors: int) -> None:
+        """Evaluate each step's members on `actors` Ray actors, each with its own copy of this
+        model at this --threads (the cluster named by RAY_ADDRESS, else a local Ray started
+        here with a CPU for each actor's threads)."""
+        import os
+
+        from .executor_ray import RayExecutor, _ray
+        ray = _ray()
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, actors * self.threads), include_dashboard=False,
+                         log_to_driver=False)
+        self.trainer.executor = RayExecutor.for_session(self, actors, model=str(self.model_path),
+                                                        threads=self.threads)
+
     def close(self) -> None:
         try:
             self.trainer.executor.close()

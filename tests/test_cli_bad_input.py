@@ -250,6 +250,12 @@ CASES = [
     ("train --ledger t.qes --peers socket://127.0.0.1:1", "Connection refused"),
     ("train --ledger t.qes --peers nosuch://x", "protocol 'nosuch' not known"),
     ("train --ledger t.qes --peers socket://127.0.0.1:1,", "an empty URL"),
+    ("train --ledger t.qes --peers socket://127.0.0.1:1 --ray 2", "--peers and --ray each take the members"),
+    ("train --ledger t.qes --ray 0", "'--ray': 0 is not in the range x>=1"),
+    ("queue add --peers socket://127.0.0.1:1,", "an empty URL"),
+    ("queue add --peers socket://127.0.0.1", "no port"),
+    ("queue add --peers socket://127.0.0.1:1 --ray 2", "--peers and --ray each take the members"),
+    ("queue add --ray 0", "'--ray': 0 is not in the range x>=1"),
     # the others
     ("info --model missing.gguf", "model file not found"),
     ("info --model junk.gguf", "not a GGUF file"),
@@ -323,3 +329,13 @@ def test_an_f16_model_is_refused_before_it_is_loaded(model_of_type, tmp_path):
     assert list(tmp_path.iterdir()) == []
     r = run_cli(["eval", "--model", str(f16)], tmp_path)
     assert r.returncode == 2 and "no tensor qes-edge can train" in r.stderr
+
+
+def test_train_with_ray_where_ray_is_not_installed_names_the_extra(tmp_path):
+    code = ("import sys, runpy; sys.modules['ray'] = None; "
+            f"sys.argv = ['qes-edge', 'train', '--ray', '2', '--ledger', {str(tmp_path / 'r.qes')!r}]; "
+            "runpy.run_module('qes_edge', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: --ray needs Ray, which is not installed: pip install 'qes-edge[ray]'", r.stderr
+    assert not list(tmp_path.iterdir())

@@ -257,3 +257,40 @@ def test_two_processes_give_the_one_process_ledger(tmp_path, tiny_choice_data):
     assert [t["remote_members"] for t in timings] == [2, 2, 2, 2], (timings, err[-2000:])
     held, _ = _steps(tmp_path / "worker.qes")  # the worker held steps 0..2 to evaluate step 3
     assert held == got[:3]
+
+
+@pytest.mark.slow
+def test_a_queued_job_shares_its_population_through_the_daemon(tmp_path, tiny_choice_data, qes_edge_home):
+    """`queue add … --peers URL,URL`: the daemon opens the links when the job starts; a worker that
+    cannot be reached is left out and logged, and the ledger is still the one-process ledger."""
+    import socket
+    import subprocess
+    data = tiny_choice_data / "bigger.jsonl"
+    train = ["--task", "choice", "--data", str(data), "--population", "4", "--batch", "2", "--n-ctx", "128",
+             "--threads", "1", "--steps", "3"]
+    one = _qes(["train", *train, "--ledger", str(tmp_path / "one.qes")], stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE)
+    _, err = one.communicate(timeout=600)
+    assert one.returncode == 0, err[-2000:]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"socket://127.0.0.1:{s.getsockname()[1]}"
+    w, url = start_worker_process(tmp_path / "worker.qes")
+    try:
+        q = _qes(["queue", "add", *train, "--ledger", str(tmp_path / "daemon.qes"), "--peers", f"{url},{dead}"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = q.communicate(timeout=120)
+        assert q.returncode == 0, err
+        d = _qes(["daemon", "run", "--exit-when-empty", "--poll", "0.2", "--run-on-battery"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, derr = d.communicate(timeout=600)
+        assert d.returncode == 0, derr[-3000:]
+        w.communicate(timeout=60)
+    finally:
+        if w.poll() is None:
+            w.kill()
+    want, _ = _steps(tmp_path / "one.qes")
+    got, timings = _steps(tmp_path / "daemon.qes")
+    assert got == want
+    assert [t["remote_members"] for t in timings] == [2, 2, 2], derr[-3000:]
+    assert f"worker {dead} cannot be reached" in derr and "its members are evaluated here" in derr
