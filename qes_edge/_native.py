@@ -3,7 +3,8 @@
 The declarations are read from the installed ``qes.h`` (between BEGIN CDEF and END CDEF), so
 the binding can never drift from the header; they come pre-parsed from ``_qes_ffi.py`` (made by
 ``_ffi_gen.py``) while its recorded hash matches them, which keeps pycparser out of the process.  The backend is chosen by the environment
-variable ``QES_EDGE_BACKEND`` (``auto`` | ``portable`` | ``avx2``) and reported by
+variable ``QES_EDGE_BACKEND`` (``auto`` or a name of the C library's registry: ``portable``,
+``avx2``, ``neon``, ``cuda``, ``metal``) and reported by
 :data:`backend`; asking for one that is not available raises, it never falls back silently.
 """
 
@@ -19,8 +20,7 @@ _HERE = Path(__file__).resolve().parent
 _LIB_NAMES = {"linux": "libqes.so", "darwin": "libqes.dylib"}
 
 
-class NativeLibraryMissing(ImportError):
-    pass
+from .native_errors import BackendUnavailable, NativeLibraryMissing  # noqa: E402,F401
 
 
 def _find(name: str) -> Path:
@@ -71,32 +71,62 @@ _lib_path = _find(_LIB_NAMES.get(sys.platform, "libqes.so"))
 ffi, ffi_mode = _make_ffi(_header_cdef(_lib_path))
 lib = ffi.dlopen(str(_lib_path))
 
-BACKENDS = {"portable": lib.QES_BACKEND_PORTABLE, "avx2": lib.QES_BACKEND_AVX2}
+
+def _registry() -> list[dict]:
+    """The C library's backend registry, row by row: the one list of backends."""
+    rows = []
+    for i in range(lib.qes_backend_count()):
+        rows.append({"id": i, "name": ffi.string(lib.qes_backend_name(i)).decode(),
+                     "compiled": bool(lib.qes_backend_compiled(i)), "available": bool(lib.qes_backend_available(i)),
+                     "device": bool(lib.qes_backend_is_device(i))})
+    return rows
 
 
-def available_backends() -> list[str]:
-    return [name for name, code in BACKENDS.items() if lib.qes_backend_available(code)]
+#: every backend qes-edge knows, compiled in or not (from the registry)
+BACKENDS = {row["name"]: row["id"] for row in _registry()}
+
+
+def backends() -> list[dict]:
+    """Each backend: id, name, compiled (built into this libqes), available (usable on this
+    machine), device (its tensors live in its own memory: cuda, metal)."""
+    return _registry()
+
+
+def available_backends(include_device: bool = False) -> list[str]:
+    """The backends usable here; host backends only unless include_device (a device backend
+    needs the tensors in its memory: engine.on_backend copies them there)."""
+    return [r["name"] for r in _registry() if r["available"] and (include_device or not r["device"])]
+
+
+def is_device(name: str) -> bool:
+    return bool(lib.qes_backend_is_device(BACKENDS[name]))
 
 
 def set_backend(name: str) -> str:
-    """Select the kernel table; 'auto' picks the fastest available. Returns the active name,
-    also reported by the module attribute `backend`."""
+    """Select the backend; 'auto' picks the fastest available host backend.  Returns the
+    active name, also reported by the module attribute `backend`.  A name that is not
+    compiled in or not usable here raises: it never falls back silently."""
     global backend
     if name == "auto":
         lib.qes_set_backend(lib.QES_BACKEND_AUTO)
     elif name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose auto, {', '.join(BACKENDS)}")
     elif lib.qes_set_backend(BACKENDS[name]) != lib.QES_OK:
-        raise RuntimeError(
-            f"backend {name!r} is not available here (available: {', '.join(available_backends())})")
+        why = "not compiled into this libqes" if not lib.qes_backend_compiled(BACKENDS[name]) else \
+            "compiled in but not usable on this machine"
+        raise BackendUnavailable(f"backend {name!r} is {why} (available: {', '.join(available_backends(True))}; "
+                           f"compiled in: {', '.join(r['name'] for r in _registry() if r['compiled'])})")
     backend = get_backend()
     return backend
 
 
 def get_backend() -> str:
-    code = lib.qes_get_backend()
-    return next(name for name, c in BACKENDS.items() if c == code)
+    return ffi.string(lib.qes_backend_name(lib.qes_get_backend())).decode()
 
 
-backend = set_backend(os.environ.get("QES_EDGE_BACKEND", "auto"))
+_asked = os.environ.get("QES_EDGE_BACKEND", "auto")
+try:
+    backend = set_backend(_asked)
+except (ValueError, BackendUnavailable) as _e:
+    raise BackendUnavailable(f"QES_EDGE_BACKEND={_asked}: {_e}") from None
 library_path = str(_lib_path)

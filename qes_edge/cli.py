@@ -133,7 +133,9 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
         except QESError as e:
             trainable = {"error": str(e)}
         typer.echo(json.dumps({"model": str(path), "types": m.summary(), "trainable": trainable,
-                               "backend": _native.get_backend(), "backends": _native.available_backends(),
+                               "backend": _native.get_backend(), "backends": _native.available_backends(True),
+                               "backends_compiled": [r["name"] for r in _native.backends() if r["compiled"]],
+                               "backend_registry": _native.backends(),
                                "noise_spec": int(_native.lib.qes_noise_spec_version()),
                                "threads": default_threads(), "wait_policy": wait_policy()}))
         return
@@ -152,9 +154,19 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
     except QESError as e:
         console.print(f"[red]not trainable:[/] {e}")
     from .threads import default_threads, wait_policy
-    console.print(f"native backend: {_native.get_backend()} (available: {', '.join(_native.available_backends())}); "
+    console.print(f"native backend: {_native.get_backend()} active ({_backend_source()}); "
                   f"noise spec v{_native.lib.qes_noise_spec_version()}")
+    console.print("  " + "; ".join(f"{r['name']}: " + ("available" if r["available"] else "compiled in, not usable here"
+                                                       if r["compiled"] else "not compiled in")
+                                   + (" (device)" if r["device"] else "") for r in _native.backends()),
+                  highlight=False)
     console.print(f"threads: {default_threads()} by default (--threads); llama.cpp's OpenMP threads wait: {wait_policy()}")
+
+
+def _backend_source() -> str:
+    import os
+    forced = os.environ.get("QES_EDGE_BACKEND")
+    return f"QES_EDGE_BACKEND={forced}" if forced and forced != "auto" else "the best available host backend"
 
 
 @app.command()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import contextlib
+
 import numpy as np
 
 from ._native import ffi, lib
@@ -59,14 +61,64 @@ def _check_threshold(threshold, tensor: str) -> int:
     return int(threshold)
 
 
-def digest_tensors(tensors) -> str:
-    """sha256 over (name, bytes) of each tensor in order: the weights hash the ledger records."""
+def digest_tensors(tensors, native: bool = False) -> str:
+    """sha256 over (name, bytes) of each tensor in order: the weights hash the ledger records.
+    Host bytes go through hashlib; tensors in a device backend's memory (or native=True) through
+    libqes's qes_digest, which reads them where they are."""
+    tensors = list(tensors)
+    if native or any(t._device is not None for t in tensors):
+        names = [t.name.encode() for t in tensors]
+        cnames = [ffi.new("char[]", n) for n in names]
+        out = ffi.new("uint8_t[32]")
+        err = lib.qes_digest([t._c for t in tensors], len(tensors), cnames, [len(n) for n in names], out)
+        if err:
+            raise QESError(f"weights digest: {ffi.string(lib.qes_strerror(err)).decode()}")
+        return bytes(ffi.buffer(out, 32)).hex()
     import hashlib
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.name.encode())
         h.update(ffi.buffer(t._ptr, t.n_bytes))
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def on_backend(name: str, tensors, copy: bool | None = None):
+    """Run the tensors' perturb, restore, update and digest on backend `name` for the duration.
+    A device backend (cuda, metal) works on tensors in its own memory: here their bytes are
+    copied there (qes_backend_alloc + upload) and back into the tensors at the end (download),
+    which is how tests and benchmarks put host bytes through it; copy=True does the same on a
+    host backend.  Codes and levels are read on the host only."""
+    from . import _native
+    before = _native.get_backend()
+    copy = _native.is_device(name) if copy is None else copy
+    _native.set_backend(name)
+    bid = _native.BACKENDS[name]
+    held = []
+    try:
+        if copy:
+            for t in tensors:
+                p = lib.qes_backend_alloc(bid, t.n_bytes)
+                if p == ffi.NULL:
+                    raise QESError(f"tensor {t.name!r}: backend {name} could not allocate {t.n_bytes} bytes")
+                held.append((t, p))
+                err = lib.qes_backend_upload(bid, p, t._ptr, t.n_bytes)
+                if err:
+                    raise _fail(t.name, t.qtype, err, f"copying to {name}")
+                t._c.data = ffi.cast("uint8_t *", p)
+                t._device = bid
+        yield
+    finally:
+        failed = None
+        for t, p in held:
+            err = lib.qes_backend_download(bid, t._ptr, p, t.n_bytes)
+            failed = failed or (err and _fail(t.name, t.qtype, err, f"copying back from {name}"))
+            t._c.data = t._ptr
+            t._device = None
+            lib.qes_backend_free(bid, p)
+        _native.set_backend(before)
+        if failed:
+            raise failed
 
 
 def mirrored(bases) -> np.ndarray:
@@ -149,6 +201,7 @@ class CodeTensor:
             self._ptr = ffi.cast("uint8_t *", address)
             self.writable = True
         self._keepalive = keepalive
+        self._device = None  # a backend id while on_backend holds the bytes in its memory
         self.id = tensor_id(name)
         self._c = ffi.new("qes_tensor *", {"type": int(self.qtype), "n_elements": self.n_elements,
                                           "data": self._ptr, "n_bytes": self.n_bytes, "id": self.id})
@@ -160,6 +213,11 @@ class CodeTensor:
 
     def __repr__(self):
         return f"CodeTensor({self.name!r}, {self.qtype.name}, n={self.n_elements})"
+
+    def _need_host(self, what: str):
+        if self._device is not None:
+            raise QESError(f"tensor {self.name!r}: cannot {what}: its bytes are in a device backend's memory "
+                           "(codes and levels are read on the host)")
 
     def _need_writable(self, what: str):
         if not self.writable:
@@ -173,6 +231,7 @@ class CodeTensor:
         return start, count
 
     def codes(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        self._need_host("read codes")
         start, count = self._span(start, count)
         out = np.empty(count, dtype=np.int32)
         err = lib.qes_codes_get(self._c, start, count, ffi.cast("int32_t *", out.ctypes.data))
@@ -181,6 +240,7 @@ class CodeTensor:
         return out
 
     def set_codes(self, values, start: int = 0) -> None:
+        self._need_host("set codes")
         self._need_writable("set codes")
         v = np.ascontiguousarray(values, dtype=np.int64)
         if v.size and (v.min() < self.info.cmin or v.max() > self.info.cmax):
@@ -194,6 +254,7 @@ class CodeTensor:
 
     def levels(self, start: int = 0, count: int | None = None) -> np.ndarray:
         """Dequantized size of one code step for each element."""
+        self._need_host("read levels")
         start, count = self._span(start, count)
         out = np.empty(count, dtype=np.float32)
         err = lib.qes_levels(self._c, start, count, ffi.cast("float *", out.ctypes.data))
@@ -243,7 +304,8 @@ class CodeTensor:
 
     # -- update ------------------------------------------------------------------------
     def update(self, steps: Sequence[Step], residual: np.ndarray | None = None, *, beta: float = 0.9,
-               clamp_q16: int = DEFAULT_CLAMP_Q16, anti_windup: bool = True, threads: int = 0) -> UpdateStats:
+               clamp_q16: int = DEFAULT_CLAMP_Q16, anti_windup: bool = True, threads: int = 0,
+               _residual_ptr=None) -> UpdateStats:
         """Apply the last of ``steps``; the ones before it are replayed into the residual.
 
         residual None: seed replay (the residual starts from zero at steps[0]).  Otherwise an
@@ -264,6 +326,20 @@ class CodeTensor:
             if residual.dtype != np.int32 or residual.shape != (self.n_elements,) or not residual.flags.c_contiguous:
                 raise QESError(f"tensor {self.name!r}: residual must be a contiguous int32 array of {self.n_elements}")
             rptr = ffi.cast("int32_t *", residual.ctypes.data)
+            if self._device is not None:  # the residual goes where the codes are, for the call
+                dev = lib.qes_backend_alloc(self._device, residual.nbytes)
+                if dev == ffi.NULL:
+                    raise QESError(f"tensor {self.name!r}: the backend could not allocate the residual")
+                try:
+                    lib.qes_backend_upload(self._device, dev, rptr, residual.nbytes)
+                    out = self.update(steps, None, beta=beta, clamp_q16=clamp_q16, anti_windup=anti_windup,
+                                      threads=threads, _residual_ptr=ffi.cast("int32_t *", dev))
+                    lib.qes_backend_download(self._device, rptr, dev, residual.nbytes)
+                    return out
+                finally:
+                    lib.qes_backend_free(self._device, dev)
+        if _residual_ptr is not None:
+            rptr = _residual_ptr
         params = ffi.new("qes_update_params *", {"beta_q14": beta_to_q14(beta), "clamp_q16": clamp_q16,
                                                  "flags": lib.QES_UPDATE_ANTI_WINDUP if anti_windup else 0,
                                                  "n_threads": threads})

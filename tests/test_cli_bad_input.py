@@ -339,3 +339,14 @@ def test_train_with_ray_where_ray_is_not_installed_names_the_extra(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == \
         "error: --ray needs Ray, which is not installed: pip install 'qes-edge[ray]'", r.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("metal", "error: QES_EDGE_BACKEND=metal: backend 'metal' is not compiled into this libqes"),
+    ("gpu", "error: QES_EDGE_BACKEND=gpu: unknown backend 'gpu': choose auto, portable, avx2, neon, cuda, metal"),
+])
+def test_a_backend_this_machine_lacks_is_one_line(tmp_path, value, message):
+    r = subprocess.run([sys.executable, "-m", "qes_edge", "info"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "QES_EDGE_BACKEND": value}, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr

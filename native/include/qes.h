@@ -34,7 +34,11 @@ enum {
     QES_ERR_NOMEM = -11         /* out of memory */
 };
 
-enum { QES_BACKEND_PORTABLE = 0, QES_BACKEND_AVX2 = 1, QES_BACKEND_AUTO = -1 };
+/* Backend ids: the rows of the registry in backend.c, which is the one list (names, what is
+ * compiled in, what is available, the operations).  Callers enumerate it with
+ * qes_backend_count/qes_backend_name rather than copying these numbers. */
+enum { QES_BACKEND_PORTABLE = 0, QES_BACKEND_AVX2 = 1, QES_BACKEND_NEON = 2, QES_BACKEND_CUDA = 3,
+       QES_BACKEND_METAL = 4, QES_BACKEND_AUTO = -1 };
 
 enum { QES_UPDATE_ANTI_WINDUP = 1 };
 
@@ -77,10 +81,32 @@ const char *qes_strerror(int err);
 const char *qes_version(void);
 int qes_noise_spec_version(void);
 
-int qes_backend_available(int backend);
-int qes_set_backend(int backend);      /* QES_BACKEND_AUTO picks the best available */
+/* The backend registry.  A host backend (portable, avx2, neon) runs the engine's chunk kernels
+ * on host memory; a device backend (cuda, metal) implements whole operations -- perturb/restore
+ * over a set of tensors, the update, the weights digest -- on tensors whose data lives in its
+ * own memory (llama.cpp's offloaded weights), without copying them to the host.  Every backend
+ * computes the same bytes as portable (tests compare them). */
+int qes_backend_count(void);                 /* ids are 0 .. count-1 */
+const char *qes_backend_name(int backend);   /* "portable", "avx2", ...; NULL for an unknown id */
+int qes_backend_by_name(const char *name);   /* the id, or QES_ERR_BACKEND */
+int qes_backend_compiled(int backend);       /* built into this library */
+int qes_backend_available(int backend);      /* compiled and usable here (CPU feature, a device) */
+int qes_backend_is_device(int backend);      /* 1: tensor data must be in the backend's memory */
+int qes_set_backend(int backend);      /* QES_BACKEND_AUTO picks the best available host backend */
 int qes_get_backend(void);
 int qes_default_threads(void);
+
+/* A backend's memory, for callers that hold host bytes (tests, benchmarks): host backends use
+ * malloc and memcpy.  alloc returns NULL on failure. */
+void *qes_backend_alloc(int backend, uint64_t n_bytes);
+void qes_backend_free(int backend, void *p);
+int qes_backend_upload(int backend, void *dst, const void *src, uint64_t n_bytes);
+int qes_backend_download(int backend, void *dst, const void *src, uint64_t n_bytes);
+
+/* SHA-256 of the tensors' names and bytes in order (name bytes, then data bytes, no framing):
+ * the ledger's weights hash, computed where the data is (a device backend streams it through
+ * a small host buffer: SHA-256 is serial).  names[i] has name_lens[i] bytes. */
+int qes_digest(qes_tensor **ts, uint32_t n, const char **names, const uint64_t *name_lens, uint8_t *out32);
 
 int qes_type_query(int32_t type, qes_type_info *out);
 uint64_t qes_tensor_id(const char *name, size_t len);

@@ -17,7 +17,7 @@ typedef struct {
     uint32_t start[QES_BUCKETS + 1];   /* counting sort of the draws into buckets */
 } chunk_draws;
 
-static int check_args(const qes_tensor *t, qes_type_traits *tr, int64_t seed, uint32_t p32,
+int qes_check_perturb(const qes_tensor *t, qes_type_traits *tr, int64_t seed, uint32_t p32,
                       const uint8_t *mask, uint64_t mask_bytes) {
     int err;
     if ((err = qes_check_tensor_traits(t, tr))) return err;
@@ -106,21 +106,21 @@ static void run_group(void *vctx, uint64_t task, int thread) {
     }
 }
 
-static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
-                    const uint64_t *mask_bytes, int32_t n_threads, int write, uint64_t *applied_out,
-                    uint32_t *failed_out) {
+static int run_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32,
+                    uint8_t **masks, const uint64_t *mask_bytes, int32_t n_threads, int write,
+                    uint64_t *applied_out, uint32_t *failed_out) {
     int err = QES_OK, nt = 0;
     uint64_t groups = 0;
     if (failed_out) *failed_out = 0;
     if (n == 0) return QES_OK;
     if (!ts || !masks || !mask_bytes) return QES_ERR_NULL;
     if (n_threads > 1024) return QES_ERR_ARG;
-    many_ctx u = {ts, NULL, NULL, n, seed, p32, masks, write, qes_active_kernels(), NULL, applied_out, UINT32_MAX};
+    many_ctx u = {ts, NULL, NULL, n, seed, p32, masks, write, kern, NULL, applied_out, UINT32_MAX};
     u.trs = (qes_type_traits *)malloc(sizeof(qes_type_traits) * n);
     u.group_end = (uint64_t *)malloc(sizeof(uint64_t) * n);
     if (!u.trs || !u.group_end) { err = QES_ERR_NOMEM; goto out; }
     for (uint32_t i = 0; i < n; ++i) {
-        if ((err = ts[i] ? check_args(ts[i], &u.trs[i], seed, p32, masks[i], mask_bytes[i]) : QES_ERR_NULL)) {
+        if ((err = ts[i] ? qes_check_perturb(ts[i], &u.trs[i], seed, p32, masks[i], mask_bytes[i]) : QES_ERR_NULL)) {
             if (failed_out) *failed_out = i;
             goto out;
         }
@@ -149,25 +149,13 @@ out:
     return err;
 }
 
-int qes_perturb_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
-                     const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out, uint32_t *failed_out) {
-    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 1, applied_out, failed_out);
+int qes_host_perturb_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32,
+                          uint8_t **masks, const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out,
+                          uint32_t *failed_out) {
+    return run_many(kern, ts, n, seed, p32, masks, mask_bytes, n_threads, 1, applied_out, failed_out);
 }
 
-int qes_restore_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
-                     const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out) {
-    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 0, NULL, failed_out);
-}
-
-int qes_perturb(qes_tensor *t, int64_t seed, uint32_t p32, uint8_t *mask, uint64_t mask_bytes,
-                uint64_t *applied_out) {
-    uint64_t applied = 0;
-    int err = run_many(&t, 1, seed, p32, &mask, &mask_bytes, 1, 1, &applied, NULL);
-    if (applied_out) *applied_out = applied;
-    return err;
-}
-
-int qes_restore(qes_tensor *t, int64_t seed, uint32_t p32, const uint8_t *mask, uint64_t mask_bytes) {
-    uint8_t *m = (uint8_t *)mask; /* read only: restore never writes the mask */
-    return run_many(&t, 1, seed, p32, &m, &mask_bytes, 1, 0, NULL, NULL);
+int qes_host_restore_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32,
+                          uint8_t **masks, const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out) {
+    return run_many(kern, ts, n, seed, p32, masks, mask_bytes, n_threads, 0, NULL, failed_out);
 }

@@ -44,11 +44,78 @@ typedef struct {
     qes_dense_step_fn dense_step;
 } qes_kernels;
 
+/* A device backend's whole operations (the GPU seam).  Tensor data, and the residual of a
+ * stored-residual update, are in the backend's memory; masks, seeds and coefficients are host
+ * memory (a mask is one bit a draw: kilobytes).  Each returns what the host driver returns for
+ * the same arguments, and writes the same bytes. */
+typedef struct {
+    int (*perturb_many)(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                        const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out, uint32_t *failed_out);
+    int (*restore_many)(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                        const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out);
+    int (*update)(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *residual,
+                  const qes_update_params *params, qes_update_stats *stats);
+    void *(*alloc)(uint64_t n_bytes);
+    void (*free)(void *p);
+    int (*upload)(void *dst, const void *src, uint64_t n_bytes);
+    int (*download)(void *dst, const void *src, uint64_t n_bytes);
+} qes_device_ops;
+
+/* One row of the registry (backend.c): a host backend has kernels, a device backend ops; a
+ * backend that was not compiled in has neither. */
+typedef struct {
+    const char *name;
+    int is_device;
+    int (*available)(void);          /* called only when compiled in */
+    const qes_kernels *kernels;
+    const qes_device_ops *ops;
+} qes_backend_desc;
+
 extern const qes_kernels qes_kernels_ref;
 #if defined(QES_HAVE_AVX2)
 extern const qes_kernels qes_kernels_avx2;
 #endif
-const qes_kernels *qes_active_kernels(void);
+#if defined(QES_HAVE_NEON)
+extern const qes_kernels qes_kernels_neon;
+#endif
+#if defined(QES_HAVE_CUDA)
+extern const qes_device_ops qes_ops_cuda;
+int qes_cuda_available(void);
+#endif
+#if defined(QES_HAVE_METAL)
+extern const qes_device_ops qes_ops_metal;
+int qes_metal_available(void);
+#endif
+const qes_backend_desc *qes_active_backend(void);
+const qes_kernels *qes_active_kernels(void);   /* the active host kernels (portable under a device backend) */
+
+/* The host drivers, which run a kernel table over host memory (perturb.c, update.c). */
+int qes_host_perturb_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32,
+                          uint8_t **masks, const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out,
+                          uint32_t *failed_out);
+int qes_host_restore_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32,
+                          uint8_t **masks, const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out);
+int qes_host_update(const qes_kernels *kern, qes_tensor *t, const qes_step *steps, uint32_t n_steps,
+                    int32_t *residual, const qes_update_params *params, qes_update_stats *stats);
+
+/* Checks and preparation shared by the host driver and the device backends. */
+int qes_check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step *steps, uint32_t n_steps,
+                     const int32_t *residual, const qes_update_params *p);
+int qes_check_perturb(const qes_tensor *t, qes_type_traits *tr, int64_t seed, uint32_t p32,
+                      const uint8_t *mask, uint64_t mask_bytes);
+/* One term per distinct |seed| with a nonzero net coefficient, in |seed| order: a mirrored pair
+ * is scattered once.  out needs st->n_members entries; returns the count. */
+typedef struct {
+    uint64_t seed;      /* |seed| */
+    int32_t coef;       /* the net signed coefficient of every member with that |seed| */
+} qes_term;
+uint32_t qes_merge_members(const qes_step *st, qes_term *out);
+
+/* SHA-256 (sha256.c), streamed */
+typedef struct { uint32_t h[8]; uint64_t len; uint8_t buf[64]; uint32_t fill; } qes_sha256_ctx;
+void qes_sha256_init(qes_sha256_ctx *c);
+void qes_sha256_update(qes_sha256_ctx *c, const uint8_t *p, uint64_t n);
+void qes_sha256_final(qes_sha256_ctx *c, uint8_t out[32]);
 
 /* shared checks */
 int qes_check_tensor_traits(const qes_tensor *t, qes_type_traits *tr);

@@ -23,12 +23,7 @@ typedef struct {
 } tile_buf;
 
 typedef struct {
-    uint64_t seed;      /* |seed| */
-    int32_t coef;       /* the net signed coefficient of every member with that |seed| */
-} term;
-
-typedef struct {
-    const term *terms;
+    const qes_term *terms;
     uint32_t n_terms;
     uint32_t threshold;
 } merged_step;
@@ -65,8 +60,8 @@ static void update_tile(void *vctx, uint64_t c, int thread) {
     }
 }
 
-static int check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step *steps, uint32_t n_steps,
-                        const int32_t *residual, const qes_update_params *p) {
+int qes_check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step *steps, uint32_t n_steps,
+                     const int32_t *residual, const qes_update_params *p) {
     int err;
     if ((err = qes_check_tensor_traits(t, tr))) return err;
     if (!steps || !p) return QES_ERR_NULL;
@@ -97,12 +92,11 @@ static int check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step
 }
 
 static int by_seed(const void *a, const void *b) {
-    uint64_t x = ((const term *)a)->seed, y = ((const term *)b)->seed;
+    uint64_t x = ((const qes_term *)a)->seed, y = ((const qes_term *)b)->seed;
     return (x > y) - (x < y);
 }
 
-/* One term per distinct |seed| with a nonzero net coefficient, in |seed| order. */
-static uint32_t merge_members(const qes_step *st, term *out) {
+uint32_t qes_merge_members(const qes_step *st, qes_term *out) {
     uint32_t n = 0, m = 0;
     for (uint32_t i = 0; i < st->n_members; ++i) {
         int64_t seed = st->seeds[i];
@@ -110,7 +104,7 @@ static uint32_t merge_members(const qes_step *st, term *out) {
         out[n].seed = (uint64_t)(seed < 0 ? -seed : seed);
         out[n++].coef = seed < 0 ? -st->coefs[i] : st->coefs[i];
     }
-    qsort(out, n, sizeof(term), by_seed);
+    qsort(out, n, sizeof(qes_term), by_seed);
     for (uint32_t i = 0; i < n; ++i) {
         if (m && out[m - 1].seed == out[i].seed) out[m - 1].coef += out[i].coef;
         else out[m++] = out[i];
@@ -121,10 +115,10 @@ static uint32_t merge_members(const qes_step *st, term *out) {
     return n;
 }
 
-int qes_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *residual,
-               const qes_update_params *params, qes_update_stats *stats) {
+int qes_host_update(const qes_kernels *kern, qes_tensor *t, const qes_step *steps, uint32_t n_steps,
+                    int32_t *residual, const qes_update_params *params, qes_update_stats *stats) {
     update_ctx u;
-    int err = check_update(t, &u.tr, steps, n_steps, residual, params);
+    int err = qes_check_update(t, &u.tr, steps, n_steps, residual, params);
     if (err) return err;
     uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
     int nt = params->n_threads > 0 ? params->n_threads : qes_default_threads();
@@ -132,17 +126,17 @@ int qes_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *
     uint64_t n_members = 0;
     for (uint32_t s = 0; s < n_steps; ++s) n_members += steps[s].n_members;
     merged_step *merged = (merged_step *)calloc(n_steps, sizeof(merged_step));
-    term *terms = (term *)malloc((size_t)(n_members ? n_members : 1) * sizeof(term));
+    qes_term *terms = (qes_term *)malloc((size_t)(n_members ? n_members : 1) * sizeof(qes_term));
     if (!merged || !terms) { free(merged); free(terms); return QES_ERR_NOMEM; }
     uint64_t at = 0;
     for (uint32_t s = 0; s < n_steps; ++s) {
         merged[s].terms = terms + at;
-        merged[s].n_terms = merge_members(&steps[s], terms + at);
+        merged[s].n_terms = qes_merge_members(&steps[s], terms + at);
         merged[s].threshold = steps[s].threshold;
         at += steps[s].n_members;
     }
     u.t = t; u.steps = merged; u.n_steps = n_steps; u.residual = residual; u.p = params;
-    u.kern = qes_active_kernels();
+    u.kern = kern;
     u.bufs = (tile_buf **)calloc((size_t)nt, sizeof(tile_buf *));
     if (!u.bufs) { free(merged); free(terms); return QES_ERR_NOMEM; }
     for (int i = 0; i < nt; ++i)
