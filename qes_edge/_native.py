@@ -82,8 +82,9 @@ def _registry() -> list[dict]:
     return rows
 
 
-#: every backend qes-edge knows, compiled in or not (from the registry)
-BACKENDS = {row["name"]: row["id"] for row in _registry()}
+#: every backend qes-edge knows, compiled in or not (the registry's names: nothing is loaded to list
+#: them; a plugin backend's library is opened only when it is asked about)
+BACKENDS = {ffi.string(lib.qes_backend_name(i)).decode(): i for i in range(lib.qes_backend_count())}
 
 
 def backends() -> list[dict]:

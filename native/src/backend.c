@@ -1,8 +1,13 @@
 /* backend.c -- the backend registry: the one list of backends (name, host or device, whether
  * compiled in and available, its kernels or whole operations), the active one, and the
  * public operations' dispatch.  Chosen once, reported, never switched silently. */
+#define _GNU_SOURCE /* dladdr */
 #include <stdlib.h>
 #include <string.h>
+#if !defined(_WIN32)
+#include <dlfcn.h>
+#include <pthread.h>
+#endif
 #include "qes_internal.h"
 
 static int always(void) { return 1; }
@@ -22,11 +27,9 @@ static const qes_backend_desc registry[] = {
 #else
     [QES_BACKEND_NEON] = {"neon", 0, NULL, NULL, NULL},
 #endif
-#if defined(QES_HAVE_CUDA)
-    [QES_BACKEND_CUDA] = {"cuda", 1, qes_cuda_available, NULL, &qes_ops_cuda},
-#else
+    /* a plugin beside libqes (libqes_cuda.so, built when CMake finds nvcc): loaded on first
+       use, so that a process that never asks for CUDA never maps the CUDA runtime */
     [QES_BACKEND_CUDA] = {"cuda", 1, NULL, NULL, NULL},
-#endif
 #if defined(QES_HAVE_METAL)
     [QES_BACKEND_METAL] = {"metal", 1, qes_metal_available, NULL, &qes_ops_metal},
 #else
@@ -44,8 +47,62 @@ static int current = QES_BACKEND_AUTO;
 
 int qes_backend_count(void) { return N_BACKENDS; }
 
+/* -- plugins: device backends built as their own shared library next to libqes ---------------- */
+
+typedef struct {
+    const char *file, *ops_symbol, *available_symbol;
+    int loaded;                      /* 0: not tried, 1: tried */
+    qes_backend_desc desc;           /* the registry row with the plugin's functions filled in */
+} plugin;
+
+static plugin plugins[] = {
+    {"libqes_cuda.so", "qes_cuda_ops", "qes_cuda_available", 0, {"cuda", 1, NULL, NULL, NULL}},
+};
+static const int plugin_backend[] = {QES_BACKEND_CUDA};
+
+#if !defined(_WIN32)
+static pthread_mutex_t plugin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void load(plugin *p) {
+    Dl_info self;
+    if (!dladdr((void *)&qes_backend_count, &self) || !self.dli_fname) return;
+    const char *slash = strrchr(self.dli_fname, '/');
+    size_t dir = slash ? (size_t)(slash - self.dli_fname + 1) : 0;
+    char path[4096];
+    if (dir + strlen(p->file) + 1 > sizeof path) return;
+    memcpy(path, self.dli_fname, dir);
+    strcpy(path + dir, p->file);
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) return;
+    const qes_device_ops *(*ops)(void) = (const qes_device_ops *(*)(void))dlsym(h, p->ops_symbol);
+    int (*avail)(void) = (int (*)(void))dlsym(h, p->available_symbol);
+    if (!ops || !avail || !ops()) { dlclose(h); return; }
+    p->desc.ops = ops();
+    p->desc.available = avail;
+}
+#endif
+
+static const qes_backend_desc *plugin_row(int backend) {
+    for (size_t i = 0; i < sizeof plugin_backend / sizeof plugin_backend[0]; ++i) {
+        if (plugin_backend[i] != backend) continue;
+        plugin *p = &plugins[i];
+#if !defined(_WIN32)
+        pthread_mutex_lock(&plugin_lock);
+        if (!p->loaded) { load(p); p->loaded = 1; }
+        pthread_mutex_unlock(&plugin_lock);
+#endif
+        return p->desc.ops ? &p->desc : NULL;
+    }
+    return NULL;
+}
+
 static const qes_backend_desc *row(int backend) {
-    return backend >= 0 && backend < N_BACKENDS ? &registry[backend] : NULL;
+    if (backend < 0 || backend >= N_BACKENDS) return NULL;
+    if (!registry[backend].kernels && !registry[backend].ops) {
+        const qes_backend_desc *d = plugin_row(backend);
+        if (d) return d;
+    }
+    return &registry[backend];
 }
 
 const char *qes_backend_name(int backend) {
@@ -92,7 +149,7 @@ int qes_get_backend(void) {
     return current;
 }
 
-const qes_backend_desc *qes_active_backend(void) { return &registry[qes_get_backend()]; }
+const qes_backend_desc *qes_active_backend(void) { return row(qes_get_backend()); }
 
 const qes_kernels *qes_active_kernels(void) {
     const qes_backend_desc *d = qes_active_backend();

@@ -78,10 +78,10 @@ extern const qes_kernels qes_kernels_avx2;
 #if defined(QES_HAVE_NEON)
 extern const qes_kernels qes_kernels_neon;
 #endif
-#if defined(QES_HAVE_CUDA)
-extern const qes_device_ops qes_ops_cuda;
-int qes_cuda_available(void);
-#endif
+/* The CUDA backend is a plugin (libqes_cuda.so beside libqes, loaded by backend.c on first use)
+ * exporting these two: */
+const qes_device_ops *qes_cuda_ops(void);   /* its operations */
+int qes_cuda_available(void);              /* 1 when a CUDA device is usable */
 #if defined(QES_HAVE_METAL)
 extern const qes_device_ops qes_ops_metal;
 int qes_metal_available(void);
