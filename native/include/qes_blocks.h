@@ -15,12 +15,21 @@
 #ifndef QES_BLOCKS_H
 #define QES_BLOCKS_H
 
+#if defined(__METAL_VERSION__)
+/* Metal Shading Language: the fixed-width types are built in; a pointer names its address
+ * space (block bytes in device memory, small structs in the thread's own) */
+#define QES_INLINE static inline
+#define QES_DEVICE device
+#define QES_THREAD thread
+#else
 #include <stdint.h>
-
 #if defined(__CUDACC__)
 #define QES_INLINE static __host__ __device__ __forceinline__
 #else
 #define QES_INLINE static inline
+#endif
+#define QES_DEVICE
+#define QES_THREAD
 #endif
 
 /* ggml type ids (enum ggml_type) */
@@ -61,24 +70,24 @@ _Static_assert(QES_BYTES_Q6_K == 210, "Q6_K block");
 /* --- nibble / bit helpers ------------------------------------------------- */
 /* branch-free: which nibble is random across draws, and a mispredicted branch costs more
    than the whole update of a code */
-QES_INLINE int qes_nib_get(const uint8_t *b, int hi) { return (*b >> (hi << 2)) & 0xF; }
-QES_INLINE void qes_nib_set(uint8_t *b, int hi, int v) {
+QES_INLINE int qes_nib_get(QES_DEVICE const uint8_t *b, int hi) { return (*b >> (hi << 2)) & 0xF; }
+QES_INLINE void qes_nib_set(QES_DEVICE uint8_t *b, int hi, int v) {
     int sh = hi << 2;
     *b = (uint8_t)((*b & ~(0xF << sh)) | ((v & 0xF) << sh));
 }
-QES_INLINE int qes_bit_get(const uint8_t *bits, int i) { return (bits[i >> 3] >> (i & 7)) & 1; }
-QES_INLINE void qes_bit_set(uint8_t *bits, int i, int v) {
+QES_INLINE int qes_bit_get(QES_DEVICE const uint8_t *bits, int i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+QES_INLINE void qes_bit_set(QES_DEVICE uint8_t *bits, int i, int v) {
     bits[i >> 3] = (uint8_t)((bits[i >> 3] & ~(1u << (i & 7))) | ((unsigned)v << (i & 7)));
 }
 
 /* Legacy blocks of 32: element i (<32) lives in nibble (i & 15) of qs, high nibble if i >= 16;
  * for Q5 the fifth bit is bit i of the little-endian qh word. */
-QES_INLINE int qes_legacy4_get(const uint8_t *qs, int i) { return qes_nib_get(qs + (i & 15), i >> 4); }
-QES_INLINE void qes_legacy4_set(uint8_t *qs, int i, int v) { qes_nib_set(qs + (i & 15), i >> 4, v); }
+QES_INLINE int qes_legacy4_get(QES_DEVICE const uint8_t *qs, int i) { return qes_nib_get(qs + (i & 15), i >> 4); }
+QES_INLINE void qes_legacy4_set(QES_DEVICE uint8_t *qs, int i, int v) { qes_nib_set(qs + (i & 15), i >> 4, v); }
 
 /* --- the codecs ------------------------------------------------------------ *
  * blk points at the block holding the element, i is its index inside the block. */
-QES_INLINE int qes_code_get(int type, const uint8_t *blk, int i) {
+QES_INLINE int qes_code_get(int type, QES_DEVICE const uint8_t *blk, int i) {
     switch (type) {
     case QES_Q4_0: return qes_legacy4_get(blk + 2, i);
     case QES_Q4_1: return qes_legacy4_get(blk + 4, i);
@@ -109,7 +118,7 @@ QES_INLINE int qes_code_get(int type, const uint8_t *blk, int i) {
     }
 }
 
-QES_INLINE void qes_code_set(int type, uint8_t *blk, int i, int v) {
+QES_INLINE void qes_code_set(int type, QES_DEVICE uint8_t *blk, int i, int v) {
     switch (type) {
     case QES_Q4_0: qes_legacy4_set(blk + 2, i, v); break;
     case QES_Q4_1: qes_legacy4_set(blk + 4, i, v); break;
@@ -136,7 +145,7 @@ QES_INLINE void qes_code_set(int type, uint8_t *blk, int i, int v) {
     }
     case QES_Q6_K: {
         int half = i >> 7, quad = (i >> 5) & 3, l = i & 31, sh = quad << 1;
-        uint8_t *qh = blk + 128 + (half << 5) + l;
+        QES_DEVICE uint8_t *qh = blk + 128 + (half << 5) + l;
         qes_nib_set(blk + (half << 6) + l + ((quad & 1) << 5), quad >> 1, v & 0xF);
         *qh = (uint8_t)((*qh & ~(3u << sh)) | ((unsigned)((v >> 4) & 3) << sh));
         break;
@@ -154,7 +163,7 @@ typedef struct {
     int cmin, cmax;    /* code range */
 } qes_type_traits;
 
-QES_INLINE int qes_traits(int type, qes_type_traits *t) {
+QES_INLINE int qes_traits(int type, QES_THREAD qes_type_traits *t) {
     t->type = type;
     t->block_shift = 0;
     switch (type) {
@@ -173,11 +182,11 @@ QES_INLINE int qes_traits(int type, qes_type_traits *t) {
 }
 
 /* Element e of a tensor: block e >> block_shift, index e & (block_elems - 1). */
-QES_INLINE int qes_elem_get(const qes_type_traits *t, const uint8_t *data, uint64_t e) {
+QES_INLINE int qes_elem_get(QES_THREAD const qes_type_traits *t, QES_DEVICE const uint8_t *data, uint64_t e) {
     uint64_t b = e >> t->block_shift;
     return qes_code_get(t->type, data + b * (uint64_t)t->block_bytes, (int)(e & (uint64_t)(t->block_elems - 1)));
 }
-QES_INLINE void qes_elem_set(const qes_type_traits *t, uint8_t *data, uint64_t e, int v) {
+QES_INLINE void qes_elem_set(QES_THREAD const qes_type_traits *t, QES_DEVICE uint8_t *data, uint64_t e, int v) {
     uint64_t b = e >> t->block_shift;
     qes_code_set(t->type, data + b * (uint64_t)t->block_bytes, (int)(e & (uint64_t)(t->block_elems - 1)), v);
 }

@@ -19,7 +19,6 @@
 #ifndef QES_NOISE_H
 #define QES_NOISE_H
 
-#include <stdint.h>
 #include "qes_blocks.h"
 
 #define QES_NOISE_SPEC_VERSION 1
@@ -63,7 +62,7 @@ QES_INLINE qes_chunk_key qes_make_chunk_key(uint64_t tensor_id, uint64_t abs_see
 }
 
 /* Number of draws in a chunk: floor(p*2^14) plus one with probability frac(p*2^14). */
-QES_INLINE uint32_t qes_chunk_draws(const qes_chunk_key *k, uint32_t p32) {
+QES_INLINE uint32_t qes_chunk_draws(QES_THREAD const qes_chunk_key *k, uint32_t p32) {
     uint32_t base = p32 >> (32 - QES_CHUNK_BITS);
     uint32_t frac = p32 << QES_CHUNK_BITS;
     return base + (qes_mix32(k->count_key) < frac ? 1u : 0u);
@@ -73,7 +72,7 @@ QES_INLINE uint32_t qes_chunk_draws(const qes_chunk_key *k, uint32_t p32) {
 QES_INLINE uint32_t qes_max_draws(uint32_t p32) { return (p32 >> (32 - QES_CHUNK_BITS)) + 1u; }
 
 /* A keyed bijection of [0, 2^14): every step is invertible modulo 2^14. */
-QES_INLINE uint32_t qes_perm(const qes_chunk_key *k, uint32_t j) {
+QES_INLINE uint32_t qes_perm(QES_THREAD const qes_chunk_key *k, uint32_t j) {
     uint32_t x = j;
     x = (x * k->a + k->b) & QES_CHUNK_MASK;
     x ^= x >> 7;
@@ -85,15 +84,17 @@ QES_INLINE uint32_t qes_perm(const qes_chunk_key *k, uint32_t j) {
 }
 
 /* +1 or -1 for the draw landing on chunk offset x, before the seed's sign. */
-QES_INLINE int qes_draw_sign(const qes_chunk_key *k, uint32_t x) {
+QES_INLINE int qes_draw_sign(QES_THREAD const qes_chunk_key *k, uint32_t x) {
     return (qes_mix32(x ^ k->sign_key) >> 31) ? 1 : -1;
 }
 
+#if !defined(__METAL_VERSION__) /* names are hashed on the host */
 /* FNV-1a 64 of a byte string. */
 QES_INLINE uint64_t qes_fnv1a64(const uint8_t *s, uint64_t n) {
     uint64_t h = 0xcbf29ce484222325ull;
     for (uint64_t i = 0; i < n; ++i) { h ^= s[i]; h *= 0x100000001b3ull; }
     return h;
 }
+#endif
 
 #endif /* QES_NOISE_H */
