@@ -24,22 +24,14 @@ static void scatter_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t
 }
 
 static void dense_step_ref(const qes_dense_args *a, int32_t *acc, int32_t *r, qes_update_stats *st) {
+    uint32_t changed = 0, dropped = 0;
     for (uint32_t i = 0; i < a->n; ++i) {
-        int32_t step = acc[i] + qes_asr(a->beta_q14 * r[i] + (1 << 13), 14);
+        r[i] = qes_update_elem(a->tr, a->data, a->base + i, acc[i], r[i], a->beta_q14, a->clamp_q16, a->anti_windup,
+                               a->apply, &changed, &dropped);
         acc[i] = 0; /* ready for the next step's scatter */
-        int32_t d = qes_asr(step + (1 << 15), 16);
-        if (d) {
-            int code = qes_elem_get(a->tr, a->data, a->base + i);
-            int32_t g = qes_gate(a->tr, code, d, a->anti_windup);
-            if (a->apply) {
-                if (g != d) st->dropped++;
-                if (g) { qes_elem_set(a->tr, a->data, a->base + i, code + g); st->changed++; }
-            }
-            d = g;
-        }
-        int32_t res = step - d * 65536;
-        r[i] = res > a->clamp_q16 ? a->clamp_q16 : (res < -a->clamp_q16 ? -a->clamp_q16 : res);
     }
+    st->changed += changed;
+    st->dropped += dropped;
 }
 
 const qes_kernels qes_kernels_ref = {"portable", gen_chunk_ref, scatter_chunk_ref, dense_step_ref};

@@ -10,6 +10,7 @@
 #include "qes.h"
 #include "qes_blocks.h"
 #include "qes_noise.h"
+#include "qes_update.h"  /* qes_gate, qes_update_elem: the update's per-element arithmetic */
 
 /* The draws of one chunk: chunk offsets and signs (+-1, seed sign applied).
  * Returns the number of draws (entries written; entries past n_valid are dropped and
@@ -122,13 +123,6 @@ int qes_check_tensor_traits(const qes_tensor *t, qes_type_traits *tr);
 int qes_check_seed(int64_t seed);
 int qes_check_threshold(uint32_t p32);
 
-/* gate one delta: returns the delta actually applied (0 when dropped) */
-static inline int32_t qes_gate(const qes_type_traits *tr, int code, int32_t d, int anti_windup) {
-    int32_t nc = code + d;
-    if (nc >= tr->cmin && nc <= tr->cmax) return d;
-    if (anti_windup) return 0;
-    return (nc < tr->cmin ? tr->cmin : tr->cmax) - code;
-}
 
 /* arithmetic shift right (floor division by 2^s).  C leaves >> of a negative value to the
    implementation; every compiler we build with shifts arithmetically, and this assert stops
