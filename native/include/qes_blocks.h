@@ -54,7 +54,7 @@ enum {
     QES_BYTES_Q5_K = 2 + 2 + 12 + 32 + 128, /* d, dmin, scales[12], qh[32], qs[128] */
     QES_BYTES_Q6_K = 128 + 64 + 16 + 2,  /* ql[128], qh[64], scales[16], d */
 };
-#if !defined(__CUDACC__) && !defined(__METAL_VERSION__)
+#if !defined(__CUDACC__) && !defined(__METAL_VERSION__) && !defined(__cplusplus)
 _Static_assert(QES_BYTES_Q4_0 == 18, "Q4_0 block");
 _Static_assert(QES_BYTES_Q4_1 == 20, "Q4_1 block");
 _Static_assert(QES_BYTES_Q5_0 == 22, "Q5_0 block");
