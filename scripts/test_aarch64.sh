@@ -37,8 +37,8 @@ if ((${#missing[@]})); then
   else
     die "missing ${missing[*]}: not root and no sudo; run as root: apt-get install -y ${PKGS[*]}"
   fi
-  "${SUDO[@]}" apt-get update -qq || die "apt-get update failed (offline?); missing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${PKGS[@]}" >/dev/null \
+  ${SUDO[@]+"${SUDO[@]}"} apt-get update -qq || die "apt-get update failed (offline?); missing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive ${SUDO[@]+"${SUDO[@]}"} apt-get install -y -qq "${PKGS[@]}" >/dev/null \
     || die "apt-get install ${PKGS[*]} failed; missing ${missing[*]}"
   command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || die "still no aarch64-linux-gnu-gcc after installing"
   command -v qemu-aarch64 >/dev/null 2>&1 || die "still no qemu-aarch64 after installing"
@@ -55,7 +55,7 @@ say "configure $BUILD ($(aarch64-linux-gnu-gcc --version | head -1))"
 gen=()
 # no CUDA plugin in a cross build: the build machine's nvcc targets the build machine
 command -v ninja >/dev/null 2>&1 && [ ! -f "$BUILD/CMakeCache.txt" ] && gen=(-G Ninja)
-"$CMAKE" -S . -B "$BUILD" "${gen[@]}" -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
+"$CMAKE" -S . -B "$BUILD" ${gen[@]+"${gen[@]}"} -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
   -DCMAKE_BUILD_TYPE=Release -DQES_BUILD_TESTS=ON -DQES_SANITIZE=OFF -DQES_CUDA=OFF >"$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log" >&2; die "configure failed"; }
 grep -q "native backends built: .*neon" "$BUILD/configure.log" \
