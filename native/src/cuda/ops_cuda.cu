@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <stdlib.h>
 #include <string.h>
+#include <new>
 #include <vector>
 
 #define _Static_assert static_assert /* qes_internal.h's C11 asserts, read as C++ */
@@ -301,13 +302,15 @@ __global__ void residual_check_kernel(const int32_t *r, uint64_t n, int32_t clam
 
 /* ===================================== host side ============================================== */
 
-static int is_device_memory(const void *p) {
+/* The device holding p (device or managed memory), or -1: host memory, or unknown to CUDA. */
+static int device_of(const void *p) {
     cudaPointerAttributes at;
     if (cudaPointerGetAttributes(&at, p) != cudaSuccess) {
         cudaGetLastError(); /* clear it: not a pointer the runtime knows */
-        return 0;
+        return -1;
     }
-    return at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged;
+    if (at.type != cudaMemoryTypeDevice && at.type != cudaMemoryTypeManaged) return -1;
+    return at.device >= 0 ? at.device : -1;
 }
 
 static int cuda_err(cudaError_t e) {
@@ -321,44 +324,33 @@ static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 /* launches cover at most this many chunks (gridDim.x < 2^31) */
 #define MAX_GRID ((uint64_t)1 << 30)
 
-static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
-                    const uint64_t *mask_bytes, int32_t n_threads, int write, uint64_t *applied_out,
-                    uint32_t *failed_out) {
-    if (failed_out) *failed_out = 0;
-    if (n == 0) return QES_OK;
-    if (!ts || !masks || !mask_bytes) return QES_ERR_NULL;
-    if (n_threads > 1024) return QES_ERR_ARG;
-    std::vector<pr_tensor> pt(n);
-    std::vector<uint64_t> chunk_end(n), mb(n);
+/* Runs the tensors idx[0..m) of a call, all on the current device.  pt, mb: per tensor of the
+ * call.  Writes their masks (perturb) and applied counts; *failed: the lowest index of the call
+ * whose restore met a foreign mask (kept when lower). */
+static int run_subset(const std::vector<uint32_t> &idx, const std::vector<pr_tensor> &all, const std::vector<uint64_t> &mb,
+                      int64_t seed, uint32_t p32, uint8_t **masks, int write, uint64_t *applied_out, uint32_t *failed) {
+    uint32_t m = (uint32_t)idx.size();
+    std::vector<pr_tensor> pt(m);
+    std::vector<uint64_t> chunk_end(m);
     uint64_t chunks = 0, mask_total = 0;
-    for (uint32_t i = 0; i < n; ++i) {
-        int err = ts[i] ? qes_check_perturb(ts[i], &pt[i].tr, seed, p32, masks[i], mask_bytes[i]) : QES_ERR_NULL;
-        if (!err && !is_device_memory(ts[i]->data)) err = QES_ERR_ARG;
-        if (err) {
-            if (failed_out) *failed_out = i;
-            return err;
-        }
-        pt[i].data = ts[i]->data;
-        pt[i].n_elements = ts[i]->n_elements;
-        pt[i].id = ts[i]->id;
+    for (uint32_t i = 0; i < m; ++i) {
+        pt[i] = all[idx[i]];
         pt[i].mask_off = mask_total;
-        mb[i] = qes_mask_bytes(ts[i]->n_elements, p32);
-        mask_total += align_up(mb[i], 4);
-        chunks += (ts[i]->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+        mask_total += align_up(mb[idx[i]], 4); /* words of the atomicOr stay inside the tensor's mask */
+        chunks += (pt[i].n_elements + QES_CHUNK - 1) / QES_CHUNK;
         chunk_end[i] = chunks;
-        if (applied_out) applied_out[i] = 0;
     }
     /* one device buffer: tensors | chunk_end | applied | failed | masks, staged through one host buffer */
-    uint64_t o_ts = 0, o_end = align_up(o_ts + sizeof(pr_tensor) * n, 16);
-    uint64_t o_app = align_up(o_end + 8 * (uint64_t)n, 16), o_fail = o_app + 8 * (uint64_t)n;
+    uint64_t o_ts = 0, o_end = align_up(o_ts + sizeof(pr_tensor) * m, 16);
+    uint64_t o_app = align_up(o_end + 8 * (uint64_t)m, 16), o_fail = o_app + 8 * (uint64_t)m;
     uint64_t o_mask = align_up(o_fail + 4, 16), total = o_mask + mask_total;
     uint8_t *host = (uint8_t *)calloc(1, (size_t)total);
     if (!host) return QES_ERR_NOMEM;
-    memcpy(host + o_ts, pt.data(), sizeof(pr_tensor) * n);
-    memcpy(host + o_end, chunk_end.data(), 8 * (size_t)n);
+    memcpy(host + o_ts, pt.data(), sizeof(pr_tensor) * m);
+    memcpy(host + o_end, chunk_end.data(), 8 * (size_t)m);
     memset(host + o_fail, 0xff, 4);
-    if (!write)
-        for (uint32_t i = 0; i < n; ++i) memcpy(host + o_mask + pt[i].mask_off, masks[i], (size_t)mb[i]);
+    if (!write) /* restore reads the masks; perturb starts from zeros (perturb.c memsets them) */
+        for (uint32_t i = 0; i < m; ++i) memcpy(host + o_mask + pt[i].mask_off, masks[idx[i]], (size_t)mb[idx[i]]);
     uint8_t *dev = NULL;
     int err = cuda_err(cudaMalloc((void **)&dev, (size_t)total));
     if (err) { free(host); return err; }
@@ -366,7 +358,7 @@ static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uin
     pr_args a;
     a.ts = (const pr_tensor *)(dev + o_ts);
     a.chunk_end = (const uint64_t *)(dev + o_end);
-    a.n = n;
+    a.n = m;
     a.abs_seed = (uint64_t)(seed < 0 ? -seed : seed);
     a.sgn = seed < 0 ? -1 : 1;
     a.p32 = p32;
@@ -381,34 +373,94 @@ static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uin
         err = cuda_err(cudaGetLastError());
     }
     if (!err) err = cuda_err(cudaDeviceSynchronize());
-    if (!err) err = cuda_err(cudaMemcpy(host + o_app, dev + o_app, (size_t)(total - o_app), cudaMemcpyDeviceToHost));
+    uint64_t back = (write ? total : o_mask) - o_app; /* counts, failed, and the masks perturb wrote */
+    if (!err) err = cuda_err(cudaMemcpy(host + o_app, dev + o_app, (size_t)back, cudaMemcpyDeviceToHost));
     cudaFree(dev);
     if (!err) {
-        uint32_t failed;
-        memcpy(&failed, host + o_fail, 4);
-        for (uint32_t i = 0; i < n; ++i) {
-            if (write) memcpy(masks[i], host + o_mask + pt[i].mask_off, (size_t)mb[i]);
-            if (applied_out) memcpy(&applied_out[i], host + o_app + 8 * (uint64_t)i, 8);
+        uint32_t f;
+        memcpy(&f, host + o_fail, 4);
+        for (uint32_t i = 0; i < m; ++i) {
+            if (write) memcpy(masks[idx[i]], host + o_mask + pt[i].mask_off, (size_t)mb[idx[i]]);
+            if (applied_out) memcpy(&applied_out[idx[i]], host + o_app + 8 * (uint64_t)i, 8);
         }
-        if (failed != UINT32_MAX) {
-            err = QES_ERR_RANGE;
-            if (failed_out) *failed_out = failed;
-        }
+        if (f != UINT32_MAX && idx[f] < *failed) *failed = idx[f];
     }
     free(host);
+    return err;
+}
+
+/* perturb.c's run_many: the same checks in the same order, then the tensors of each device
+ * (llama.cpp may split a model over several GPUs) in one launch per device. */
+static int run_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                    const uint64_t *mask_bytes, int32_t n_threads, int write, uint64_t *applied_out,
+                    uint32_t *failed_out) {
+    if (failed_out) *failed_out = 0;
+    if (n == 0) return QES_OK;
+    if (!ts || !masks || !mask_bytes) return QES_ERR_NULL;
+    if (n_threads > 1024) return QES_ERR_ARG;
+    std::vector<pr_tensor> pt(n);
+    std::vector<uint64_t> mb(n);
+    std::vector<int> dev(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        int err = ts[i] ? qes_check_perturb(ts[i], &pt[i].tr, seed, p32, masks[i], mask_bytes[i]) : QES_ERR_NULL;
+        if (err) {
+            if (failed_out) *failed_out = i;
+            return err;
+        }
+        pt[i].data = ts[i]->data;
+        pt[i].n_elements = ts[i]->n_elements;
+        pt[i].id = ts[i]->id;
+        pt[i].mask_off = 0;
+        mb[i] = qes_mask_bytes(ts[i]->n_elements, p32);
+        if (applied_out) applied_out[i] = 0;
+    }
+    /* then what only a device backend asks (so that bad arguments get the host driver's codes) */
+    for (uint32_t i = 0; i < n; ++i)
+        if ((dev[i] = device_of(ts[i]->data)) < 0) { /* not device memory */
+            if (failed_out) *failed_out = i;
+            return QES_ERR_ARG;
+        }
+    int prev = 0, err = QES_OK;
+    uint32_t failed = UINT32_MAX;
+    if ((err = cuda_err(cudaGetDevice(&prev)))) return err;
+    std::vector<uint8_t> done(n, 0);
+    for (uint32_t i = 0; i < n && !err; ++i) {
+        if (done[i]) continue;
+        std::vector<uint32_t> idx;
+        for (uint32_t j = i; j < n; ++j)
+            if (!done[j] && dev[j] == dev[i]) { idx.push_back(j); done[j] = 1; }
+        if (!(err = cuda_err(cudaSetDevice(dev[i]))))
+            err = run_subset(idx, pt, mb, seed, p32, masks, write, applied_out, &failed);
+    }
+    cudaSetDevice(prev);
+    if (!err && failed != UINT32_MAX) {
+        err = QES_ERR_RANGE;
+        if (failed_out) *failed_out = failed;
+    }
     return err;
 }
 
 static int cuda_perturb_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
                              const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out,
                              uint32_t *failed_out) {
-    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 1, applied_out, failed_out);
+    try {
+        return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 1, applied_out, failed_out);
+    } catch (const std::bad_alloc &) { /* a std::vector: nothing may unwind into C */
+        return QES_ERR_NOMEM;
+    }
 }
 
 static int cuda_restore_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
                              const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out) {
-    return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 0, NULL, failed_out);
+    try {
+        return run_many(ts, n, seed, p32, masks, mask_bytes, n_threads, 0, NULL, failed_out);
+    } catch (const std::bad_alloc &) {
+        return QES_ERR_NOMEM;
+    }
 }
+
+static int update_on(qes_tensor *t, const qes_type_traits &tr, const qes_step *steps, uint32_t n_steps,
+                     int32_t *residual, const qes_update_params *params, qes_update_stats *stats);
 
 static int cuda_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *residual,
                        const qes_update_params *params, qes_update_stats *stats) {
@@ -417,8 +469,23 @@ static int cuda_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, i
     int err = qes_check_update(t, &tr, steps, n_steps, NULL, params);
     if (err) return err;
     if (residual && ((uintptr_t)residual) % sizeof(int32_t)) return QES_ERR_ALIGN;
-    if (!is_device_memory(t->data) || (residual && !is_device_memory(residual))) return QES_ERR_ARG;
+    int device = device_of(t->data), prev = 0;
+    if (device < 0 || (residual && device_of(residual) != device)) return QES_ERR_ARG;
+    if ((err = cuda_err(cudaGetDevice(&prev)))) return err;
+    if ((err = cuda_err(cudaSetDevice(device)))) return err;
+    try {
+        err = update_on(t, tr, steps, n_steps, residual, params, stats);
+    } catch (const std::bad_alloc &) {
+        err = QES_ERR_NOMEM;
+    }
+    cudaSetDevice(prev);
+    return err;
+}
 
+/* the update of a checked tensor, on the current device (the one holding its data) */
+static int update_on(qes_tensor *t, const qes_type_traits &tr, const qes_step *steps, uint32_t n_steps,
+                     int32_t *residual, const qes_update_params *params, qes_update_stats *stats) {
+    int err = QES_OK;
     uint64_t n_members = 0;
     for (uint32_t s = 0; s < n_steps; ++s) n_members += steps[s].n_members;
     std::vector<qes_term> merged((size_t)(n_members ? n_members : 1));
@@ -513,8 +580,23 @@ static const qes_device_ops ops = {cuda_perturb_many, cuda_restore_many, cuda_up
 
 extern "C" __attribute__((visibility("default"))) const qes_device_ops *qes_cuda_ops(void) { return &ops; }
 
+/* Usable: a device, the driver new enough for this runtime, code for the device's architecture
+ * (cudaFuncGetAttributes fails without it), and the update's 128 KiB of shared memory a block.
+ * Asked once per process (the first call creates the device's context). */
+static int probe(void) {
+    int n = 0, dev = 0, smem = 0;
+    cudaFuncAttributes fa;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n <= 0 || cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        smem < (int)UP_SHARED || cudaFuncGetAttributes(&fa, pr_kernel) != cudaSuccess ||
+        cudaFuncGetAttributes(&fa, up_kernel) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return 1;
+}
+
 extern "C" __attribute__((visibility("default"))) int qes_cuda_available(void) {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
-    return n > 0 ? 1 : 0;
+    static const int usable = probe(); /* C++ runs it once, thread-safely */
+    return usable;
 }
