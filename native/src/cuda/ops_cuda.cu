@@ -352,7 +352,9 @@ static int run_subset(const std::vector<uint32_t> &idx, const std::vector<pr_ten
     if (!write) /* restore reads the masks; perturb starts from zeros (perturb.c memsets them) */
         for (uint32_t i = 0; i < m; ++i) memcpy(host + o_mask + pt[i].mask_off, masks[idx[i]], (size_t)mb[idx[i]]);
     uint8_t *dev = NULL;
-    int err = cuda_err(cudaMalloc((void **)&dev, (size_t)total));
+    /* work another library queued on its own streams (llama.cpp's) may still use the tensors */
+    int err = cuda_err(cudaDeviceSynchronize());
+    if (!err) err = cuda_err(cudaMalloc((void **)&dev, (size_t)total));
     if (err) { free(host); return err; }
     err = cuda_err(cudaMemcpy(dev, host, (size_t)total, cudaMemcpyHostToDevice));
     pr_args a;
@@ -508,7 +510,9 @@ static int update_on(qes_tensor *t, const qes_type_traits &tr, const qes_step *s
     memcpy(host + o_first, first.data(), 4 * (size_t)(n_steps + 1));
     memcpy(host + o_thr, threshold.data(), 4 * (size_t)n_steps);
     uint8_t *dev = NULL;
-    if ((err = cuda_err(cudaMalloc((void **)&dev, (size_t)total)))) { free(host); return err; }
+    if (!(err = cuda_err(cudaDeviceSynchronize()))) /* as in run_subset */
+        err = cuda_err(cudaMalloc((void **)&dev, (size_t)total));
+    if (err) { free(host); return err; }
     err = cuda_err(cudaMemcpy(dev, host, (size_t)total, cudaMemcpyHostToDevice));
     if (!err && residual) { /* the range check of qes_check_update, before anything is written */
         uint64_t blocks = (t->n_elements + 255) / 256;
@@ -561,6 +565,9 @@ static void cuda_free(void *p) {
 
 static int copy(void *dst, const void *src, uint64_t n_bytes, cudaMemcpyKind kind) {
     if (!n_bytes) return QES_OK;
+    /* ordered after work queued on other streams (cudaMemcpy only waits for the legacy stream);
+       without a device this fails, and so does the copy, which gives the code */
+    if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
     cudaError_t e = cudaMemcpy(dst, src, (size_t)n_bytes, kind);
     if (e == cudaSuccess) return QES_OK;
     cudaGetLastError();
