@@ -23,13 +23,25 @@ QES_INLINE int32_t qes_gate(QES_THREAD const qes_type_traits *tr, int code, int3
     return (nc < tr->cmin ? tr->cmin : tr->cmax) - code;
 }
 
+/* The three steps of one element, for backends that split them (a GPU that defers the code
+ * writes): the step from the accumulator and the residual, its rounded delta, the residual
+ * left once delta (after gating) is taken out. */
+QES_INLINE int32_t qes_update_step(int32_t acc, int32_t r, int32_t beta_q14) {
+    return acc + ((beta_q14 * r + (1 << 13)) >> 14);
+}
+QES_INLINE int32_t qes_update_delta(int32_t step) { return (step + (1 << 15)) >> 16; }
+QES_INLINE int32_t qes_update_residual(int32_t step, int32_t d, int32_t clamp_q16) {
+    int32_t res = step - d * 65536;
+    return res > clamp_q16 ? clamp_q16 : (res < -clamp_q16 ? -clamp_q16 : res);
+}
+
 /* One element: returns its new residual; applies the gated delta to element e when apply,
  * counting changed codes and dropped or cut deltas. */
 QES_INLINE int32_t qes_update_elem(QES_THREAD const qes_type_traits *tr, QES_DEVICE uint8_t *data, uint64_t e,
                                    int32_t acc, int32_t r, int32_t beta_q14, int32_t clamp_q16, int anti_windup,
                                    int apply, QES_THREAD uint32_t *changed, QES_THREAD uint32_t *dropped) {
-    int32_t step = acc + ((beta_q14 * r + (1 << 13)) >> 14);
-    int32_t d = (step + (1 << 15)) >> 16;
+    int32_t step = qes_update_step(acc, r, beta_q14);
+    int32_t d = qes_update_delta(step);
     if (d) {
         int code = qes_elem_get(tr, data, e);
         int32_t g = qes_gate(tr, code, d, anti_windup);
@@ -39,8 +51,7 @@ QES_INLINE int32_t qes_update_elem(QES_THREAD const qes_type_traits *tr, QES_DEV
         }
         d = g;
     }
-    int32_t res = step - d * 65536;
-    return res > clamp_q16 ? clamp_q16 : (res < -clamp_q16 ? -clamp_q16 : res);
+    return qes_update_residual(step, d, clamp_q16);
 }
 
 #endif /* QES_UPDATE_H */

@@ -105,9 +105,9 @@ static const qes_backend_desc *row(int backend) {
     return &registry[backend];
 }
 
+/* name and kind come from the table itself: listing the backends opens no plugin */
 const char *qes_backend_name(int backend) {
-    const qes_backend_desc *d = row(backend);
-    return d ? d->name : NULL;
+    return backend >= 0 && backend < N_BACKENDS ? registry[backend].name : NULL;
 }
 
 int qes_backend_by_name(const char *name) {
@@ -128,8 +128,7 @@ int qes_backend_available(int backend) {
 }
 
 int qes_backend_is_device(int backend) {
-    const qes_backend_desc *d = row(backend);
-    return d ? d->is_device : 0;
+    return backend >= 0 && backend < N_BACKENDS ? registry[backend].is_device : 0;
 }
 
 int qes_set_backend(int backend) {

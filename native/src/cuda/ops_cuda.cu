@@ -62,15 +62,7 @@ QES_HD void at_min_u32(uint32_t *p, uint32_t v) {
 #endif
 }
 
-/* qes_gate and qes_asr of qes_internal.h are host functions (static inline): these are their
- * device twins, the same expressions (the emulation test compares them on every input). */
-QES_HD int32_t cu_gate(const qes_type_traits *tr, int code, int32_t d, int anti_windup) {
-    int32_t nc = code + d;
-    if (nc >= tr->cmin && nc <= tr->cmax) return d;
-    if (anti_windup) return 0;
-    return (nc < tr->cmin ? tr->cmin : tr->cmax) - code;
-}
-QES_HD int32_t cu_asr(int32_t x, int s) { return x >> s; } /* arithmetic on every CUDA target */
+/* the gate and the update's arithmetic are qes_update.h's (host and device alike) */
 
 /* ============================== perturb / restore ============================================= */
 
@@ -242,20 +234,19 @@ QES_HD void up_dense(const up_args *a, uint64_t c, int apply, int32_t *acc, int3
     uint64_t base = c * QES_CHUNK;
     unsigned long long changed = 0, dropped = 0;
     for (uint32_t x = (uint32_t)tid; x < valid; x += (uint32_t)nt) {
-        int32_t step = acc[x] + cu_asr(a->beta_q14 * r[x] + (1 << 13), 14);
+        int32_t step = qes_update_step(acc[x], r[x], a->beta_q14);
         acc[x] = 0;
-        int32_t d = cu_asr(step + (1 << 15), 16);
+        int32_t d = qes_update_delta(step);
         if (d) {
             int code = qes_elem_get(&a->tr, a->data, base + x);
-            int32_t g = cu_gate(&a->tr, code, d, a->anti_windup);
+            int32_t g = qes_gate(&a->tr, code, d, a->anti_windup);
             if (apply) {
                 if (g != d) dropped++;
                 if (g) { acc[x] = g; changed++; }
             }
             d = g;
         }
-        int32_t res = step - d * 65536;
-        r[x] = res > a->clamp_q16 ? a->clamp_q16 : (res < -a->clamp_q16 ? -a->clamp_q16 : res);
+        r[x] = qes_update_residual(step, d, a->clamp_q16);
         if (apply && a->residual) a->residual[base + x] = r[x];
     }
     if (changed) at_add_u64(&a->stats[0], changed);
