@@ -134,12 +134,7 @@ class RayExecutor:
         while pending:
             _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=0.5)
             if pending and stop is not None and stop():
-                for actor in self.actors:
-                    try:
-                        self.ray.kill(actor)
-                    except Exception:
-                        pass
-                self.actors = []
+                self._kill_actors()
                 raise StepAbandoned("stop requested while Ray actors evaluated the members")
 
     def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
@@ -189,12 +184,15 @@ class RayExecutor:
         t["actors"] = self.n_actors
         return Evaluation(rewards, [failures[k] for k in sorted(failures)], t)
 
-    def close(self) -> None:
+    def _kill_actors(self) -> None:
         for actor in self.actors:
             try:
                 self.ray.kill(actor)
             except Exception:
                 pass
         self.actors = []
+
+    def close(self) -> None:
+        self._kill_actors()
         if self.local is not None:
             self.local.close()

@@ -3,24 +3,12 @@
 
 static uint32_t gen_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
                               int seed_sign, uint16_t *off_out, int8_t *sign_out, uint16_t *slot_out) {
-    uint32_t m = 0;
-    for (uint32_t j = 0; j < n_draws; ++j) {
-        uint32_t x = qes_perm(k, j);
-        if (x >= n_valid) continue;
-        off_out[m] = (uint16_t)x;
-        sign_out[m] = (int8_t)(qes_draw_sign(k, x) * seed_sign);
-        slot_out[m] = (uint16_t)j;
-        ++m;
-    }
-    return m;
+    return qes_gen_draws(k, 0, n_draws, n_valid, seed_sign, off_out, sign_out, slot_out, 0);
 }
 
 static void scatter_chunk_ref(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
                               int32_t signed_coef, int32_t *acc) {
-    for (uint32_t j = 0; j < n_draws; ++j) {
-        uint32_t x = qes_perm(k, j);
-        if (x < n_valid) acc[x] += qes_draw_sign(k, x) * signed_coef;
-    }
+    qes_scatter_draws(k, 0, n_draws, n_valid, signed_coef, acc);
 }
 
 static void dense_step_ref(const qes_dense_args *a, int32_t *acc, int32_t *r, qes_update_stats *st) {

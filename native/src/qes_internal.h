@@ -19,6 +19,31 @@ typedef uint32_t (*qes_gen_chunk_fn)(const qes_chunk_key *k, uint32_t n_draws, u
                                      int seed_sign, uint16_t *off_out, int8_t *sign_out,
                                      uint16_t *slot_out);
 
+/* The draws of a chunk from draw j on, written at entry m: the whole reference loop, and the
+ * tail of every SIMD one (the last draws, and a partial last chunk).  Returns the new count. */
+static inline uint32_t qes_gen_draws(const qes_chunk_key *k, uint32_t j, uint32_t n_draws, uint32_t n_valid,
+                                     int seed_sign, uint16_t *off_out, int8_t *sign_out, uint16_t *slot_out,
+                                     uint32_t m) {
+    for (; j < n_draws; ++j) {
+        uint32_t x = qes_perm(k, j);
+        if (x >= n_valid) continue;
+        off_out[m] = (uint16_t)x;
+        sign_out[m] = (int8_t)(qes_draw_sign(k, x) * seed_sign);
+        slot_out[m] = (uint16_t)j;
+        ++m;
+    }
+    return m;
+}
+
+/* acc[x] += eps * coef for the draws of a chunk from draw j on (the reference loop, SIMD tails). */
+static inline void qes_scatter_draws(const qes_chunk_key *k, uint32_t j, uint32_t n_draws, uint32_t n_valid,
+                                     int32_t signed_coef, int32_t *acc) {
+    for (; j < n_draws; ++j) {
+        uint32_t x = qes_perm(k, j);
+        if (x < n_valid) acc[x] += qes_draw_sign(k, x) * signed_coef;
+    }
+}
+
 /* One error-feedback step over a tile of n elements starting at element base:
  *   step = acc + round(beta * r);  delta = round(step);  gate delta against the codes;
  *   r = clamp(step - delta);  apply delta to the codes when apply != 0;  acc is left zeroed. */

@@ -46,15 +46,8 @@ static uint32_t gen_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_
             m += 16;
         }
     }
-    for (; j < n_draws; ++j) { /* tail, and the partial last chunk */
-        uint32_t x = qes_perm(k, j);
-        if (x >= n_valid) continue;
-        off_out[m] = (uint16_t)x;
-        sign_out[m] = (int8_t)(qes_draw_sign(k, x) * seed_sign);
-        slot_out[m] = (uint16_t)j;
-        ++m;
-    }
-    return m;
+    /* tail, and the partial last chunk */
+    return qes_gen_draws(k, j, n_draws, n_valid, seed_sign, off_out, sign_out, slot_out, m);
 }
 
 static void scatter_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
@@ -74,10 +67,7 @@ static void scatter_chunk_avx2(const qes_chunk_key *k, uint32_t n_draws, uint32_
             for (int l = 0; l < 8; ++l) acc[xs[l]] += vs[l];
         }
     }
-    for (; j < n_draws; ++j) {
-        uint32_t x = qes_perm(k, j);
-        if (x < n_valid) acc[x] += qes_draw_sign(k, x) * signed_coef;
-    }
+    qes_scatter_draws(k, j, n_draws, n_valid, signed_coef, acc);
 }
 
 static void dense_step_avx2(const qes_dense_args *a, int32_t *acc, int32_t *r, qes_update_stats *st) {
