@@ -88,7 +88,7 @@ def test_version_and_completion():
     import sys
     r = subprocess.run([sys.executable, "-m", "qes_edge", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("qes-edge 0.") and "noise spec v1" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "qes_edge", "--show-completion", "bash"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "qes_edge", "--show-completion=bash"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "_QES_EDGE_COMPLETE" in r.stdout.upper().replace("-", "_"), r.stdout + r.stderr
 
