@@ -1,6 +1,7 @@
 """The command line: every command documented; noise matches the spec; demo runs the real model."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,15 @@ def test_version_and_completion():
     import sys
     r = subprocess.run([sys.executable, "-m", "qes_edge", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("qes-edge 0.") and "noise spec v1" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "qes_edge", "--show-completion=bash"], capture_output=True,
-                       text=True, timeout=60)
+    # the script `--show-completion` prints for the user's shell (asked for directly: the option
+    # detects the shell from the process tree, which a backgrounded test run may not have) ...
+    env = {**os.environ, "_QES_EDGE_COMPLETE": "source_bash"}
+    r = subprocess.run([sys.executable, "-m", "qes_edge"], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0 and "_QES_EDGE_COMPLETE" in r.stdout.upper().replace("-", "_"), r.stdout + r.stderr
+    # ... and what it answers when bash asks for the words after `qes-edge tr`
+    env = {**os.environ, "_QES_EDGE_COMPLETE": "complete_bash", "COMP_WORDS": "qes-edge tr", "COMP_CWORD": "1"}
+    r = subprocess.run([sys.executable, "-m", "qes_edge"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["train"], r.stdout + r.stderr
 
 
 def test_json_outputs(tmp_path, default_model):
