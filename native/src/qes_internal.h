@@ -59,6 +59,21 @@ typedef struct {
 typedef void (*qes_dense_step_fn)(const qes_dense_args *a, int32_t *acc, int32_t *r,
                                   qes_update_stats *stats);
 
+/* The SIMD dense steps' rare path: gate the nonzero deltas dl[0..n) of the elements from e0 on
+ * against their codes (applying them when a->apply), leaving the deltas actually taken. */
+static inline void qes_gate_lanes(const qes_dense_args *a, uint64_t e0, int32_t *dl, int n, qes_update_stats *st) {
+    for (int l = 0; l < n; ++l) {
+        if (!dl[l]) continue;
+        int code = qes_elem_get(a->tr, a->data, e0 + l);
+        int32_t g = qes_gate(a->tr, code, dl[l], a->anti_windup);
+        if (a->apply) {
+            if (g != dl[l]) st->dropped++;
+            if (g) { qes_elem_set(a->tr, a->data, e0 + l, code + g); st->changed++; }
+        }
+        dl[l] = g;
+    }
+}
+
 /* acc[x] += eps * coef for every draw x of a chunk (eps with the seed's sign applied). */
 typedef void (*qes_scatter_chunk_fn)(const qes_chunk_key *k, uint32_t n_draws, uint32_t n_valid,
                                      int32_t signed_coef, int32_t *acc);

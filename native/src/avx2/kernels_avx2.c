@@ -92,16 +92,7 @@ static void dense_step_avx2(const qes_dense_args *a, int32_t *acc, int32_t *r, q
         if (!all_zero) { /* rare: gate the nonzero deltas against the codes */
             int32_t dl[8];
             _mm256_storeu_si256((__m256i *)dl, d);
-            for (int l = 0; l < 8; ++l) {
-                if (!dl[l]) continue;
-                int code = qes_elem_get(a->tr, a->data, a->base + i + l);
-                int32_t g = qes_gate(a->tr, code, dl[l], a->anti_windup);
-                if (a->apply) {
-                    if (g != dl[l]) st->dropped++;
-                    if (g) { qes_elem_set(a->tr, a->data, a->base + i + l, code + g); st->changed++; }
-                }
-                dl[l] = g;
-            }
+            qes_gate_lanes(a, a->base + i, dl, 8, st);
             d = _mm256_loadu_si256((const __m256i *)dl);
         }
         __m256i res = _mm256_sub_epi32(step, _mm256_slli_epi32(d, 16));

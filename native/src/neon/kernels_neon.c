@@ -118,16 +118,7 @@ static void dense_step_neon(const qes_dense_args *a, int32_t *acc, int32_t *r, q
             int32_t dl[8];
             vst1q_s32(dl, d0);
             vst1q_s32(dl + 4, d1);
-            for (int l = 0; l < 8; ++l) {
-                if (!dl[l]) continue;
-                int code = qes_elem_get(a->tr, a->data, a->base + i + l);
-                int32_t g = qes_gate(a->tr, code, dl[l], a->anti_windup);
-                if (a->apply) {
-                    if (g != dl[l]) st->dropped++;
-                    if (g) { qes_elem_set(a->tr, a->data, a->base + i + l, code + g); st->changed++; }
-                }
-                dl[l] = g;
-            }
+            qes_gate_lanes(a, a->base + i, dl, 8, st);
             d0 = vld1q_s32(dl);
             d1 = vld1q_s32(dl + 4);
         }
