@@ -138,6 +138,24 @@ MIGRATIONS = [("0001_initial", _migration_0001_initial), ("0002_evals", _migrati
               ("0003_heads", _migration_0003_heads), ("0004_members", _migration_0004_members)]
 
 
+def _run_hash(run_id: str, base_sha256: str, base_name: str, config_text: str, noise_spec: int) -> str:
+    """The run row's hash (docs/ledger-spec.md §2): what every step of the run chains to."""
+    return _h(GENESIS, run_id.encode(), bytes.fromhex(base_sha256), base_name.encode(), config_text.encode(),
+              struct.pack("<q", noise_spec))
+
+
+def _received_time(created) -> float:
+    """A peer's time of a row when it is a plausible unix time, else now."""
+    ok = isinstance(created, (int, float)) and created == created and abs(created) < 1e12
+    return float(created) if ok else time.time()
+
+
+def _blobs(rec: "StepRecord") -> tuple[bytes, bytes, bytes]:
+    """A step's seeds, Q16 coefficients and rewards as the little-endian blobs the row stores."""
+    return (np.ascontiguousarray(rec.seeds, "<i8").tobytes(), np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes(),
+            np.ascontiguousarray(rec.rewards, "<f8").tobytes())
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
@@ -167,8 +185,7 @@ class StepRecord:
         """Canonical bytes of everything the row records (the hash covers all of it)."""
         return b"".join([
             run_id.encode(), struct.pack("<qIq", self.step, self.threshold, self.failures),
-            np.ascontiguousarray(self.seeds, "<i8").tobytes(), np.ascontiguousarray(self.coefs_q16, "<i4").tobytes(),
-            np.ascontiguousarray(self.rewards, "<f8").tobytes(), bytes.fromhex(self.weights_sha256),
+            *_blobs(self), bytes.fromhex(self.weights_sha256),
             canonical_json(self.timings).encode(),
         ])
 
@@ -286,8 +303,7 @@ class Ledger:
     def create_run(self, base_sha256: str, base_name: str, config: dict, noise_spec: int) -> Run:
         run_id = uuid.uuid4().hex
         cfg = canonical_json(config)
-        h = _h(GENESIS, run_id.encode(), bytes.fromhex(base_sha256), base_name.encode(), cfg.encode(),
-               struct.pack("<q", noise_spec))
+        h = _run_hash(run_id, base_sha256, base_name, cfg, noise_spec)
         with self._writing("start a run"):
             with self._tx():
                 self.db.execute(_INSERT_RUN, [run_id, time.time(), base_sha256, base_name, cfg, noise_spec, h])
@@ -313,28 +329,19 @@ class Ledger:
         config = {**parent.config, "parent": {"run_id": run_id, "steps": steps, "head": head}}
         new_id = uuid.uuid4().hex
         cfg = canonical_json(config)
-        h = _h(GENESIS, new_id.encode(), bytes.fromhex(parent.base_sha256), parent.base_name.encode(), cfg.encode(),
-               struct.pack("<q", parent.noise_spec))
+        h = _run_hash(new_id, parent.base_sha256, parent.base_name, cfg, parent.noise_spec)
         times = self.step_times(run_id, 0, steps)
         with self._writing("branch a run"):
             with self._tx():
                 self.db.execute(_INSERT_RUN, [new_id, time.time(), parent.base_sha256, parent.base_name, cfg,
                                               parent.noise_spec, h])
+                self.db.execute(_UPSERT_HEAD, [new_id, 0, h, time.time()])
                 prev = h
-                for rec in copied:
-                    payload_hash = _h(bytes.fromhex(prev), StepRecord(
-                        step=rec.step, threshold=rec.threshold, seeds=rec.seeds, coefs_q16=rec.coefs_q16,
-                        rewards=rec.rewards, weights_sha256=rec.weights_sha256, timings=rec.timings,
-                        failures=rec.failures).payload(new_id))
-                    seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
-                    coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
-                    rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
-                    self.db.execute(_INSERT_STEP, [new_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
-                                                   canonical_json(rec.timings), rec.weights_sha256, prev, payload_hash,
-                                                   times[rec.step]])
-                    self.db.executemany(_INSERT_MEMBERS, _member_rows(new_id, rec.step, seeds, coefs, rewards))
-                    prev = payload_hash
-                self.db.execute(_UPSERT_HEAD, [new_id, steps, prev, time.time()])
+                for rec in copied:  # the payload names the run: the same row hashes anew under new_id
+                    rec.prev_hash, rec.hash = prev, _h(bytes.fromhex(prev), rec.payload(new_id))
+                    blobs = _blobs(rec)
+                    self._insert_row(new_id, rec, blobs, _member_rows(new_id, rec.step, *blobs), times[rec.step])
+                    prev = rec.hash
             self.checkpoint()
         return self.run(new_id)
 
@@ -385,34 +392,38 @@ class Ledger:
         """Record one step durably; its number must follow the last one."""
         run = self.run(run_id)
         with self._writing(f"record step {rec.step}"), self._tx():  # one transaction: check and insert
-            last, seeds, coefs, rewards, members = self._next_row(run_id, rec, f"step {rec.step}")
+            last, blobs, members = self._next_row(run_id, rec, f"step {rec.step}")
             rec.prev_hash = run.hash if last is None else last.hash
             rec.hash = _h(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
-            self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
-                                           canonical_json(rec.timings), rec.weights_sha256, rec.prev_hash,
-                                           rec.hash, time.time()])
-            self.db.executemany(_INSERT_MEMBERS, members)
-            self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
+            self._insert_row(run_id, rec, blobs, members, time.time())
             faults.point("ledger-write")  # the row written, its transaction not committed
         with self._writing(f"record step {rec.step}"):
             self.checkpoint()
         return rec
 
     def _next_row(self, run_id: str, rec: StepRecord, what: str):
-        """(last step, seeds, coefs and rewards blobs, member rows) of a step about to be written:
+        """(last step, the seeds/coefs/rewards blobs, member rows) of a step about to be written:
         it must follow the last one and hold one seed, coefficient and reward per member."""
         last = self.last_step(run_id)
         expected = 0 if last is None else last.step + 1
         if rec.step != expected:
             raise LedgerError(f"run {run_id}: {what} out of order (next is {expected})")
-        seeds = np.ascontiguousarray(rec.seeds, "<i8").tobytes()
-        coefs = np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes()
-        rewards = np.ascontiguousarray(rec.rewards, "<f8").tobytes()
+        seeds, coefs, rewards = blobs = _blobs(rec)
         members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
         if not members:
             raise LedgerError(f"run {run_id}: {what} has {len(seeds) // 8} seeds, {len(coefs) // 4} "
                               f"coefficients and {len(rewards) // 8} rewards: one per member each is needed")
-        return last, seeds, coefs, rewards, members
+        return last, blobs, members
+
+    def _insert_row(self, run_id: str, rec: StepRecord, blobs: tuple, members: list, created: float) -> None:
+        """Write a chained step (hash and prev_hash set), its member rows and the run's new head,
+        inside the caller's transaction."""
+        seeds, coefs, rewards = blobs
+        self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
+                                       canonical_json(rec.timings), rec.weights_sha256, rec.prev_hash, rec.hash,
+                                       created])
+        self.db.executemany(_INSERT_MEMBERS, members)
+        self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
 
     # -- rows received from a peer (ledger sync): verified, never computed ------------------
     def export_run(self, run_id: str) -> dict:
@@ -445,8 +456,7 @@ class Ledger:
             canonical = False
         if not canonical:
             raise LedgerError(f"run {run_id}: the received config is not canonical JSON")
-        expect = _h(GENESIS, run_id.encode(), bytes.fromhex(base_sha), base_name.encode(), cfg.encode(),
-                    struct.pack("<q", noise_spec))
+        expect = _run_hash(run_id, base_sha, base_name, cfg, noise_spec)
         if expect != carried:
             raise LedgerError(f"run {run_id}: the received run does not hash to the value it carries "
                               f"({carried[:16]}…, recomputed {expect[:16]}…): refusing it")
@@ -456,11 +466,9 @@ class Ledger:
                 raise LedgerError(f"run {run_id}: this ledger holds that run with another hash "
                                   f"({have[0][:16]}…, received {carried[:16]}…)")
             return self.run(run_id)
-        if not (isinstance(created, (int, float)) and created == created and abs(created) < 1e12):
-            created = time.time()
         with self._writing("import a run"):
             with self._tx():
-                self.db.execute(_INSERT_RUN, [run_id, float(created), base_sha, base_name, cfg, noise_spec, carried])
+                self.db.execute(_INSERT_RUN, [run_id, _received_time(created), base_sha, base_name, cfg, noise_spec, carried])
                 self.db.execute(_UPSERT_HEAD, [run_id, 0, carried, time.time()])
             self.checkpoint()
         return self.run(run_id)
@@ -472,7 +480,7 @@ class Ledger:
         head; `created` is the sender's time of the step (the time of receipt when None)."""
         run = self.run(run_id)
         with self._writing(f"record received step {rec.step}"), self._tx():
-            last, seeds, coefs, rewards, members = self._next_row(run_id, rec, f"received step {rec.step}")
+            last, blobs, members = self._next_row(run_id, rec, f"received step {rec.step}")
             if not (0 < rec.threshold < 2**32) or rec.failures < 0 or len(rec.weights_sha256) != 64:
                 raise LedgerError(f"run {run_id}: received step {rec.step} cannot be decoded")
             prev = run.hash if last is None else last.hash
@@ -482,13 +490,7 @@ class Ledger:
                                   f"(it carries {rec.hash[:16]}…, its payload after {prev[:16]}… hashes to "
                                   f"{got[:16]}…): refusing it")
             rec.prev_hash = prev
-            if not (isinstance(created, (int, float)) and created == created and abs(created) < 1e12):
-                created = time.time()
-            self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
-                                           canonical_json(rec.timings), rec.weights_sha256, prev, rec.hash,
-                                           float(created)])
-            self.db.executemany(_INSERT_MEMBERS, members)
-            self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
+            self._insert_row(run_id, rec, blobs, members, _received_time(created))
             faults.point("ledger-write")
         with self._writing(f"record received step {rec.step}"):
             self.checkpoint()
@@ -561,8 +563,7 @@ class Ledger:
     def verify(self, run_id: str) -> int:
         """Check the run row and every step's hash chain; returns the number of steps."""
         run = self.run(run_id)
-        expect = _h(GENESIS, run.run_id.encode(), bytes.fromhex(run.base_sha256), run.base_name.encode(),
-                    canonical_json(run.config).encode(), struct.pack("<q", run.noise_spec))
+        expect = _run_hash(run.run_id, run.base_sha256, run.base_name, canonical_json(run.config), run.noise_spec)
         if expect != run.hash:
             raise LedgerError(f"run {run_id}: the run row was edited (config or base model hash)")
         members = self._member_table(run_id) if self.has_members else None
@@ -599,9 +600,7 @@ class Ledger:
 
     def _check_members(self, run_id: str, rec: StepRecord, rows: list[tuple]) -> None:
         """The step's member rows must say what its blobs say (the blobs are what the chain covers)."""
-        want = [r[2:] for r in _member_rows(run_id, rec.step, np.ascontiguousarray(rec.seeds, "<i8").tobytes(),
-                                            np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes(),
-                                            np.ascontiguousarray(rec.rewards, "<f8").tobytes())]
+        want = [r[2:] for r in _member_rows(run_id, rec.step, *_blobs(rec))]
         if rows == want:
             return
         where = (f"run {run_id}: step {rec.step}: its rows in the members table do not match the step row "
