@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 from ._ffi_gen import cdef_of, cdef_sha256
+from .native_errors import BackendUnavailable, NativeLibraryMissing  # noqa: F401 (raised by callers' imports)
 
 _HERE = Path(__file__).resolve().parent
 _LIB_NAMES = {"linux": "libqes.so", "darwin": "libqes.dylib"}
-
-
-from .native_errors import BackendUnavailable, NativeLibraryMissing  # noqa: E402,F401
 
 
 def _find(name: str) -> Path:
@@ -72,19 +70,20 @@ ffi, ffi_mode = _make_ffi(_header_cdef(_lib_path))
 lib = ffi.dlopen(str(_lib_path))
 
 
-def _registry() -> list[dict]:
-    """The C library's backend registry, row by row: the one list of backends."""
-    rows = []
-    for i in range(lib.qes_backend_count()):
-        rows.append({"id": i, "name": ffi.string(lib.qes_backend_name(i)).decode(),
-                     "compiled": bool(lib.qes_backend_compiled(i)), "available": bool(lib.qes_backend_available(i)),
-                     "device": bool(lib.qes_backend_is_device(i))})
-    return rows
+def _name(backend_id: int) -> str:
+    return ffi.string(lib.qes_backend_name(backend_id)).decode()
 
 
 #: every backend qes-edge knows, compiled in or not (the registry's names: nothing is loaded to list
 #: them; a plugin backend's library is opened only when it is asked about)
-BACKENDS = {ffi.string(lib.qes_backend_name(i)).decode(): i for i in range(lib.qes_backend_count())}
+BACKENDS = {_name(i): i for i in range(lib.qes_backend_count())}
+
+
+def _registry() -> list[dict]:
+    """The C library's backend registry, row by row: the one list of backends."""
+    return [{"id": i, "name": name, "compiled": bool(lib.qes_backend_compiled(i)),
+             "available": bool(lib.qes_backend_available(i)), "device": bool(lib.qes_backend_is_device(i))}
+            for name, i in BACKENDS.items()]
 
 
 def backends() -> list[dict]:
@@ -122,7 +121,7 @@ def set_backend(name: str) -> str:
 
 
 def get_backend() -> str:
-    return ffi.string(lib.qes_backend_name(lib.qes_get_backend())).decode()
+    return _name(lib.qes_get_backend())
 
 
 _asked = os.environ.get("QES_EDGE_BACKEND", "auto")

@@ -8,10 +8,9 @@ the tensor; nothing is written when an argument is rejected.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
-
-import contextlib
 
 import numpy as np
 
@@ -82,6 +81,26 @@ def digest_tensors(tensors, native: bool = False) -> str:
     return h.hexdigest()
 
 
+def _copy_in(bid: int, src, n_bytes: int, what: str):
+    """n_bytes from host `src` into fresh memory of backend `bid`: the backend's pointer."""
+    p = lib.qes_backend_alloc(bid, n_bytes)
+    if p == ffi.NULL:
+        raise QESError(f"{what}: the backend could not allocate {n_bytes} bytes")
+    err = lib.qes_backend_upload(bid, p, src, n_bytes)
+    if err:
+        lib.qes_backend_free(bid, p)
+        raise QESError(f"{what}: copying to the backend: {ffi.string(lib.qes_strerror(err)).decode()}")
+    return p
+
+
+def _copy_out(bid: int, dst, p, n_bytes: int, what: str) -> QESError | None:
+    """Bring n_bytes back from the backend's `p` into host `dst` and free `p`; the error, if any."""
+    err = lib.qes_backend_download(bid, dst, p, n_bytes)
+    lib.qes_backend_free(bid, p)
+    return QESError(f"{what}: copying back from the backend: {ffi.string(lib.qes_strerror(err)).decode()}") \
+        if err else None
+
+
 @contextlib.contextmanager
 def on_backend(name: str, tensors, copy: bool | None = None):
     """Run the tensors' perturb, restore, update and digest on backend `name` for the duration.
@@ -98,24 +117,17 @@ def on_backend(name: str, tensors, copy: bool | None = None):
     try:
         if copy:
             for t in tensors:
-                p = lib.qes_backend_alloc(bid, t.n_bytes)
-                if p == ffi.NULL:
-                    raise QESError(f"tensor {t.name!r}: backend {name} could not allocate {t.n_bytes} bytes")
+                p = _copy_in(bid, t._ptr, t.n_bytes, f"tensor {t.name!r} on {name}")
                 held.append((t, p))
-                err = lib.qes_backend_upload(bid, p, t._ptr, t.n_bytes)
-                if err:
-                    raise _fail(t.name, t.qtype, err, f"copying to {name}")
                 t._c.data = ffi.cast("uint8_t *", p)
                 t._device = bid
         yield
     finally:
         failed = None
         for t, p in held:
-            err = lib.qes_backend_download(bid, t._ptr, p, t.n_bytes)
-            failed = failed or (err and _fail(t.name, t.qtype, err, f"copying back from {name}"))
+            failed = _copy_out(bid, t._ptr, p, t.n_bytes, f"tensor {t.name!r} on {name}") or failed
             t._c.data = t._ptr
             t._device = None
-            lib.qes_backend_free(bid, p)
         _native.set_backend(before)
         if failed:
             raise failed
@@ -304,8 +316,7 @@ class CodeTensor:
 
     # -- update ------------------------------------------------------------------------
     def update(self, steps: Sequence[Step], residual: np.ndarray | None = None, *, beta: float = 0.9,
-               clamp_q16: int = DEFAULT_CLAMP_Q16, anti_windup: bool = True, threads: int = 0,
-               _residual_ptr=None) -> UpdateStats:
+               clamp_q16: int = DEFAULT_CLAMP_Q16, anti_windup: bool = True, threads: int = 0) -> UpdateStats:
         """Apply the last of ``steps``; the ones before it are replayed into the residual.
 
         residual None: seed replay (the residual starts from zero at steps[0]).  Otherwise an
@@ -326,25 +337,22 @@ class CodeTensor:
             if residual.dtype != np.int32 or residual.shape != (self.n_elements,) or not residual.flags.c_contiguous:
                 raise QESError(f"tensor {self.name!r}: residual must be a contiguous int32 array of {self.n_elements}")
             rptr = ffi.cast("int32_t *", residual.ctypes.data)
-            if self._device is not None:  # the residual goes where the codes are, for the call
-                dev = lib.qes_backend_alloc(self._device, residual.nbytes)
-                if dev == ffi.NULL:
-                    raise QESError(f"tensor {self.name!r}: the backend could not allocate the residual")
-                try:
-                    lib.qes_backend_upload(self._device, dev, rptr, residual.nbytes)
-                    out = self.update(steps, None, beta=beta, clamp_q16=clamp_q16, anti_windup=anti_windup,
-                                      threads=threads, _residual_ptr=ffi.cast("int32_t *", dev))
-                    lib.qes_backend_download(self._device, rptr, dev, residual.nbytes)
-                    return out
-                finally:
-                    lib.qes_backend_free(self._device, dev)
-        if _residual_ptr is not None:
-            rptr = _residual_ptr
+        dev = None
+        if rptr != ffi.NULL and self._device is not None:  # the residual goes where the codes are, for the call
+            dev = _copy_in(self._device, rptr, residual.nbytes, f"tensor {self.name!r}: residual")
         params = ffi.new("qes_update_params *", {"beta_q14": beta_to_q14(beta), "clamp_q16": clamp_q16,
                                                  "flags": lib.QES_UPDATE_ANTI_WINDUP if anti_windup else 0,
                                                  "n_threads": threads})
         stats = ffi.new("qes_update_stats *")
-        err = lib.qes_update(self._c, cs, len(steps), rptr, params, stats)
+        if dev is None:
+            err = lib.qes_update(self._c, cs, len(steps), rptr, params, stats)
+        else:
+            try:
+                err = lib.qes_update(self._c, cs, len(steps), ffi.cast("int32_t *", dev), params, stats)
+            finally:
+                back = _copy_out(self._device, rptr, dev, residual.nbytes, f"tensor {self.name!r}: residual")
+            if back and not err:
+                raise back
         if err:
             raise _fail(self.name, self.qtype, err, "update")
         return UpdateStats(int(stats.changed), int(stats.dropped))
