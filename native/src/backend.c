@@ -170,22 +170,21 @@ void qes_backend_free(int backend, void *p) {
     if (d->ops) d->ops->free(p); else free(p);
 }
 
-int qes_backend_upload(int backend, void *dst, const void *src, uint64_t n_bytes) {
+static int copy(int backend, void *dst, const void *src, uint64_t n_bytes, int to_backend) {
     if (!qes_backend_available(backend)) return QES_ERR_BACKEND;
     if (n_bytes && (!dst || !src)) return QES_ERR_NULL;
     const qes_backend_desc *d = row(backend);
-    if (d->ops) return d->ops->upload(dst, src, n_bytes);
+    if (d->ops) return (to_backend ? d->ops->upload : d->ops->download)(dst, src, n_bytes);
     memcpy(dst, src, (size_t)n_bytes);
     return QES_OK;
 }
 
+int qes_backend_upload(int backend, void *dst, const void *src, uint64_t n_bytes) {
+    return copy(backend, dst, src, n_bytes, 1);
+}
+
 int qes_backend_download(int backend, void *dst, const void *src, uint64_t n_bytes) {
-    if (!qes_backend_available(backend)) return QES_ERR_BACKEND;
-    if (n_bytes && (!dst || !src)) return QES_ERR_NULL;
-    const qes_backend_desc *d = row(backend);
-    if (d->ops) return d->ops->download(dst, src, n_bytes);
-    memcpy(dst, src, (size_t)n_bytes);
-    return QES_OK;
+    return copy(backend, dst, src, n_bytes, 0);
 }
 
 /* -- the public operations, dispatched to the active backend -------------------------------- */
