@@ -354,14 +354,20 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
         _train_session(session, steps, eval_every, as_json)
 
 
+def peer_urls(peers: str) -> list[str]:
+    """`--peers` as a list of URLs (comma-separated); an empty one is the error."""
+    urls = [u.strip() for u in peers.split(",")]
+    if not all(urls):
+        _fail(f"--peers {peers!r}: an empty URL (give socket://HOST:PORT or serial devices, comma-separated)")
+    return urls
+
+
 def _peer_links(peers: Optional[str]) -> list:
     """The links to `--peers` (comma-separated URLs), each opened; one that cannot be is the error."""
     if peers is None:
         return []
     from .sync import LinkError, open_link
-    urls = [u.strip() for u in peers.split(",")]
-    if not all(urls):
-        _fail(f"--peers {peers!r}: an empty URL (give socket://HOST:PORT or serial devices, comma-separated)")
+    urls = peer_urls(peers)
     links = []
     try:
         for u in urls:

@@ -65,14 +65,11 @@ def queue_add(ctx: typer.Context):
             _fail(str(e))
         if p["resume"] and p["new_run"]:
             _fail("--resume continues the ledger's run and --new-run starts another: give one of them")
-        from .cli import check_executor_options
+        from .cli import check_executor_options, peer_urls
         check_executor_options(p["peers"], p["ray"])
         peers = None
         if p["peers"] is not None:  # checked now, opened by the daemon when the job starts
-            peers = [u.strip() for u in p["peers"].split(",")]
-            if not all(peers):
-                _fail(f"--peers {p['peers']!r}: an empty URL (give socket://HOST:PORT or serial devices, "
-                      "comma-separated)")
+            peers = peer_urls(p["peers"])
             from .sync.link import LinkError, _tcp_address
             for u in peers:
                 if u.startswith("socket://"):
