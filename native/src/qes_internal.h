@@ -164,11 +164,10 @@ int qes_check_seed(int64_t seed);
 int qes_check_threshold(uint32_t p32);
 
 
-/* arithmetic shift right (floor division by 2^s).  C leaves >> of a negative value to the
+/* qes_update.h divides by 2^s with >> (floor division).  C leaves >> of a negative value to the
    implementation; every compiler we build with shifts arithmetically, and this assert stops
-   the build on one that does not (a branch here would cost a misprediction per element). */
+   the build on one that does not (a branch there would cost a misprediction per element). */
 _Static_assert((-7 >> 1) == -4, "signed >> must be an arithmetic shift");
-static inline int32_t qes_asr(int32_t x, int s) { return x >> s; }
 
 /* parallel for over [0, n) on nthreads threads; fn(ctx, i, thread_index) */
 typedef void (*qes_task_fn)(void *ctx, uint64_t i, int thread);

@@ -2,7 +2,7 @@
  * Built only for aarch64, where every core has AdvSIMD (no run-time check, no extra flags).
  * Same structure as kernels_avx2.c: 32-bit lanes with wrap-around multiplies (vmulq_u32,
  * vmlaq_u32 keep the low 32 bits, as C's uint32_t arithmetic does), logical shifts on the
- * unsigned hash words, arithmetic shifts (vshrq_n_s32) where the reference uses qes_asr;
+ * unsigned hash words, arithmetic shifts (vshrq_n_s32) where qes_update.h shifts a signed value;
  * the tails go through the shared inline functions of qes_noise.h / qes_blocks.h. */
 #include <arm_neon.h>
 #include "../qes_internal.h"
