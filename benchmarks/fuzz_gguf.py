@@ -301,13 +301,32 @@ def _n_layer(m: Model) -> int:
     return bc[1] if bc and bc[0] == U32 and bc[1] <= MAX_LAYERS else 30
 
 
+#: tokenizer keys llama.cpp or llama-cpp-python use as an index or a per-token table
+TOKENIZER_INDEX_KEYS = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+#: mutations found by attacks from outside, run before the random cases: each passed the
+#: validator once and then killed `train` (SIGABRT in llama-cpp-python's vocabulary lookup)
+SEED_CASES = (
+    ("tokenizer.ggml.bos_token_id", U32, 2**31 - 1),
+    ("tokenizer.ggml.bos_token_id", U32, 2**32 - 1),
+    ("tokenizer.ggml.eos_token_id", U32, 2**31 - 1),
+    ("tokenizer.ggml.eos_token_id", U32, 2**32 - 1),
+)
+
+
+def seeded(base: Model) -> list[Model]:
+    """The SEED_CASES applied to base (those whose key base holds)."""
+    return [base.set(k, t, v) for k, t, v in SEED_CASES if base.get(k) is not None]
+
+
 def mutate(m: Model, rng: random.Random) -> Model:
     """One to three random mutations of key values, key types, array lengths or tensor fields."""
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
         n_layer = _n_layer(m)
         keys = [k for k, _, _ in m.kvs]
         hot = [k for k in keys if not k.startswith(("general.", "tokenizer.")) or k in
-               ("general.architecture", "general.alignment", "tokenizer.ggml.tokens")]
+               ("general.architecture", "general.alignment", "tokenizer.ggml.tokens") or k in TOKENIZER_INDEX_KEYS
+               or k.startswith("tokenizer.ggml.") and k.endswith("_token_id")]
         op = rng.random()
         if not keys or op >= 0.87 and not m.tensors:
             continue
@@ -413,6 +432,13 @@ def invariants(m: Model) -> list[str]:
     for k, t, v in m.kvs:
         if k.startswith(a) and t in FLOAT_TYPES and not math.isfinite(v):
             errs.append(f"{k} = {v}")
+        if k.startswith("tokenizer.ggml.") and k.endswith("_token_id") and (
+                t != U32 or tokens is None or not 0 <= v < tokens.count):
+            errs.append(f"{k} = {v} (type {t}) outside the vocabulary")
+    for k in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = val(k, (ARR,))
+        if v is not None and tokens is not None and (v.count < tokens.count or v.etype not in (F32, I32)):
+            errs.append(f"{k}: {v.count} elements of type {v.etype} for {tokens.count} tokens")
     return errs
 
 
@@ -428,13 +454,14 @@ def load_base(full: bool = False, path=None) -> Model:
 
 
 def run(base: Model, cases: int, seed: int = 0, path: str = "fuzz.gguf", report=None):
-    """Run cases mutations; returns (accepted, refused, failures) where failures lists
+    """Run the SEED_CASES, then cases random mutations; returns (accepted, refused, failures) where failures lists
     (seed, description) for every non-GGUFInvalid exception or accepted file breaking an invariant."""
     accepted = refused = 0
     failures = []
-    for i in range(cases):
-        s = seed + i
-        m = mutate(base, random.Random(s))
+    seeds = seeded(base)
+    for i in range(-len(seeds), cases):
+        s = seed + i if i >= 0 else f"seed-case {i + len(seeds)}"
+        m = mutate(base, random.Random(s)) if i >= 0 else seeds[i]
         try:
             head, size = serialize(m)
         except (struct.error, OverflowError, UnicodeEncodeError):  # a value the fuzzer cannot encode
@@ -474,8 +501,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     accepted, refused, failures = run(base, args.cases, args.seed, report=report)
     dt = time.perf_counter() - t0
-    print(f"{args.cases} cases in {dt:.1f} s ({args.cases / dt:.0f} cases/s): {accepted} accepted, "
-          f"{refused} refused, {args.cases - accepted - refused} not encodable, {len(failures)} failures")
+    n = args.cases + len(seeded(base))
+    print(f"{n} cases ({n - args.cases} seed cases) in {dt:.1f} s ({n / dt:.0f} cases/s): {accepted} accepted, "
+          f"{refused} refused, {n - accepted - refused} not encodable, {len(failures)} failures")
     return 1 if failures else 0
 
 

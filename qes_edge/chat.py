@@ -115,7 +115,11 @@ def load_template(path: str | Path, metadata: dict | None = None,
     if source is None:
         return None
     ids = [metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")]
-    ids = [i if isinstance(i, int) and i >= 0 else -1 for i in ids]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    n_vocab = getattr(tokens, "count", None)
+    # an id outside the vocabulary names no token (looking it up in llama.cpp aborts the process;
+    # the validator refuses such files, this keeps the template safe on any metadata it is given)
+    ids = [i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (n_vocab or 0) else -1 for i in ids]
     if token_text is not None:
         texts = [token_text(i) if i >= 0 else "" for i in ids]
     else:

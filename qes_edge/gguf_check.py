@@ -54,6 +54,7 @@ class ArrayValue:
     etype: int
     count: int
     items: tuple | None = None
+    longest: int = 0  # an array of strings: the byte length of its longest string
 
     def __str__(self) -> str:
         return f"array of {self.count} {VALUE_TYPES[self.etype][0]}"
@@ -150,13 +151,12 @@ class _Reader:
                     if VALUE_TYPES[etype][0] == "bool":
                         items = tuple(bool(x) for x in items)
                 return ArrayValue(etype, count, items)
-            self._strings(count, what)
-            return ArrayValue(etype, count, None)
+            return ArrayValue(etype, count, None, self._strings(count, what))
         raw = self.take(size, what)
         v = struct.unpack("<" + _FORMATS[vtype], raw)[0]
         return bool(v) if name == "bool" else v
 
-    def _strings(self, count: int, what: str) -> None:
+    def _strings(self, count: int, what: str) -> int:
         """Walk an array of count strings (the tokenizer's 50k-250k tokens: this loop is the
         validator's hot path), checking each length and that every string is UTF-8.
 
@@ -165,7 +165,7 @@ class _Reader:
         memory that the allocator keeps, in every process that opens a model."""
         data, pos, end = self.data, self.pos, len(self.data)
         unpack = _U64.unpack_from
-        pieces, first = [], 0
+        pieces, first, longest = [], 0, 0
         for i in range(count):
             if pos + 8 > end:
                 self.pos = pos
@@ -180,11 +180,14 @@ class _Reader:
                 self.fail(f"truncated: {what}[{i}] needs {n} bytes, {end - pos} remain")
             pieces.append(data[pos:pos + n])
             pos += n
+            if n > longest:
+                longest = n
             if len(pieces) == STRING_CHUNK:
                 self._utf8(pieces, first, what)
                 pieces, first = [], i + 1
         self._utf8(pieces, first, what)
         self.pos = pos
+        return longest
 
     def _utf8(self, pieces: list, first: int, what: str) -> None:
         """Every one of pieces (the strings first, first + 1, ... of the array) is UTF-8."""
@@ -198,6 +201,19 @@ class _Reader:
                     p.decode("utf-8")
                 except UnicodeDecodeError:
                     self.fail(f"{what}[{first + i}] is not UTF-8")
+
+
+def prompt_byte_limit(header: Header, n_ctx: int) -> int | None:
+    """The most bytes of text that can fit in n_ctx tokens of this model's vocabulary (None when
+    the file has no token list): no token decodes to more bytes than the longest entry of
+    tokenizer.ggml.tokens (a byte-level BPE entry maps each character to at most one byte, a
+    SentencePiece "▁" or "<0xNN>" to one; special tokens are their text), plus one for a space
+    a tokenizer may add.  A text longer than this cannot be a prompt of n_ctx tokens, and is
+    refused before it is tokenized."""
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, ArrayValue) or not tokens.longest:
+        return None
+    return n_ctx * (tokens.longest + 1)
 
 
 def check_gguf(path: str | Path) -> Header:
@@ -317,6 +333,7 @@ def _check(head, size: int, path: Path) -> Header:
     tensors.sort(key=lambda ti: order[ti.name])
     header = Header(version, alignment, data_start, tuple(tensors), tuple(keys), meta, vtypes)
     check_hparams(header, path)
+    check_tokenizer(header, path)
     return header
 
 
@@ -552,6 +569,53 @@ def check_hparams(header: Header, path) -> None:
             bad(a + "vocab_size", f"but token_embd.weight has {rows} rows (one per token)")
     elif tokens is not None and n_vocab is not None and tokens.count != n_vocab:
         bad(a + "vocab_size", f"but tokenizer.ggml.tokens holds {tokens.count} tokens")
+
+
+# tokenizer arrays llama.cpp indexes with a token id: key -> element types it reads
+_PER_TOKEN_ARRAYS = {"tokenizer.ggml.scores": (_F32, _I32), "tokenizer.ggml.token_type": (_I32,)}
+_TOKENIZER_STRING_ARRAYS = ("tokenizer.ggml.merges",)
+
+
+def check_tokenizer(header: Header, path) -> None:
+    """Check the tokenizer keys that llama.cpp and llama-cpp-python use as indexes.
+
+    Every special-token id the file names (``tokenizer.ggml.*_token_id``: bos, eos, eot, eom,
+    unknown, padding, sep, cls, mask, the FIM ones, and any other) must be a u32 inside the
+    vocabulary: llama.cpp ignores one that is not, but llama-cpp-python and our chat template
+    look the id up in the vocabulary (``llama_token_get_text``), which aborts the process.
+    The per-token tables (scores, token types) must have a type llama.cpp reads and at least one
+    element per token, merges must be strings, and the suppressed-token list i32."""
+    meta, types = header.metadata, header.value_types
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_tokens = tokens.count if isinstance(tokens, ArrayValue) else None
+
+    def bad(key, why):
+        raise GGUFInvalid(f"{path}: {key} = {_show(meta[key])}, {why}")
+
+    for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")):
+        v, t = meta[key], types[key]
+        if t != _U32:
+            bad(key, f"but it is stored as {_TYPE_NAMES[t] if t != 9 else str(v)}; llama.cpp reads a token id as u32")
+        if n_tokens is None:
+            bad(key, "but the file has no tokenizer.ggml.tokens to look it up in")
+        if not 0 <= v < n_tokens:
+            bad(key, f"but the vocabulary holds tokens 0..{n_tokens - 1} (tokenizer.ggml.tokens)")
+    for key, etypes in _PER_TOKEN_ARRAYS.items():
+        v = meta.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, ArrayValue) or v.etype not in etypes:
+            want = " or ".join(f"an array of {_TYPE_NAMES[e]}" for e in etypes)
+            bad(key, f"but llama.cpp reads {want}")
+        if n_tokens is not None and v.count < n_tokens:
+            bad(key, f"but it needs one element for each of the {n_tokens} tokens")
+    for key in _TOKENIZER_STRING_ARRAYS:
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, ArrayValue) and v.etype == _STR):
+            bad(key, "but llama.cpp reads an array of strings")
+    v = meta.get("tokenizer.ggml.suppress_tokens")
+    if v is not None and not (isinstance(v, ArrayValue) and v.etype == _I32):
+        bad("tokenizer.ggml.suppress_tokens", "but llama.cpp reads an array of i32")
 
 
 def _per_layer(key, n_layer, typed, bad, lo, hi, required=False):

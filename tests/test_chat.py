@@ -290,3 +290,14 @@ def test_jsonl_generates_from_the_rendered_tokens(driver, tmp_path):
     outs = [driver.generate(driver.prompt_tokens(e), 16) for e in ex]
     assert all(o.strip() for o in outs), outs
     assert driver.check_prompts(ex) == max(len(driver.prompt_tokens(e)) for e in ex)
+
+
+def test_token_ids_outside_the_vocabulary_are_never_looked_up(default_model):
+    """llama.cpp aborts the process on a vocabulary lookup past its end: the template asks for
+    no such id, whatever metadata it is given (the validator refuses such files first)."""
+    meta = dict(check_gguf(default_model).metadata)
+    meta["tokenizer.ggml.eos_token_id"] = 2**32 - 1
+    meta["tokenizer.ggml.bos_token_id"] = 49152
+    asked = []
+    t = load_template(default_model, meta, token_text=lambda i: asked.append(i) or "x")
+    assert asked == [] and t.eos_token == "" and t.bos_token == ""
