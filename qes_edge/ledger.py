@@ -18,8 +18,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import struct
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +38,21 @@ GENESIS = b"\0" * 32
 
 class LedgerError(Exception):
     """A ledger that cannot be used: corrupt, foreign, or not matching the model."""
+
+
+class _NoSchema(LedgerError):
+    """An SQLite file without ledger tables (a new ledger is created in it when opened for writing)."""
+
+
+def _uri(path: Path, **params) -> str:
+    quoted = str(path.resolve()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return f"file:{quoted}?" + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+#: the tables a ledger's migrations create: the training state, and what is derived from it
+#: (members from the steps' blobs, heads from the last step) or only observed (evals), which a
+#: ledger opened for writing gets back when they were dropped
+CORE_TABLES = ("meta", "runs", "steps")
 
 
 # The schema is plain SQL (the tables sqlite-utils would create, quoted the same way), so that a
@@ -204,22 +221,42 @@ class Ledger:
     """A ledger file.  readonly=True opens an existing file without writing to it (no schema,
     no migration): for the commands that only read."""
 
-    def __init__(self, path: str | Path, readonly: bool = False):
+    def __init__(self, path: str | Path, readonly: bool = False, ignore_wal: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self.repaired: list[str] = []  # derived tables rebuilt when the file was opened for writing
+        self._copy_dir: str | None = None
+        wal, shm = Path(str(self.path) + "-wal"), Path(str(self.path) + "-shm")
+        # a -wal with no -shm beside it: no connection has the file open, the -wal is left over
+        # (or copied with the file); when the chain breaks with it, verify says what to do
+        self.wal_read = False
         if readonly and not self.path.is_file():
             raise LedgerError(f"ledger not found: {self.path}")
         if not readonly and self.path.is_dir():
             raise LedgerError(f"{self.path}: is a directory, not a ledger file")
+        if not readonly and self.path.is_file() and self.path.stat().st_size:
+            self._verified_before_writing()  # read-only: bad input leaves every file as it was
         conn = None
         try:
             if readonly:
-                # No -wal beside the file: no connection has it open (a writer keeps its -wal while
-                # open), so it is read as immutable and SQLite creates no -wal/-shm beside it.  With
-                # a -wal (a writer at work, or one killed): an ordinary read-only connection.
-                quoted = str(self.path.resolve()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-                active = Path(str(self.path) + "-wal").exists()
-                uri = f"file:{quoted}?mode=ro" + ("" if active else "&immutable=1")
+                if ignore_wal or not wal.exists():
+                    # no -wal (no connection has the file open: a writer keeps its -wal while open),
+                    # or the main file alone asked for: read as immutable, no -wal/-shm created
+                    uri = _uri(self.path, mode="ro", immutable=1)
+                elif shm.exists():
+                    # a writer at work (it keeps a -shm while open), or one killed: read through
+                    # its -wal with an ordinary read-only connection, as SQLite's locking allows
+                    uri = _uri(self.path, mode="ro")
+                else:
+                    # a -wal with no -shm: no connection has the file open (a copied or stray -wal).
+                    # Read a private copy of both, so that reading neither applies the -wal to the
+                    # file nor leaves a -shm beside it
+                    self.wal_read = True
+                    self._copy_dir = tempfile.mkdtemp(prefix="qes-ledger-")
+                    copy = Path(self._copy_dir) / "ledger.qes"
+                    shutil.copyfile(self.path, copy)
+                    shutil.copyfile(wal, str(copy) + "-wal")
+                    uri = _uri(copy, mode="ro")
                 conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
             else:
                 conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
@@ -231,12 +268,84 @@ class Ledger:
                 conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
-        except (sqlite3.DatabaseError, LedgerError) as e:
+            if self.wal_read:
+                self._check_wal_continues()
+        except (sqlite3.DatabaseError, LedgerError, OSError) as e:
             if conn is not None:
                 conn.close()
+            self._drop_copy()
             if isinstance(e, LedgerError):
                 raise
             raise LedgerError(f"{self.path}: not a usable ledger ({e})") from None
+
+    def _verified_before_writing(self) -> None:
+        """Open the existing file read-only and verify every run before anything opens it for
+        writing: opening for writing applies a -wal lying beside the file to it (and deletes the
+        -wal) and migrates the schema, so a ledger that does not verify must be refused first."""
+        try:
+            ro = Ledger(self.path, readonly=True)
+        except _NoSchema:
+            return  # an SQLite file without ledger tables: the schema is created in it
+        try:
+            for run in ro.runs():
+                ro.verify(run.run_id)
+        except sqlite3.Error as e:
+            raise LedgerError(f"{self.path}: not a usable ledger ({e})") from None
+        finally:
+            ro.close()
+
+    def _drop_copy(self) -> None:
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
+
+    def _wal_move(self) -> str:
+        wal = f"{self.path}-wal"
+        return (f"If the -wal was copied from another state of the run, move it aside (mv '{wal}' '{wal}.stale') "
+                "and run again. Nothing was changed")
+
+    def _check_wal_continues(self) -> None:
+        """A -wal left beside the file (no connection has it open) must only add to what the file
+        holds: a run is append-only, so every step the file alone records is there, unchanged,
+        when it is read with its -wal.  A -wal of an older or another state of the run (copied
+        with the file) takes recorded steps away or changes them, and SQLite would apply it to the
+        file as it was opened for writing: refused, naming what to do."""
+        try:
+            alone = Ledger(self.path, readonly=True, ignore_wal=True)
+        except LedgerError:
+            return  # the file alone is no whole ledger (a checkpoint cut short): its -wal completes it
+        try:
+            for run in alone.runs():
+                try:
+                    n = alone.verify(run.run_id)
+                except LedgerError:
+                    return  # the same: only the -wal makes it whole
+                if n == 0:
+                    continue
+                want = alone.db.execute("select hash from steps where run_id = ? and step = ?",
+                                        [run.run_id, n - 1]).fetchone()
+                got = self.db.execute("select hash from steps where run_id = ? and step = ?",
+                                      [run.run_id, n - 1]).fetchone()
+                if got != want:
+                    k = self.db.execute("select count(*) from steps where run_id = ?", [run.run_id]).fetchone()[0]
+                    raise LedgerError(
+                        f"{self.path}: the -wal file beside it does not continue the ledger: the file alone holds "
+                        f"{n} verified steps of run {run.run_id[:8]}, read with the -wal it holds {k}"
+                        f"{'' if k < n else ' that differ from them'}. {self._wal_move()}")
+        finally:
+            alone.close()
+
+    def _wal_hint(self, run_id: str) -> str:
+        """What to do about a -wal that was read with the ledger and broke its chain."""
+        try:
+            alone = Ledger(self.path, readonly=True, ignore_wal=True)
+            try:
+                without = f"without it the ledger verifies ({alone.verify(run_id)} steps)"
+            finally:
+                alone.close()
+        except LedgerError as e:
+            without = f"without it the ledger does not verify either ({e})"
+        return f". A -wal file lies beside the ledger and was read with it; {without}. {self._wal_move()}"
 
     # -- schema ------------------------------------------------------------------------
     def _check_foreign(self) -> None:
@@ -251,7 +360,7 @@ class Ledger:
         db = self.db
         if "_migrations" not in self._tables():
             if self.readonly:
-                raise LedgerError(f"{self.path}: not a qes-edge ledger (the file holds no ledger tables)")
+                raise _NoSchema(f"{self.path}: not a qes-edge ledger (the file holds no ledger tables)")
             with self._tx():
                 db.execute('CREATE TABLE "_migrations" ("name" TEXT PRIMARY KEY, "applied" REAL)')
         done = {n for (n,) in db.execute("select name from _migrations").fetchall()}
@@ -268,16 +377,43 @@ class Ledger:
                 with self._tx():
                     fn(db)
                     db.execute("insert into _migrations (name, applied) values (?, ?)", [name, time.time()])
+            self._check_core_tables()
+            self._repair_schema()
             if db.execute("select count(*) from meta").fetchone()[0] == 0:
                 with self._tx():
                     db.execute("insert into meta (key, value) values ('format', ?)", [LEDGER_FORMAT])
             self.checkpoint()
+        self._check_core_tables()
         fmt = db.execute("select value from meta where key = 'format'").fetchone()
         if not fmt or fmt[0] != LEDGER_FORMAT:
             raise LedgerError(f"{self.path}: not a qes-edge ledger")
         tables = self._tables()
         self.has_heads = "heads" in tables
         self.has_members = "members" in tables  # not in a ledger before 0004 opened read-only
+
+    def _check_core_tables(self) -> None:
+        lost = [t for t in CORE_TABLES if t not in self._tables()]
+        if lost:
+            raise LedgerError(f"{self.path}: the ledger's {', '.join(lost)} table{'s are' if len(lost) > 1 else ' is'} "
+                              "missing (the file was damaged): it cannot be rebuilt; restore the file from a copy "
+                              "or fetch the run again with `qes-edge sync`")
+
+    def _repair_schema(self) -> None:
+        """A ledger whose migrations are recorded but whose tables are not all there (dropped by
+        hand or by a tool): the training state missing is refused; what is derived from it
+        (members, heads, the step_summary view) or only observed (evals) is rebuilt, before any
+        work is done with the file."""
+        tables = self._tables()
+        rebuild = [(name, fn) for name, fn in (("evals", _migration_0002_evals), ("heads", _migration_0003_heads),
+                                               ("members", _migration_0004_members)) if name not in tables]
+        if not rebuild:
+            return
+        with self._tx():
+            for name, fn in rebuild:
+                if name == "members":
+                    self.db.execute("drop view if exists step_summary")
+                fn(self.db)
+        self.repaired = [name for name, _ in rebuild]
 
     @contextlib.contextmanager
     def _tx(self):
@@ -562,6 +698,16 @@ class Ledger:
 
     def verify(self, run_id: str) -> int:
         """Check the run row and every step's hash chain; returns the number of steps."""
+        try:
+            return self._verify(run_id)
+        except sqlite3.Error as e:  # a table dropped or damaged
+            raise LedgerError(f"{self.path}: not a usable ledger ({e})") from None
+        except LedgerError as e:
+            if self.wal_read:
+                raise LedgerError(str(e) + self._wal_hint(run_id)) from None
+            raise
+
+    def _verify(self, run_id: str) -> int:
         run = self.run(run_id)
         expect = _run_hash(run.run_id, run.base_sha256, run.base_name, canonical_json(run.config), run.noise_spec)
         if expect != run.hash:
@@ -661,6 +807,7 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+        self._drop_copy()
 
 
 class _WriteGuard:

@@ -125,9 +125,11 @@ def test_a_lost_tail_is_detected_and_named(tmp_path):
     lg.close()
     with sqlite3.connect(tmp_path / "t.qes") as c:
         c.execute("delete from steps where step >= 3")
-    lg = Ledger(tmp_path / "t.qes")
+    # refused as it is opened for writing (checked read-only first: the file stays as it was)
+    before = (tmp_path / "t.qes").read_bytes()
     with pytest.raises(LedgerError, match=r"ends at step 2 but its head records 5 steps.*last 2 step\(s\) were lost"):
-        lg.verify(run.run_id)
+        Ledger(tmp_path / "t.qes")
+    assert (tmp_path / "t.qes").read_bytes() == before
     # read-only readers see the same
     ro = Ledger(tmp_path / "t.qes", readonly=True)
     with pytest.raises(LedgerError, match="were lost"):

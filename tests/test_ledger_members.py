@@ -145,10 +145,18 @@ def test_a_step_that_cannot_be_decoded_gets_no_rows_and_verify_names_it(tmp_path
     _old_ledger(tmp_path / "n.qes", tmp_path / "o.qes")
     with sqlite3.connect(tmp_path / "o.qes") as c:
         c.execute("update steps set rewards = ? where step = 1", [b"\0" * 8])
-    lg = Ledger(tmp_path / "o.qes")  # the migration does not stop at it
-    assert [m["step"] for m in lg.members(ids[0])].count(1) == 0
+    before = (tmp_path / "o.qes").read_bytes()
     with pytest.raises(LedgerError, match="step 1 cannot be decoded"):
-        lg.verify(ids[0])
+        Ledger(tmp_path / "o.qes")  # verified read-only before the migration writes anything
+    assert (tmp_path / "o.qes").read_bytes() == before
+    with pytest.raises(LedgerError, match="step 1 cannot be decoded"):
+        Ledger(tmp_path / "o.qes", readonly=True).verify(ids[0])
+    # the migration itself does not stop at it: that step gets no rows, the others theirs
+    from qes_edge.ledger import _migration_0004_members
+    with sqlite3.connect(tmp_path / "o.qes") as c:
+        _migration_0004_members(c)
+        steps = [s for (s,) in c.execute("select step from members")]
+    assert steps.count(1) == 0 and steps.count(0) > 0
 
 
 @pytest.mark.parametrize("sql, what", [
@@ -168,11 +176,11 @@ def test_an_edited_member_row_fails_verify_naming_the_step(tmp_path, sql, what):
     lg.close()
     with sqlite3.connect(tmp_path / "t.qes") as c:  # foreign keys off: as any SQLite tool edits it
         c.execute(sql)
-    for ro in (False, True):
-        lg = Ledger(tmp_path / "t.qes", readonly=ro)
+    for ro in (False, True):  # opened for writing, it is refused at once (verified read-only first)
         with pytest.raises(LedgerError, match=what):
+            lg = Ledger(tmp_path / "t.qes", readonly=ro)
             lg.verify(ids[0])
-        lg.close()
+            lg.close()
 
 
 def test_the_member_rows_go_with_the_step_in_one_transaction(tmp_path):
