@@ -122,6 +122,10 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
     """Show a model's tensor types, what qes-edge would train, the native backend, the threads and
     llama.cpp's wait policy.
 
+    info reads and checks the file's header (metadata, tensor table, hyperparameters, tokenizer
+    ids); it does not load the model in llama.cpp, so a file it accepts can still be refused
+    when `train` or `eval` loads it (with one error line).
+
     Example: qes-edge info --model smollm2:135m"""
     path, m = _open(model)
     if as_json:
@@ -169,6 +173,9 @@ def _backend_source() -> str:
     return f"QES_EDGE_BACKEND={forced}" if forced and forced != "auto" else "the best available host backend"
 
 
+DEMO_TOKENS = 12  # what `demo` generates from its prompt
+
+
 @app.command()
 def demo(model: Optional[str] = ModelOpt,
          population: int = typer.Option(8, min=2, help="Members (mirrored pairs) to perturb and restore."),
@@ -204,7 +211,12 @@ def demo(model: Optional[str] = ModelOpt,
 
     t0 = time.perf_counter()
     llm = load_llama(path, n_ctx=256, n_threads=threads)
-    text = llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    tokens = llm.tokenize(prompt.encode("utf-8", "surrogateescape"), add_bos=True, special=False)
+    room = llm.n_ctx() - DEMO_TOKENS
+    if len(tokens) > room:
+        _fail(f"--prompt is {len(tokens)} tokens, but the demo's context holds {llm.n_ctx()} with {DEMO_TOKENS} to "
+              f"generate: give a prompt of at most {room} tokens")
+    text = llm.create_completion(tokens, max_tokens=DEMO_TOKENS, temperature=0.0)["choices"][0]["text"]
     console.print(f"llama.cpp ({time.perf_counter() - t0:.1f} s): {prompt!r} -> {text!r}")
     del llm
 
@@ -462,7 +474,7 @@ def evaluate(model: Optional[str] = ModelOpt,
         _fail(str(e))
     with _user_errors():
         path = trainable_model(model, cfg.frozen)
-        task_obj = load_task(cfg)
+        task_obj = load_task(cfg, path)
         driver = open_driver(path, n_ctx, resolve_threads(threads))
         check_prompts(driver, task_obj)
     heldout = task_obj.heldout_examples()

@@ -51,7 +51,7 @@ def model_opener(model: Optional[str], threads: int):
         if sha != info["base_sha256"]:
             raise ValueError(f"the run's base model is {info['base_name']} (sha256 {info['base_sha256'][:16]}…), "
                              f"this worker's --model is {path.name} ({sha[:16]}…)")
-        task = load_task(cfg)
+        task = load_task(cfg, path)
         driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)  # a run starts from the base's codes
         check_prompts(driver, task)
         return driver, task, n_threads

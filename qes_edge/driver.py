@@ -13,6 +13,7 @@ import numpy as np
 
 from .engine import CodeTensor, digest_tensors, sigma_threshold
 from ._native import ffi
+from .gguf_check import prompt_byte_limit
 from .gguf_model import DEFAULT_FROZEN, GGUFModel, trainable_infos
 from .chat import ChatTemplateError, load_template
 from .llama_runtime import clear, decode_rows, forward, last_logits, load_llama
@@ -66,6 +67,8 @@ class ModelDriver:
         # digest of example.render_key() -> its tokens as C ints (4 bytes a token: a tuple of
         # Python ints costs 36, and check_prompts fills this with every example of the task)
         self._prompt_cache: dict[bytes, array] = {}
+        # a prompt of more bytes than this cannot fit the context: refused before it is tokenized
+        self.max_prompt_bytes = prompt_byte_limit(header, self.llm.n_ctx())  # the context as llama.cpp made it
         self.weights = found
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
         with open(self.path, "rb") as f:
@@ -145,7 +148,9 @@ class ModelDriver:
         key = hashlib.blake2b(repr(example.render_key()).encode(), digest_size=16).digest()
         got = self._prompt_cache.get(key)
         if got is None:
-            tokens = self._with_bos(self.tokenize(self.render(example), add_bos=False, special=True))
+            text = self.render(example)
+            self._refuse_long_text(text, example)
+            tokens = self._with_bos(self.tokenize(text, add_bos=False, special=True))
             if not tokens:
                 raise QESError(f"{example.where or 'an example'}: the prompt is empty (no tokens)")
             if len(tokens) >= self.llm.n_ctx():
@@ -154,6 +159,19 @@ class ModelDriver:
                                "(raise --n-ctx or shorten the prompt)")
             got = self._prompt_cache[key] = array("i", tokens)
         return list(got)
+
+    def _refuse_long_text(self, text: str, example) -> None:
+        """A prompt text longer in bytes than any n_ctx tokens of this vocabulary decode to is
+        refused from its length, before tokenizing it (which would cost memory in proportion)."""
+        limit = self.max_prompt_bytes
+        if limit is None or len(text) * 4 <= limit:
+            return
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if n > limit:
+            where = f"{example.where}: " if example.where else ""
+            raise QESError(f"{where}the prompt is {n:,} bytes, more than {self.llm.n_ctx()} tokens of this model "
+                           f"can hold (at most {limit:,} bytes): the context holds {self.llm.n_ctx()} "
+                           "(raise --n-ctx or shorten the prompt)")
 
     def check_prompts(self, examples) -> int:
         """Render and tokenize every example up front (a missing or failing template, a prompt too

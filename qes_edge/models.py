@@ -161,6 +161,8 @@ def resolve_model(spec: str | Path | None) -> Path:
         return p
     if p.is_dir():
         raise ModelNotFound(f"{p}: is a directory, not a GGUF file")
+    if p.exists():  # a device, a FIFO, a socket: it is there, but it is no model file
+        raise ModelNotFound(f"{p}: is not a regular file (a GGUF model file is expected)")
     if s.startswith("hf:"):
         return resolve_hf(s[3:])
     if s.startswith("ollama:"):

@@ -91,10 +91,31 @@ def check_recorded_data(recorded: dict, ledger_path: Path) -> None:
                            f"{want[:16]}… then): restore it, or start a new run with --new-run")
 
 
-def load_task(cfg: TrainConfig):
+#: bytes a data line may hold besides its prompt (answers, choices, the user's own columns)
+DATA_LINE_SLACK = 1 << 20
+
+
+def data_line_limit(model_path: Path | None, n_ctx: int) -> int | None:
+    """The longest data line worth reading for a model with an n_ctx context: JSON writes a
+    character in at most 6 bytes (a \\uXXXX escape per UTF-8 byte at worst), so a line longer than
+    6 × the prompt byte limit (gguf_check.prompt_byte_limit) + DATA_LINE_SLACK holds a prompt
+    that cannot fit.  None where the model has no token list (no bound known)."""
+    if model_path is None:
+        return None
+    from .gguf_check import GGUFInvalid, check_gguf, prompt_byte_limit
+    try:
+        limit = prompt_byte_limit(check_gguf(model_path), -(-n_ctx // 256) * 256)  # llama.cpp pads to 256
+    except GGUFInvalid:
+        return None  # the model itself is refused where it is opened
+    return None if limit is None else 6 * limit + DATA_LINE_SLACK
+
+
+def load_task(cfg: TrainConfig, model_path: Path | None = None):
+    """The run's task; with model_path, data lines too long for that model's context are refused
+    as they are read."""
     from .tasks import task_from_config
     try:
-        return task_from_config(cfg)
+        return task_from_config(cfg, data_line_limit(model_path, cfg.n_ctx))
     except (ValueError, QESError) as e:
         raise SessionError(str(e)) from None
 
@@ -200,6 +221,9 @@ class Session:
             # 1. a ledger that already holds a run: its recorded config wins
             if ledger_path.exists():
                 lg = Ledger(ledger_path)
+                if lg.repaired:
+                    say(f"{ledger_path}: the {', '.join(lg.repaired)} table(s) were missing: rebuilt from the "
+                        "recorded steps (derived data; the steps verify)")
                 run, cfg = cls._existing_run(lg, ledger_path, opts, say)
             # 2. the model and the task, checked before llama.cpp loads
             path = trainable_model(path, cfg.frozen)
@@ -207,7 +231,7 @@ class Session:
             if run is not None and run.base_sha256 != sha:
                 raise SessionError(f"ledger {ledger_path} belongs to base model sha256 {run.base_sha256[:16]}…, "
                                    f"not {path.name} ({sha[:16]}…): refusing to mix them")
-            task = load_task(cfg)
+            task = load_task(cfg, path)
             if driver is None:
                 driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)
             check_prompts(driver, task)

@@ -50,6 +50,43 @@ def _ledger(path: Path, base_sha: str, n_steps: int, base_name="SmolLM2-135M-Ins
     return path
 
 
+def stale_wal(path: Path, base_sha: str) -> Path:
+    """A 4-step ledger with, beside it, the -wal of an earlier state of the same run (after its
+    step 1): what copying a ledger and a -wal taken at different moments leaves.  SQLite would
+    apply that -wal as the file is opened for writing, taking steps 2 and 3 away."""
+    from qes_edge.ledger import Ledger, StepRecord
+    from qes_edge.trainer import TrainConfig
+    lg = Ledger(path)
+    lg.checkpoint = lambda: None  # keep every write in the -wal
+    lg.db.execute("PRAGMA wal_autocheckpoint=0")
+    run = lg.create_run(base_sha, "SmolLM2-135M-Instruct.Q4_1.gguf", TrainConfig(population=2).record(), 1)
+    rng = np.random.default_rng(0)
+    wal = Path(str(path) + "-wal")
+    for i in range(4):
+        lg.append_step(run.run_id, StepRecord(i, 34268880, np.array([5, -5]), np.array([3, -3], np.int32),
+                                              rng.random(2), f"{i:064x}"))
+        if i == 1:
+            old = wal.read_bytes()
+    lg.close()  # the -wal is folded in and removed
+    wal.write_bytes(old)
+    return path
+
+
+def patch_token_id(model: Path, out: Path, key: str, value: int) -> None:
+    """A copy of model with the u32 value of metadata key set to value."""
+    import shutil
+    import struct
+    shutil.copyfile(model, out)
+    with open(model, "rb") as f:
+        head = f.read(16 << 20)
+    name = key.encode()
+    at = head.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", head, at)[0] == 4  # a u32
+    with open(out, "r+b") as f:
+        f.seek(at + 4)
+        f.write(struct.pack("<I", value))
+
+
 def sql(path: Path, statement: str) -> None:
     """One statement, committed, and the connection closed (so SQLite folds its -wal back in)."""
     c = sqlite3.connect(path)
@@ -85,7 +122,16 @@ def scratch(tmp_path_factory, default_model):
     null = _ledger(d / "null.qes", sha, 2)
     sql(null, "update steps set seeds = NULL where step = 1")
     _ledger(d / "other-base.qes", "00" * 32, 1, base_name="other.gguf")
+    for key, value in (("bos", 2**32 - 1), ("eos", 2**31 - 1)):  # these aborted `train` (SIGABRT)
+        patch_token_id(default_model, d / f"bad{key}.gguf", f"tokenizer.ggml.{key}_token_id", value)
+    nosteps = _ledger(d / "nosteps.qes", sha, 2)
+    sql(nosteps, "drop table members")
+    sql(nosteps, "drop table steps")
+    # one line of 3 MB: longer than any prompt of a 512-token context of this model can be
+    (d / "bigline.jsonl").write_text("\n".join([json.dumps({"prompt": "word " * 600_000})] +
+                                               [json.dumps({"prompt": f"p{i}"}) for i in range(4)]))
     assert not list(d.glob("*-wal")) and not list(d.glob("*-shm"))  # every connection was closed
+    stale_wal(d / "stale.qes", sha)  # the one -wal: left there on purpose
     return d
 
 
@@ -128,6 +174,21 @@ CASES = [
     ("train --model nothere:7b", "ollama model nothere:7b is not in the local store"),
     ("train --model hf:org/repo:f.gguf", "is not in the Hugging Face cache"),
     ("train --ledger adir", "adir: is a directory, not a ledger file"),
+    ("train --model /dev/zero", "/dev/zero: is not a regular file"),
+    ("train --model badbos.gguf", "tokenizer.ggml.bos_token_id = 4294967295, but the vocabulary holds tokens 0..49151"),
+    ("train --model badeos.gguf", "tokenizer.ggml.eos_token_id = 2147483647, but the vocabulary holds tokens 0..49151"),
+    ("info --model badbos.gguf", "tokenizer.ggml.bos_token_id = 4294967295, but the vocabulary"),
+    ("eval --model badeos.gguf", "tokenizer.ggml.eos_token_id = 2147483647, but the vocabulary"),
+    ("train --task jsonl --data bigline.jsonl", "bigline.jsonl:1: the line is longer than"),
+    ("eval --task jsonl --data bigline.jsonl", "bigline.jsonl:1: the line is longer than"),
+    # a ledger with a -wal of another state beside it: refused before anything applies the -wal
+    ("train --ledger stale.qes", "the -wal file beside it does not continue the ledger: the file alone holds 4 "
+                                 "verified steps of run"),
+    ("verify --ledger stale.qes", "read with the -wal it holds 2. If the -wal was copied from another state"),
+    ("replay --ledger stale.qes --out r.gguf", "the -wal file beside it does not continue the ledger"),
+    ("sync --ledger stale.qes --peer socket://127.0.0.1:1", "the -wal file beside it does not continue"),
+    ("train --ledger nosteps.qes", "the ledger's steps table is missing (the file was damaged)"),
+    ("verify --ledger nosteps.qes", "the ledger's steps table is missing"),
     ("train --ledger empty.qes", "empty.qes: is an empty file, not a ledger"),
     ("train --ledger junk.qes", "junk.qes: not a usable ledger"),
     ("train --ledger foreign.db", "foreign.db: an SQLite file, but not a qes-edge ledger"),

@@ -231,10 +231,13 @@ def load_callable(spec: str) -> Callable:
 CHOICE_NORMS = ("mean", "sum", "first")
 
 
-def task_from_config(cfg) -> Task:
+def task_from_config(cfg, max_line_bytes: int | None = None) -> Task:
     """The task a run's config asks for (a TrainConfig, or anything with its fields): task, data,
-    seed, raw_prompt, and choice_norm for `choice`."""
+    seed, raw_prompt, and choice_norm for `choice`.  max_line_bytes: the longest data line read
+    (the tasks over a data file)."""
     kw = {"raw_prompt": bool(getattr(cfg, "raw_prompt", False))}
+    if cfg.data and max_line_bytes and cfg.task not in ("sentiment", "countdown"):
+        kw["max_line_bytes"] = max_line_bytes
     if cfg.task == "choice":
         kw["choice_norm"] = getattr(cfg, "choice_norm", "mean")
     return load_task(cfg.task, cfg.data, cfg.seed, **kw)

@@ -71,62 +71,80 @@ def parse_example(row, raw_prompt: bool = False, where: str = "") -> Example:
 
 
 def read_jsonl(path: str | Path, raw_prompt: bool = False,
-               check: Callable[[Example], None] | None = None) -> list[Example]:
+               check: Callable[[Example], None] | None = None, max_line_bytes: int | None = None) -> list[Example]:
     """The examples of a JSONL file; ValueError names the file (and line) on any problem.
-    check(example) may refuse an example with a ValueError (its message gets the file:line)."""
+    check(example) may refuse an example with a ValueError (its message gets the file:line).
+
+    The file is read a line at a time; a line longer than max_line_bytes (a bound the caller
+    derives from the model's context: see session.data_line_limit) is refused from its length
+    alone, so that no data file makes the process hold more than one such line."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"data file not found: {p}")
     if not p.is_file():
         raise ValueError(f"{p}: is not a file (a JSONL file of prompts is expected)")
+    out, any_text = [], False
     try:
         if p.stat().st_size > MAX_DATA_BYTES:
             raise ValueError(f"{p}: {p.stat().st_size:,} bytes is larger than the {MAX_DATA_BYTES:,} a data file may have")
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            i = 0
+            while True:
+                raw = f.readline(max_line_bytes + 1) if max_line_bytes else f.readline()
+                if not raw:
+                    break
+                i += 1
+                if max_line_bytes and len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    raise ValueError(f"{p}:{i}: the line is longer than {max_line_bytes:,} bytes, more than any "
+                                     "prompt that fits the model's context (raise --n-ctx or shorten it)")
+                if b"\0" in raw:
+                    raise ValueError(f"{p}: is a binary file, not JSONL text")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{p}: is not UTF-8 text (line {i}, byte {e.start} of the line), "
+                                     "not a JSONL file") from None
+                if not line.strip():
+                    continue
+                any_text = True
+                out.append(_example_of_line(line, p, i, raw_prompt, check))
     except OSError as e:
         raise ValueError(f"{p}: cannot read ({e.strerror})") from None
-    if b"\0" in raw:
-        raise ValueError(f"{p}: is a binary file, not JSONL text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: is not UTF-8 text (byte {e.start}), not a JSONL file") from None
-    if not text.strip():
+    if not any_text:
         raise ValueError(f"{p}: is empty (one JSON object a line is expected)")
-    out = []
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ValueError(f"{p}:{i}: not JSON ({e})") from None
-        try:
-            ex = parse_example(row, raw_prompt, where=f"{p}:{i}")
-            if "pattern" in row:
-                if not isinstance(row["pattern"], str):
-                    raise ValueError("'pattern' must be a string (a regular expression)")
-                try:
-                    re.compile(row["pattern"])
-                except (re.error, RecursionError, OverflowError) as e:
-                    raise ValueError(f"'pattern' is not a valid regular expression ({e})") from None
-            if check is not None:
-                check(ex)
-        except ValueError as e:
-            raise ValueError(f"{p}:{i}: {e}") from None
-        out.append(ex)
     if len(out) < 4:
         raise ValueError(f"{p}: needs at least 4 examples, has {len(out)}")
     return out
+
+
+def _example_of_line(line: str, p: Path, i: int, raw_prompt: bool, check) -> Example:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{p}:{i}: not JSON ({e})") from None
+    try:
+        ex = parse_example(row, raw_prompt, where=f"{p}:{i}")
+        if "pattern" in row:
+            if not isinstance(row["pattern"], str):
+                raise ValueError("'pattern' must be a string (a regular expression)")
+            try:
+                re.compile(row["pattern"])
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"'pattern' is not a valid regular expression ({e})") from None
+        if check is not None:
+            check(ex)
+    except ValueError as e:
+        raise ValueError(f"{p}:{i}: {e}") from None
+    return ex
 
 
 class JsonlTask(Task):
     name = "jsonl"
 
     def __init__(self, path, seed: int = 0, heldout_fraction: float = 0.2, max_tokens: int = 32,
-                 raw_prompt: bool = False):
+                 raw_prompt: bool = False, max_line_bytes: int | None = None):
         self.raw_prompt = raw_prompt
-        ex = read_jsonl(path, raw_prompt, self.check_example)
+        ex = read_jsonl(path, raw_prompt, self.check_example, max_line_bytes)
         order = fixed_permutation(999, len(ex))  # default_rng(999).permutation, without numpy.random
         k = max(1, int(len(ex) * heldout_fraction))
         self._heldout = [ex[i] for i in order[:k]]
