@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from qes_edge.tasks.countdown import MAX_COMPLETION_CHARS, extract_answer, score
 from qes_edge.tasks.safe_arith import UnsafeExpression, evaluate
 
-BUDGET_S = 0.010  # the contract: any completion scores in under 10 ms
+# The contract is that any completion scores in well under 10 ms (it reads at most
+# MAX_COMPLETION_CHARS characters; microseconds on this machine).  A test must not depend on how
+# busy the machine is, so the bound asserted is 100x that: loose enough for any load a CI machine
+# sees, and still 28x below the fastest regression it guards (16000 unclosed tags took 28-52 s;
+# 200000 of them, over ten minutes).
+BUDGET_S = 1.0
 
 
 def timed_score(completion, nums=(44, 19, 35), target=98, tries=3):

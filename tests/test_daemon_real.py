@@ -40,13 +40,21 @@ def data(tiny_choice_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> list:
-    """The steps an uninterrupted foreground `qes-edge train` records."""
+def reference_run(data, tmp_path_factory) -> tuple[list, float]:
+    """The steps an uninterrupted foreground `qes-edge train` records, and how long that whole
+    process took on this machine, now (the scale of the kill test's random moments)."""
     d = tmp_path_factory.mktemp("ref")
+    t0 = time.monotonic()
     r = qes(["train", *TRAIN, "--data", str(data / "bigger.jsonl"), "--ledger", str(d / "ref.qes")],
             env_for(d / "home", data / "sys"))
+    wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    return steps_of(d / "ref.qes")
+    return steps_of(d / "ref.qes"), wall
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list:
+    return reference_run[0]
 
 
 steps_of = recorded_steps
@@ -79,47 +87,86 @@ def recorded(ledger: Path) -> list:
         return []
 
 
-def test_kill_9_anywhere_loses_nothing(data, reference, tmp_path):
+def n_recorded(ledger: Path) -> int:
+    """Steps in the ledger now (0 before it exists), read while the daemon may be writing it."""
+    import sqlite3
+    if not ledger.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute("select count(*) from steps").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:  # the schema may not be there yet
+        return 0
+
+
+def kill_within_one_step(p: subprocess.Popen, ledger: Path, at: float, n_before: int) -> tuple[int, str]:
+    """kill -9 at `at` seconds after the start, or as soon as the process has recorded one more
+    step than n_before, whichever comes first: a moment at random in its start-up, its catch-up
+    or its first step, and never more than one step of progress, however fast the machine is.
+    Returns the exit code and what set the moment off."""
+    t0 = time.monotonic()
+    while True:
+        code = p.poll()
+        if code is not None:
+            return code, "exited"
+        if time.monotonic() - t0 >= at:
+            why = f"{at:.2f} s"
+            break
+        if n_recorded(ledger) > n_before:
+            why = f"step {n_before} recorded"
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    return p.wait(60), why
+
+
+def test_kill_9_anywhere_loses_nothing(data, reference_run, tmp_path):
     """≥ 10 kills: 5 at random moments, 6 at named points; after each the ledger verifies and
     every step recorded before the kill is still there, unchanged; the last start finishes the
-    run, equal to the uninterrupted one."""
+    run, equal to the uninterrupted one.
+
+    The random moments scale with this machine's speed, measured in the same test: each lies
+    uniformly in [0.05, 0.6] × the wall time of the uninterrupted `train` process, and a kill
+    comes at the latest when its process records its first step, so each process makes at most
+    one step and the 11 kills cannot finish the 8-step run, on an idle machine or a busy one."""
+    reference, ref_wall = reference_run
     home, ledger, sysfs = tmp_path / "home", tmp_path / "run.qes", data / "sys"
     queue(home, data, ledger, sysfs)
     rng = random.Random(13)
     # random moments first (start-up, catch-up, evaluation, a step), then the named points, each
     # reached within a process's first two steps: 11 kills make at most ~7 of the 8 steps
-    plan = [rng.uniform(1.5, 6.0) for _ in range(5)] + \
+    plan = [rng.uniform(0.05, 0.6) * ref_wall for _ in range(5)] + \
            ["member:1", "update:1", "ledger-write:1", "member:2", "ledger-write:2", "update:2"]
     kills, before, log = 0, [], []
     for what in plan:
         if isinstance(what, str):
             p = start(home, sysfs, QES_EDGE_CRASH_AT=what)
-            code = p.wait(300)
+            code, why = p.wait(300), what
         else:
             p = start(home, sysfs)
-            try:
-                code = p.wait(what)  # it may finish on its own before the kill
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-                code = p.wait(60)
+            code, why = kill_within_one_step(p, ledger, what, len(before))
         if code == 0:  # the run finished before this kill came
-            log.append((what, "finished"))
+            log.append((why, "finished"))
             break
         assert code == -signal.SIGKILL, p.stderr.read()
         kills += 1
         now = recorded(ledger)
-        assert now[:len(before)] == before, f"a recorded step changed or vanished after the kill at {what}"
+        assert now[:len(before)] == before, f"a recorded step changed or vanished after the kill at {why}"
         assert same_training(now, reference[:len(now)])
-        log.append((what, len(now)))
+        log.append((why, len(now)))
         before = now
-    assert kills >= 10, log
+    assert kills >= 10, (ref_wall, log)
     p = start(home, sysfs)
     assert p.wait(600) == 0, p.stderr.read()
     final = steps_of(ledger)
     assert final[:len(before)] == before and same_training(final, reference), log
     text = (home / "daemon.log").read_text()
     assert "every weights hash checked" in text and f"job 1: done, {STEPS} steps" in text
-    print(f"kill -9: {kills} kills, {len(before)} steps recorded before the last, 0 lost; plan {log}")
+    print(f"kill -9: {kills} kills, {len(before)} steps recorded before the last, 0 lost; "
+          f"reference run {ref_wall:.1f} s; plan {log}")
 
 
 def test_sigterm_mid_step_then_resume_and_status_while_writing(data, reference, tmp_path):
@@ -145,7 +192,11 @@ def test_sigterm_mid_step_then_resume_and_status_while_writing(data, reference, 
         info = json.loads(r.stdout)
         if info["daemon"]["running"] or statuses:  # from the moment it holds the lock
             statuses.append(info)
-    time.sleep(0.5)  # into the next step's members
+    # into the next step's members: right after the process records its next step (a moment the
+    # run itself gives, not a fixed second, so a fast machine cannot finish the run first)
+    n_seen = n_recorded(ledger)
+    while n_recorded(ledger) == n_seen and p.poll() is None:
+        time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     assert p.wait(120) == 0
     steps = [s["run"]["step"] for s in statuses if s.get("run") and "step" in s["run"]]

@@ -27,10 +27,12 @@ def test_safe_arith_evaluates_exactly(expr, value, used):
     "1/0", "(" * 25 + "1" + "+1)" * 25, "1" * 20, "1+" * 80 + "1", "[1,2]", "-1", "lambda: 1", "", "1;2",
 ])
 def test_safe_arith_refuses_everything_else_quickly(expr):
+    """Refused before anything is computed: "9**9**9**9" evaluated would never end, so a bound
+    of 2 s (microseconds are what it costs; loose for any machine load) catches evaluation."""
     t0 = time.perf_counter()
     with pytest.raises(UnsafeExpression):
         evaluate(expr)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.perf_counter() - t0 < 2.0
 
 
 def test_countdown_score():
