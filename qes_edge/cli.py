@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from . import _native
+from .coefficients import DEFAULT_SCHEME
 from .quant import QESError
 
 try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
@@ -302,6 +303,10 @@ def train(ctx: typer.Context,
           n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
           raw_prompt: bool = RawPromptOpt,
           choice_norm: str = ChoiceNormOpt,
+          coef_scheme: str = typer.Option(DEFAULT_SCHEME, "--coef-scheme",
+                                          help="Member rewards to coefficients: pairs (the paper's mirrored "
+                                               "pairs: z-scored pair differences), pairs-rank, zscore (member "
+                                               "z-scores, runs before pairs) or rank."),
           as_json: bool = typer.Option(False, "--json", help="One JSON line per step and per evaluation on stdout "
                                                               "(human messages and progress go to stderr)."),
           peers: Optional[str] = typer.Option(None, "--peers", help="Share each step's population with workers "
@@ -322,7 +327,7 @@ def train(ctx: typer.Context,
     with _json_output(as_json):
         _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
                balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-               peers, ray)
+               peers, ray, coef_scheme=coef_scheme)
 
 
 def check_executor_options(peers: Optional[str], ray: Optional[int]) -> None:
@@ -338,7 +343,7 @@ def check_executor_options(peers: Optional[str], ray: Optional[int]) -> None:
 
 def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
            balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-           peers=None, ray=None):
+           peers=None, ray=None, coef_scheme=DEFAULT_SCHEME):
     from .session import RUN_OPTIONS, Session, SessionOptions, check_data_option
     from .trainer import TrainConfig
 
@@ -347,7 +352,7 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
         cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma,
                           alpha=alpha, beta=beta, window=window, error_feedback=error_feedback, residual=residual,
                           batch=batch, balance=balance, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                          choice_norm=choice_norm)
+                          choice_norm=choice_norm, coef_scheme=coef_scheme)
         opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
                               new_run=new_run, threads=threads)
         check_executor_options(peers, ray)

@@ -58,7 +58,7 @@ def queue_add(ctx: typer.Context):
                           sigma=p["sigma"], alpha=p["alpha"], beta=p["beta"], window=p["window"],
                           error_feedback=p["error_feedback"], residual=p["residual"], batch=p["batch"],
                           balance=p["balance"], seed=p["seed"], n_ctx=p["n_ctx"], raw_prompt=p["raw_prompt"],
-                          choice_norm=p["choice_norm"])
+                          choice_norm=p["choice_norm"], coef_scheme=p["coef_scheme"])
         try:
             cfg.validate()
         except ValueError as e:

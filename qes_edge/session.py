@@ -28,7 +28,7 @@ from .trainer import Trainer, TrainConfig, TrainingStopped
 
 #: the train options that make up a run's identity (its recorded config)
 RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm")
+               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm", "coef_scheme")
 
 
 class SessionError(Exception):

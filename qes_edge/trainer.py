@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__, _native, faults
 from . import derive as derive_v2
-from .coefficients import coefficients
+from .coefficients import DEFAULT_SCHEME, MEAN_ABS_BOUND, SCHEMES, coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
 from .executor import Executor, LocalExecutor
 from .fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
@@ -48,7 +48,7 @@ class TrainConfig:
     error_feedback: bool = True
     residual: str = "replay"          # "replay" (seed replay) or "stored" (int32 per code)
     anti_windup: bool = True
-    coef_scheme: str = "zscore"
+    coef_scheme: str = DEFAULT_SCHEME   # coefficients.py: "pairs" (new runs), "pairs-rank", "zscore", "rank"
     coef_clip: float = 3.0
     batch: int = 24
     balance: bool = True              # class-balanced batches when the task has classes
@@ -79,17 +79,18 @@ class TrainConfig:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if not MIN_CTX <= self.n_ctx <= MAX_CTX:
             raise ValueError(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}] tokens, got {self.n_ctx}")
-        if self.coef_scheme not in ("zscore", "rank"):
-            raise ValueError(f"coefficient scheme must be zscore or rank, got {self.coef_scheme!r}")
+        if self.coef_scheme not in SCHEMES:
+            raise ValueError(f"coefficient scheme must be one of {', '.join(SCHEMES)}, got {self.coef_scheme!r}")
         if not (math.isfinite(self.coef_clip) and self.coef_clip > 0):
             raise ValueError(f"coefficient clip must be finite and > 0, got {self.coef_clip!r}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
         beta_to_q14(self.beta)  # finite, in [0, 1]
         sigma_threshold(self.sigma)
-        # the largest sum of |c_i| a step can have: z-scores have sum(c^2) = P, so sum|c| <= P
-        # (clipping only lowers it); centered ranks are within +-0.5.  Each q_i rounds by <= 1/2.
-        sum_c = self.population * (1.0 if self.coef_scheme == "zscore" else 0.5)
+        # the largest sum of |c_i| a step can have: z-scores (of members or of pair differences)
+        # have sum(z^2) = n, so sum|z| <= n (clipping only lowers it); pair weights are within
+        # +-1, centered ranks within +-0.5.  Each q_i rounds by <= 1/2.
+        sum_c = self.population * MEAN_ABS_BOUND[self.coef_scheme]
         total = math.ceil(sum_c * (self.alpha / self.sigma) * 65536 + self.population / 2)
         coefs_to_q16([min(self.coef_clip, sum_c)], self.alpha, self.sigma)  # one coefficient's own bound
         if total > 2**30:
@@ -112,7 +113,8 @@ class TrainConfig:
         # model's default system turn), and choices were scored by their first token
         old_raw = d.get("task") not in ("sentiment", "countdown")
         old_norm = "first" if d.get("task") == "choice" else "mean"
-        d = {"balance": False, "derive": 1, "raw_prompt": old_raw, "choice_norm": old_norm, **d}
+        d = {"balance": False, "derive": 1, "raw_prompt": old_raw, "choice_norm": old_norm, "coef_scheme": "zscore",
+             **d}  # and member z-scores, before pair differences
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

@@ -153,6 +153,8 @@ CASES = [
     ("train --residual disk", "residual must be 'replay' or 'stored'"),
     ("train --choice-norm max", "choice_norm must be 'mean' or 'sum'"),
     ("eval --choice-norm max", "choice_norm must be 'mean' or 'sum'"),
+    ("train --coef-scheme ranks", "coefficient scheme must be one of pairs, pairs-rank, zscore, rank"),
+    ("queue add --coef-scheme ranks", "coefficient scheme must be one of pairs, pairs-rank, zscore, rank"),
     ("train --bogus", "No such option: --bogus"),
     ("train --population many", "'--population': 'many' is not a valid int"),
     # train: files

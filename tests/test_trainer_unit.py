@@ -62,8 +62,9 @@ def test_toy_objective_improves_and_replays_bit_for_bit(tmp_path, ef, residual):
     for _ in range(12):
         tr.step()
     end = tr.task.rewards(drv, [None])[0]
-    # 12 steps move the toy reward by 0.04-0.14 over run seeds 0-4 in every mode (either derivation)
-    assert end > start + 0.03, (start, end)
+    # 12 steps move the toy reward by 0.022-0.12 over run seeds 0-4 in every mode with the default
+    # pairs coefficients (0.04-0.14 with member z-scores, the default before), either derivation
+    assert end > start + 0.015, (start, end)
     assert lg.verify(run.run_id) == 12
     # a fresh copy of the base, replayed from the ledger alone, lands on the same bytes
     fresh = ToyDriver(0)
