@@ -6,10 +6,11 @@ pair with a failed member (NaN reward) coefficient 0 and scores the others witho
 - ``pairs`` (the default of new runs; the reference implementation's mirrored sampling, its
   ``zscore`` weighting): per valid pair k, d_k = r(+s_k) - r(-s_k);
   c_k = clip((d_k - mean(d)) / std(d), +-clip), 0 for all when std(d) is 0; +s_k gets +c_k and
-  -s_k gets -c_k.  The paper's alpha values assume this normalisation.
+  -s_k gets -c_k.  The paper's alpha values assume this normalisation.  With a single valid
+  pair (a population of 2, or failures) c_k = sign(d_k).
 - ``pairs-rank`` (the reference's ``rank`` weighting over the same d_k): the pair with the largest
   d_k gets +1, the smallest -1, linearly between (1 - 2 * rank / (n - 1), rank 0 the largest;
-  ties get the mean of their weights); +s_k gets +w_k, -s_k gets -w_k.
+  ties get the mean of their weights); +s_k gets +w_k, -s_k gets -w_k; a single pair sign(d_k).
 - ``zscore``: (r_i - mean) / std over the valid members, clipped to +-clip (runs before pairs).
 - ``rank``: centered member ranks in [-0.5, 0.5], ties averaged.
 """
@@ -48,11 +49,13 @@ def coefficients(rewards: np.ndarray, scheme: str = DEFAULT_SCHEME, clip: float 
     ok = np.repeat(pair_ok, 2)
     c = np.zeros_like(r)
     if scheme in ("pairs", "pairs-rank"):
-        if pair_ok.sum() < 2:
+        if pair_ok.sum() == 0:
             return c
         pairs = r.reshape(-1, 2)[pair_ok]
         d = pairs[:, 0] - pairs[:, 1]
-        if scheme == "pairs":
+        if len(d) == 1:  # a lone difference has no spread to normalise by: its sign
+            w = np.sign(d)
+        elif scheme == "pairs":
             sd = d.std()
             w = np.zeros_like(d) if sd == 0 else np.clip((d - d.mean()) / sd, -clip, clip)
         else:

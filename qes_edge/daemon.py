@@ -398,7 +398,12 @@ class Daemon:
                     self._state(step=session.step, peak_rss_mb=round(peak_rss_mb(), 1), last_step_time=time.time())
                     LOG.info(f"job {job.id}: step {rec.step} reward {float(np.nanmean(rec.rewards)):.4f} "
                              f"changed {t.get('changed')} eval {t.get('eval_s', 0):.2f} s "
-                             f"update {t.get('update_s', 0):.2f} s hash {rec.hash[:12]}")
+                             f"update {t.get('update_s', 0):.2f} s hash {rec.hash[:12]}"
+                             + (f"; no signal ({t['no_signal']})" if t.get("no_signal") else ""))
+                    from .no_signal import STREAK, alarm
+                    n, cause = session.no_signal_streak()
+                    if n == STREAK:
+                        self.note("no-signal", f"job {job.id}: {alarm(n, cause)}", job.id, step=rec.step)
 
                 def on_eval(step, m, failure):
                     if failure:

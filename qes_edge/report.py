@@ -59,6 +59,17 @@ def heldout_metrics(record: RunRecord) -> list[str]:
     return names
 
 
+def _quiet(s: dict) -> str:
+    """The no-signal steps in words: how many, which, and the alarm of a streak at the end."""
+    from .no_signal import alarm
+    steps = s["no_signal_steps"]
+    if not steps:
+        return "none"
+    shown = ", ".join(map(str, steps[:12])) + (" …" if len(steps) > 12 else "")
+    tail = alarm(*s["no_signal_streak"])
+    return f"{len(steps)} (steps {shown})" + (f"; {tail}" if tail else "")
+
+
 def summary(record: RunRecord) -> dict:
     """The report's summary numbers (None where the run did not record what they need)."""
     steps = record.steps
@@ -76,7 +87,10 @@ def summary(record: RunRecord) -> dict:
     inference = float(inference) if isinstance(inference, (int, float)) and inference > 0 else None
     heldout = record.evals_of("heldout")
     metrics = lambda e: {k: v for k, v in e.items() if k not in ("event", "step", "split")}  # noqa: E731
+    from .no_signal import KEY, streak
+    quiet = [r["step"] for r in steps if (r.get("timings") or {}).get(KEY)]
     return {
+        "no_signal_steps": quiet, "no_signal_streak": streak(r.get("timings") for r in steps),
         "first_reward": rewards[0][1] if rewards else None,
         "last_reward": rewards[-1][1] if rewards else None,
         "best_reward": best[1] if best else None, "best_step": best[0] if best else None,
@@ -294,6 +308,7 @@ def page(record: RunRecord, s: dict, png: bytes) -> str:
         ["QES overhead (perturb + restore + update) / eval",
          "—" if s["qes_overhead"] is None else f"{s['qes_overhead']:.1%}"],
         ["peak RSS / inference RSS", peak],
+        ["steps without signal (all coefficients 0)", _quiet(s)],
     ]
     step_header = ["step", "reward", "min", "max", "failed", "q16 min", "q16 max", *[PHASE_LABELS[k] for k in PHASES],
                    "total s", "changed", "RSS MB"]

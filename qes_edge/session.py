@@ -409,6 +409,11 @@ class Session:
     def head(self) -> str:
         return self.ledger.head_hash(self.run.run_id)
 
+    def no_signal_streak(self) -> tuple[int, str | None]:
+        """The no-signal steps at the end of the run so far, and the last one's cause (no_signal.py)."""
+        from .no_signal import streak
+        return streak(r.timings for r in self.history)
+
     # -- who evaluates the members (the executor seam) ---------------------------------------
     def share_with_peers(self, links) -> None:
         """Split each step's members between this process and workers (`qes-edge worker`) on

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__, _native, faults
 from . import derive as derive_v2
+from . import no_signal
 from .coefficients import DEFAULT_SCHEME, MEAN_ABS_BOUND, SCHEMES, coefficients
 from .engine import CodeTensor, Step, TensorGroup, digest_tensors, mirrored, sigma_threshold
 from .executor import Executor, LocalExecutor
@@ -247,6 +248,9 @@ class Trainer:
         rec.weights_sha256 = digest_tensors(self.tensors)
         t["digest_s"] = time.perf_counter() - t0
         t["changed"] = changed
+        cause = no_signal.diagnose(rewards, rec.coefs_q16, len(ids))
+        if cause:
+            t[no_signal.KEY] = cause
         if extra_timings is not None:
             t.update(extra_timings())
         rec.timings = {k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}

@@ -20,9 +20,14 @@ def spec_pairs(rewards, clip=3.0, rank=False, eps=0.0):
     n_pairs = len(rewards) // 2
     valid = [k for k in range(n_pairs) if not (math.isnan(rewards[2 * k]) or math.isnan(rewards[2 * k + 1]))]
     out = [0.0] * len(rewards)
-    if len(valid) < 2:
+    if not valid:
         return out
     d = {k: rewards[2 * k] - rewards[2 * k + 1] for k in valid}
+    if len(valid) == 1:  # a lone pair: the sign of its difference
+        (k,) = valid
+        c = (d[k] > 0) - (d[k] < 0)
+        out[2 * k], out[2 * k + 1] = float(c), float(-c)
+        return out
     if rank:
         # the reference: sort descending (stable), rank 0 the best, weight 1 - 2 rank / (n - 1);
         # tied values share the mean of their weights
@@ -91,7 +96,10 @@ def test_failed_pairs_and_no_spread():
         c = coefficients(r, scheme)
         assert c[0] == 0 and c[1] == 0, scheme
     assert np.all(coefficients(np.array([0.5, 0.25, 0.75, 0.5]), "pairs") == 0)  # equal differences: no signal
-    assert np.all(coefficients(np.array([0.2, np.nan, 0.7, 0.6]), "pairs") == 0)  # one valid pair
+    lone = np.array([0.2, np.nan, 0.7, 0.6])  # one valid pair: the sign of its difference
+    assert list(coefficients(lone, "pairs")) == list(coefficients(lone, "pairs-rank")) == [0, 0, 1, -1]
+    assert list(coefficients(np.array([0.3, 0.5]), "pairs")) == [-1, 1]  # a population of 2
+    assert np.all(coefficients(np.array([0.2, np.nan, np.nan, 0.6]), "pairs") == 0)  # no valid pair
     with pytest.raises(ValueError, match="unknown coefficient scheme"):
         coefficients(r, "ranks")
 
