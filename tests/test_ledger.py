@@ -252,3 +252,52 @@ def test_full_disk_during_a_step_write_is_a_clean_error_and_loses_nothing(small_
     lg.append_step(run.run_id, record(3, rng))  # and it goes on once there is room
     assert lg.verify(run.run_id) == 4
     lg.close()
+
+
+def test_a_wal_that_continues_the_file_is_read_and_folded_in(tmp_path):
+    """What a crash between a commit and its checkpoint leaves (a -wal holding the last steps,
+    copied here without its -shm): readers see every step and leave no -shm behind; a writer
+    folds the -wal into the file."""
+    import shutil
+    lg, run = _run_with_steps(tmp_path / "a.qes", 2)
+    lg.checkpoint = lambda: None  # the next commits stay in the -wal, as when killed before it
+    rng = np.random.default_rng(5)
+    for i in range(2, 5):
+        lg.append_step(run.run_id, record(i, rng))
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    shutil.copyfile(tmp_path / "a.qes", crash / "a.qes")
+    shutil.copyfile(tmp_path / "a.qes-wal", crash / "a.qes-wal")
+    lg.close()
+    before = {p.name: p.read_bytes() for p in crash.iterdir()}
+    alone = Ledger(crash / "a.qes", readonly=True, ignore_wal=True)
+    assert alone.verify(run.run_id) == 2  # the file alone: the steps checkpointed
+    alone.close()
+    ro = Ledger(crash / "a.qes", readonly=True)
+    assert ro.verify(run.run_id) == 5
+    ro.close()
+    assert {p.name: p.read_bytes() for p in crash.iterdir()} == before  # no -shm, nothing applied
+    rw = Ledger(crash / "a.qes")
+    assert rw.verify(run.run_id) == 5
+    rw.close()
+    assert not (crash / "a.qes-wal").exists()
+    assert Ledger(crash / "a.qes", readonly=True).verify(run.run_id) == 5
+
+
+def test_a_stale_wal_is_refused_and_moving_it_aside_is_the_way_out(tmp_path):
+    import shutil
+    lg, run = _run_with_steps(tmp_path / "b.qes", 1)
+    lg.checkpoint = lambda: None
+    lg.append_step(run.run_id, record(1, np.random.default_rng(7)))
+    old = (tmp_path / "b.qes-wal").read_bytes()  # the writes of step 1
+    lg.append_step(run.run_id, record(2, np.random.default_rng(8)))
+    lg.close()
+    # a -wal holding an earlier moment of the run, copied beside the file
+    (tmp_path / "b.qes-wal").write_bytes(old)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for ro in (True, False):
+        with pytest.raises(LedgerError, match=r"does not continue the ledger: the file alone holds 3 verified steps"):
+            Ledger(tmp_path / "b.qes", readonly=ro)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    shutil.move(tmp_path / "b.qes-wal", tmp_path / "b.qes-wal.stale")
+    assert Ledger(tmp_path / "b.qes").verify(run.run_id) == 3
