@@ -829,7 +829,7 @@ def noise(tensor: str = typer.Option(..., help="Tensor name (keys the noise)."),
 
 
 # commands that live in modules of their own register themselves on `app`
-from . import cli_daemon, cli_runs, cli_sync, cli_workers  # noqa: E402,F401
+from . import cli_calibrate, cli_daemon, cli_runs, cli_sync, cli_workers  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
