@@ -94,11 +94,11 @@ def read_jsonl(path: str | Path, raw_prompt: bool = False,
                 if not raw:
                     break
                 i += 1
+                if b"\0" in raw:
+                    raise ValueError(f"{p}: is a binary file, not JSONL text")
                 if max_line_bytes and len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                     raise ValueError(f"{p}:{i}: the line is longer than {max_line_bytes:,} bytes, more than any "
                                      "prompt that fits the model's context (raise --n-ctx or shorten it)")
-                if b"\0" in raw:
-                    raise ValueError(f"{p}: is a binary file, not JSONL text")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
