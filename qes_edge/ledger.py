@@ -377,13 +377,13 @@ class Ledger:
                 with self._tx():
                     fn(db)
                     db.execute("insert into _migrations (name, applied) values (?, ?)", [name, time.time()])
-            self._check_core_tables()
+        self._check_core_tables()
+        if not self.readonly:
             self._repair_schema()
             if db.execute("select count(*) from meta").fetchone()[0] == 0:
                 with self._tx():
                     db.execute("insert into meta (key, value) values ('format', ?)", [LEDGER_FORMAT])
             self.checkpoint()
-        self._check_core_tables()
         fmt = db.execute("select value from meta where key = 'format'").fetchone()
         if not fmt or fmt[0] != LEDGER_FORMAT:
             raise LedgerError(f"{self.path}: not a qes-edge ledger")
