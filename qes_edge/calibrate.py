@@ -107,8 +107,8 @@ class Probe:
 def resolution(rewards: np.ndarray, batch: int) -> float:
     """The smallest reward step a batch can show: 1/batch for rewards that are means of right/wrong
     scores; 0 (any difference is resolved) for continuous ones."""
-    k = np.asarray(rewards, float) * batch
-    return 1.0 / batch if np.all(np.abs(k - np.round(k)) < 1e-9) else 0.0
+    from .no_signal import right_wrong
+    return 1.0 / batch if right_wrong(rewards, batch) else 0.0
 
 
 @dataclass

@@ -16,11 +16,11 @@ STREAK = 3
 KEY = "no_signal"
 
 
-def _discrete(values: np.ndarray, batch: int) -> bool:
-    """Every reward is a multiple of 1/batch: a mean of per-prompt 0/1 scores."""
+def right_wrong(values: np.ndarray, batch: int) -> bool:
+    """Every reward is a multiple of 1/batch: a mean of per-prompt right/wrong (0/1) scores."""
     if batch < 1:
         return False
-    k = values * batch
+    k = np.asarray(values, float) * batch
     return bool(np.all(np.abs(k - np.round(k)) < 1e-9))
 
 
@@ -41,14 +41,14 @@ def diagnose(rewards, coefs_q16, batch: int) -> str | None:
     if np.all(v == v[0]):
         if v[0] in (0.0, 1.0):
             return f"the reward is saturated: every member scored {v[0]:g} on the batch"
-        if _discrete(v, batch):
+        if right_wrong(v, batch):
             return (f"every member scored {v[0]:.4g}: each reward is a mean of {batch} right/wrong scores, "
                     "too few to tell the perturbations apart (raise --batch)")
         return (f"every member scored {v[0]:.4g}: sigma is too small to change the reward, or the reward "
                 "does not depend on the model's output")
     d = valid[:, 0] - valid[:, 1]
     if len(d) > 1 and np.all(d == d[0]):
-        if _discrete(v, batch):
+        if right_wrong(v, batch):
             return (f"every mirrored pair differed by {d[0]:+.4g}: right/wrong scores over {batch} prompts are "
                     "too coarse for these perturbations (raise --batch or sigma)")
         return f"every mirrored pair differed by {d[0]:+.4g}: sigma is too small to change the reward"
