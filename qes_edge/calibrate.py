@@ -164,23 +164,19 @@ def probe_sigma(driver, task, sigma: float, pairs: int, batch: int, heldout, see
     """Measure one sigma on the live model: `pairs` mirrored pairs, each member scored on two
     independent training batches and on `heldout`; the weights are restored after each member."""
     from .engine import TensorGroup, sigma_threshold
-    from .executor import LocalExecutor
     from .trainer import batch_indices, member_seeds
 
     p32 = sigma_threshold(sigma)
     group = TensorGroup(driver.tensors, threads)
-    ex = LocalExecutor(driver, task, group, p32)
-    n_examples = len(ex.examples)
-    strata = task.strata()
+    examples = list(task.train_examples())
     seeds = member_seeds(seed, 0, 2 * pairs)
     # two batches that no training step of run seed `seed` draws first: steps far past any run
-    ids_a = batch_indices(seed, 10**9, n_examples, batch, strata)
-    ids_b = batch_indices(seed, 10**9 + 1, n_examples, batch, strata)
+    batch_a, batch_b = ([examples[i] for i in batch_indices(seed, step, len(examples), batch, task.strata())]
+                        for step in (10**9, 10**9 + 1))
     t0 = time.perf_counter()
     base = float(np.mean(task.rewards(driver, heldout)))
     ra, rb, held = [], [], []
     for s in seeds:
-        batch_a, batch_b = [ex.examples[i] for i in ids_a], [ex.examples[i] for i in ids_b]
         pert = group.perturb(int(s), p32)
         try:
             ra.append(float(np.mean(task.rewards(driver, batch_a))))

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .calibrate import DEFAULT_SIGMAS
 from .cli import ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _fail, _user_errors, app, console
 
 
@@ -27,7 +28,8 @@ def calibrate(model: Optional[str] = ModelOpt,
               task: str = typer.Option("sentiment", help="The task to calibrate for (as for train)."),
               data: Optional[Path] = typer.Option(None, help="JSONL data for the jsonl, choice and module:function tasks."),
               seed: int = typer.Option(0, help="Run seed (member seeds and the two probe batches derive from it)."),
-              sigmas: str = typer.Option("0.005,0.01,0.02", help="Comma-separated sigmas to measure."),
+              sigmas: str = typer.Option(",".join(f"{s:g}" for s in DEFAULT_SIGMAS),
+                                         help="Comma-separated sigmas to measure."),
               pairs: int = typer.Option(4, min=2, help="Mirrored pairs measured at each sigma."),
               batch: int = typer.Option(24, min=1, help="Prompts in each of the two probe batches."),
               heldout: int = typer.Option(48, min=1, help="Held-out examples scored for each member's damage."),
