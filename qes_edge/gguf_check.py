@@ -378,6 +378,13 @@ def _show(v) -> str:
     return str(v)
 
 
+def _refuser(path, meta: dict):
+    """bad(key, why): refuse the file, naming the key and its value ("path: key = value, why")."""
+    def bad(key, why):
+        raise GGUFInvalid(f"{path}: {key} = {_show(meta[key])}, {why}")
+    return bad
+
+
 def check_hparams(header: Header, path) -> None:
     """Check the hyperparameters llama.cpp will read for the file's architecture.
 
@@ -397,8 +404,7 @@ def check_hparams(header: Header, path) -> None:
     """
     meta, types = header.metadata, header.value_types
 
-    def bad(key, why):
-        raise GGUFInvalid(f"{path}: {key} = {_show(meta[key])}, {why}")
+    bad = _refuser(path, meta)
 
     arch = meta.get("general.architecture")
     if arch is None:
@@ -589,8 +595,7 @@ def check_tokenizer(header: Header, path) -> None:
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = tokens.count if isinstance(tokens, ArrayValue) else None
 
-    def bad(key, why):
-        raise GGUFInvalid(f"{path}: {key} = {_show(meta[key])}, {why}")
+    bad = _refuser(path, meta)
 
     for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")):
         v, t = meta[key], types[key]
