@@ -441,10 +441,9 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
             overhead = (t["perturb_s"] + t["restore_s"] + t["update_s"]) / max(t["eval_s"], 1e-9)
             if t.get("no_signal"):
                 from .no_signal import alarm
-                n, cause = session.no_signal_streak()
+                quiet = alarm(*session.no_signal_streak())
                 progress.console.print(f"[yellow]step {rec.step}: no signal[/] ({t['no_signal']})"
-                                       + (f"\n[yellow]{alarm(n, cause)}[/]" if alarm(n, cause) else ""),
-                                       highlight=False)
+                                       + (f"\n[yellow]{quiet}[/]" if quiet else ""), highlight=False)
             progress.update(bar, completed=session.step,
                             info=f"reward {np.nanmean(rec.rewards):.3f}  changed {t['changed']}  overhead {overhead:.1%}")
 

@@ -62,7 +62,8 @@ def _run_progress(ledger: str, run_id: str | None) -> dict:
     memory = [e for e in evals if e.get("split") == "memory"]
     from .no_signal import streak
     n_quiet, cause = streak(r.timings for r in steps)
-    return {**out, "no_signal_steps": n_quiet, "no_signal_cause": cause, "run_id": run.run_id, "model": run.base_name, "task": run.config.get("task"), "step": len(steps),
+    return {**out, "run_id": run.run_id, "model": run.base_name, "task": run.config.get("task"), "step": len(steps),
+            "no_signal_steps": n_quiet, "no_signal_cause": cause,
             "rewards": rewards, "heldout_metric": metric,
             "heldout": [{"step": e["step"], "value": e.get(metric)} for e in heldout] if metric else [],
             "median_step_s": float(np.median(times[-20:])) if times else None,
@@ -142,8 +143,9 @@ def render(info: dict, console) -> None:
                 console.print(f"  held-out  {sparkline(vals)}  {r['heldout_metric']} {vals[0]:.3f} → {vals[-1]:.3f} "
                               f"({len(vals)} evaluations)", markup=False)
             from .no_signal import alarm
-            if alarm(r.get("no_signal_steps", 0), r.get("no_signal_cause")):
-                console.print(f"  [yellow]{alarm(r['no_signal_steps'], r['no_signal_cause'])}[/]", highlight=False)
+            quiet = alarm(r.get("no_signal_steps", 0), r.get("no_signal_cause"))
+            if quiet:
+                console.print(f"  [yellow]{quiet}[/]", highlight=False)
             if r["state"] == "running" and r.get("eta_s") is not None:
                 console.print(f"  ETA {_duration(r['eta_s'])} (median step {r['median_step_s']:.1f} s)")
             peak, inf = r.get("peak_rss_mb") or d.get("peak_rss_mb"), r.get("inference_rss_mb")
