@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge import _native
-from qes_edge.engine import TensorGroup, digest_tensors, mirrored, on_backend, random_steps, sigma_threshold
-from qes_edge.gguf_model import GGUFModel
-from qes_edge.models import default_model_path
+from qes_edge.native import binding as _native
+from qes_edge.native.engine import TensorGroup, digest_tensors, mirrored, on_backend, random_steps, sigma_threshold
+from qes_edge.gguf.model import GGUFModel
+from qes_edge.gguf.models import default_model_path
 
 PROMPT = (b"<|im_start|>user\nIs the word \"wonderful\" positive or negative? Answer with one word."
           b"<|im_end|>\n<|im_start|>assistant\nAnswer:")
@@ -108,7 +108,7 @@ def main(argv=None):
     n_bytes = sum(t.n_bytes for t in tensors)
     print(f"model {path.name}: {len(tensors)} trainable tensors, {n_codes / 1e6:.1f}M codes, {n_bytes / 1e6:.1f} MB")
 
-    from qes_edge.llama_runtime import load_llama, time_forward
+    from qes_edge.llama.runtime import load_llama, time_forward
     llm = load_llama(path, n_ctx=512, n_threads=a.threads)
     tokens = llm.tokenize(PROMPT)
     t_fwd = time_forward(llm, tokens, repeats=7)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.engine import digest_tensors, random_steps
-from qes_edge.ledger import StepRecord
+from qes_edge.native.engine import digest_tensors, random_steps
+from qes_edge.ledger.store import StepRecord
 from qes_edge.sync import Listener, Options, serve
-from qes_edge.sync.follow import TRAIN_PARTS, follow
+from qes_edge.training.follow import TRAIN_PARTS, follow
 
 ROOT = Path(__file__).resolve().parent.parent
 

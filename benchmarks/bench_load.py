@@ -10,7 +10,7 @@ The goal (the issue's): at most 2x the idle step with 2 busy processes on 2 core
 
 Design.  libgomp reads OMP_WAIT_POLICY once, when llama.cpp is loaded, so each (policy, threads)
 runs in its own child process (this script with --child) started with that policy in its
-environment.  The child opens a session (qes_edge/session.py, threads=T: llama.cpp's n_threads and
+environment.  The child opens a session (qes_edge/training/session.py, threads=T: llama.cpp's n_threads and
 libqes's threads) on a throwaway ledger in a temp dir, which loads the model once; it fills the
 trainer's history with a full replay window of random history (as bench_overhead.py does, so the
 update replays K steps from the first one), does one warm-up step, says "ready", then runs one
@@ -93,11 +93,11 @@ def child(a) -> int:
     try:
         import numpy as np
 
-        from qes_edge.engine import random_steps
-        from qes_edge.ledger import StepRecord
-        from qes_edge.session import Session, SessionOptions
+        from qes_edge.native.engine import random_steps
+        from qes_edge.ledger.store import StepRecord
+        from qes_edge.training.session import Session, SessionOptions
         from qes_edge.threads import wait_policy
-        from qes_edge.trainer import TrainConfig
+        from qes_edge.training.trainer import TrainConfig
 
         cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, window=a.window, n_ctx=256)
         # the parent's temp dir (removed by the parent even when it has to kill this process)

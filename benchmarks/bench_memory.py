@@ -126,12 +126,12 @@ def step_prompts(model: Path, batch: int, seed: int) -> dict:
     """The texts of training step 0's batch of the sentiment task, rendered as the driver renders
     them (the model's chat template, with the vocabulary's BOS/EOS texts, then the prefill), and
     the texts of the answer tokens the task scores."""
-    from qes_edge.chat import load_template
+    from qes_edge.llama.chat import load_template
     from qes_edge.tasks.sentiment import CLASSES, SentimentTask
     task = SentimentTask(seed=seed)
     train = list(task.train_examples())
     try:
-        from qes_edge.derive import batch_indices
+        from qes_edge.training.derive import batch_indices
         idx = [int(i) for i in batch_indices(seed, 0, len(train), batch, task.strata())]
     except Exception:  # the derivation's signature moved: the first examples serve as well
         idx = list(range(min(batch, len(train))))
@@ -199,7 +199,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
     from qes_edge.threads import resolve_threads
     model = default_model_path()
     threads = resolve_threads(a.threads)

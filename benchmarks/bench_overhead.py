@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.engine import random_steps
-from qes_edge.ledger import StepRecord
-from qes_edge.session import Session, SessionOptions
-from qes_edge.trainer import TrainConfig
+from qes_edge.native.engine import random_steps
+from qes_edge.ledger.store import StepRecord
+from qes_edge.training.session import Session, SessionOptions
+from qes_edge.training.trainer import TrainConfig
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.ledger import Ledger
+from qes_edge.ledger.store import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.ledger import Ledger, LedgerError
+from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import Options, serve_session, sync
 from qes_edge.sync import messages as M
 from qes_edge.sync.frames import OVERHEAD

@@ -1,4 +1,4 @@
-"""Value fuzzer for the GGUF validator (qes_edge.gguf_check): mutate the VALUES of the default
+"""Value fuzzer for the GGUF validator (qes_edge.gguf.check): mutate the VALUES of the default
 model's metadata (and a few tensor-table fields), run the validator on the mutated header, and
 check that it only ever raises GGUFInvalid and that every file it accepts satisfies the
 hyperparameter invariants llama.cpp relies on.
@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qes_edge.gguf_check import (MAX_CONTEXT_LENGTH, MAX_LAYERS, GGUFInvalid,  # noqa: E402
+from qes_edge.gguf.check import (MAX_CONTEXT_LENGTH, MAX_LAYERS, GGUFInvalid,  # noqa: E402
                                  _check)
 
 REDUCED_TOKENS = 256
@@ -444,7 +444,7 @@ def invariants(m: Model) -> list[str]:
 
 # -- the runner ---------------------------------------------------------------------------------
 def load_base(full: bool = False, path=None) -> Model:
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
     path = Path(path or default_model_path())
     size = path.stat().st_size
     with open(path, "rb") as f:

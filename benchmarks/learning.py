@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.session import Session, SessionOptions
-from qes_edge.trainer import TrainConfig
+from qes_edge.training.session import Session, SessionOptions
+from qes_edge.training.trainer import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

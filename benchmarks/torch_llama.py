@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from qes_edge.models import default_model_path
+from qes_edge.gguf.models import default_model_path
 
 # the projections LoRA adapts ("attention and MLP projections")
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

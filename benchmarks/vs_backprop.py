@@ -110,8 +110,8 @@ def qes_eval(model: Path, data: Path, threads: int, home: Path) -> dict:
 # -- tokens: one tokenization, by the product's driver, for every row ---------------------------------
 
 def tokenize(data: Path, path: Path) -> None:
-    from qes_edge.driver import ModelDriver
-    from qes_edge.models import default_model_path
+    from qes_edge.llama.driver import ModelDriver
+    from qes_edge.gguf.models import default_model_path
     from qes_edge.tasks import load_task
     task = load_task("choice", data=str(data), seed=0)
     d = ModelDriver(default_model_path(), n_threads=1)
@@ -130,7 +130,7 @@ def child(a) -> None:
     import torch.nn.functional as F
     sys.path.insert(0, str(HERE))
     from torch_llama import Lora, forward, load_weights
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -271,7 +271,7 @@ def backprop_row(row, a, tmp: Path, tokens: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"{row} failed ({rc}): {err[-3000:]}")
     out = json.loads(res.read_text())
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
     requantize(f32, q, default_model_path(), a.threads)
     f32.unlink()
     out["deployed"] = qes_eval(q, DATA[a.task], a.threads, tmp)
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown row {r!r}: {', '.join(ROWS)}")
     if data.get("task", a.task) != a.task:
         raise SystemExit(f"{out} holds task {data['task']!r}; move it away to measure {a.task!r}")
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.json"

@@ -55,7 +55,7 @@ def requantize(src: Path, qtype: str, out_dir: Path | None = None, threads: int 
 
 
 def main(argv=None) -> int:
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--type", required=True, choices=sorted(FTYPES))

@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 # before anything can load llama.cpp: its OpenMP threads wait passively (see threads.py)
-from . import threads as _threads  # noqa: E402,F401
+from qes_edge import threads as _threads  # noqa: E402,F401

@@ -1,3 +1,3 @@
-from .entry import main
+from qes_edge.entry import main
 
 main()

@@ -5,9 +5,9 @@ import sys
 
 
 def main() -> None:
-    from .native_errors import BackendUnavailable, NativeLibraryMissing
+    from qes_edge.native.errors import BackendUnavailable, NativeLibraryMissing
     try:
-        from .cli import main as cli_main
+        from qes_edge.cli.main import main as cli_main
     except (NativeLibraryMissing, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -49,4 +49,4 @@ fi
 # qes-edge itself: builds libqes through CMake (scikit-build-core); the log names the backends
 # the tests, qes-edge report (matplotlib) and the Ray executor (ray): CI exercises all three
 "${PIP[@]}" install -q ".[test,report,ray]"
-.venv/bin/python -c "import qes_edge._native as n; r = n.backends(); print('qes-edge installed: libqes backend', n.backend, '| compiled in:', ', '.join(x['name'] for x in r if x['compiled']), '| usable here:', ', '.join(x['name'] for x in r if x['available']))"
+.venv/bin/python -c "import qes_edge.native.binding as n; r = n.backends(); print('qes-edge installed: libqes backend', n.backend, '| compiled in:', ', '.join(x['name'] for x in r if x['compiled']), '| usable here:', ', '.join(x['name'] for x in r if x['available']))"

@@ -16,7 +16,7 @@ cmake --build build/sanitize >/dev/null
 ctest --test-dir build/sanitize --output-on-failure
 asan=(env LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
       ASAN_OPTIONS=detect_leaks=0 QES_EDGE_LIB="$PWD/build/sanitize/libqes.so" OMP_WAIT_POLICY=PASSIVE)
-"${asan[@]}" .venv/bin/python -c 'import qes_edge._native as n, sys; sys.exit(0 if "build/sanitize" in n.library_path
+"${asan[@]}" .venv/bin/python -c 'import qes_edge.native.binding as n, sys; sys.exit(0 if "build/sanitize" in n.library_path
     else "the sanitized libqes was not loaded: " + n.library_path)'
 "${asan[@]}" .venv/bin/pytest -q -p no:cacheprovider tests/test_sync_fuzz.py tests/test_sync_frames.py \
     tests/test_follow.py tests/test_bad_input.py tests/test_update.py tests/test_perturb_restore.py tests/test_golden.py

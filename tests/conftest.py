@@ -9,14 +9,14 @@ sys.path.insert(0, str(ROOT / "tests"))  # reference.py, helpers
 sys.path.append(str(ROOT))               # models/ (the requantize helper)
 
 
-from qes_edge.quant import TRAINABLE, type_info  # noqa: E402
+from qes_edge.native.quant import TRAINABLE, type_info  # noqa: E402
 
 TYPE_NAMES = [t.name for t in TRAINABLE]
 
 
 @pytest.fixture(scope="session")
 def default_model():
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.models import default_model_path
     return default_model_path()
 
 
@@ -39,7 +39,7 @@ def model_of_type(default_model):
 def random_blocks(qtype, n_blocks: int, rng: np.random.Generator, extreme: float = 0.0):
     """Random bytes for n_blocks blocks of qtype, with a fraction of codes pushed to the range ends.
     Returns (bytes array, n_elements)."""
-    from qes_edge.engine import CodeTensor
+    from qes_edge.native.engine import CodeTensor
 
     info = type_info(qtype)
     data = rng.integers(0, 256, size=n_blocks * info.block_bytes, dtype=np.uint8)
@@ -99,7 +99,7 @@ def recorded_steps(ledger: Path) -> list[tuple]:
     """A verified ledger's latest run, a tuple per step: (seeds, Q16 coefficients, reward bytes,
     weights sha256, failures, row hash).  The first five are the training; the row hash also
     covers the timings, which differ between any two runs."""
-    from qes_edge.ledger import Ledger
+    from qes_edge.ledger.store import Ledger
     lg = Ledger(ledger, readonly=True)
     try:
         run = lg.run()

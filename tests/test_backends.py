@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import make_golden as M
-from qes_edge import _native
-from qes_edge.engine import CodeTensor, Step, TensorGroup, digest_tensors, on_backend
-from qes_edge.quant import QT, QESError, type_info
+from qes_edge.native import binding as _native
+from qes_edge.native.engine import CodeTensor, Step, TensorGroup, digest_tensors, on_backend
+from qes_edge.native.quant import QT, QESError, type_info
 from test_golden import GOLDEN, input_bytes, residual_of, sha, steps_of, tensor
 
 BACKENDS = _native.available_backends(include_device=True)

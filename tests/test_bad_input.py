@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from qes_edge.engine import CodeTensor, sigma_threshold
-from qes_edge.quant import QESError, type_info
+from qes_edge.native.engine import CodeTensor, sigma_threshold
+from qes_edge.native.quant import QESError, type_info
 
 
 @pytest.mark.parametrize("qtype", [QT.IQ4_NL, QT.IQ2_XXS, QT.IQ3_S, QT.IQ4_XS, QT.TQ1_0, QT.MXFP4])
@@ -60,5 +60,5 @@ def test_sigma_errors_name_the_limit():
 def test_type_table_matches_gguf():
     from gguf.constants import GGML_QUANT_SIZES
 
-    from qes_edge.quant import GGML_TYPES
+    from qes_edge.native.quant import GGML_TYPES
     assert {int(k): (k.name, *v) for k, v in GGML_QUANT_SIZES.items()} == GGML_TYPES

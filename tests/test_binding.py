@@ -5,19 +5,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qes_edge import _native
-from qes_edge._ffi_gen import OUT, cdef_of, generate
+from qes_edge.native import binding as _native
+from qes_edge.native.ffi_gen import OUT, cdef_of, generate
 
 HEADER = Path(__file__).resolve().parents[1] / "native" / "include" / "qes.h"  # the checkout's
 
 
 def test_the_committed_module_is_what_the_header_generates():
-    assert OUT.read_text() == generate(HEADER), "qes.h changed: run `python -m qes_edge._ffi_gen` and commit"
+    assert OUT.read_text() == generate(HEADER), "qes.h changed: run `python -m qes_edge.native.ffi_gen` and commit"
 
 
 def test_the_binding_loads_without_a_c_parser():
     assert _native.ffi_mode == "out-of-line"
-    code = "import sys, qes_edge._native as n; print(n.ffi_mode, any('pycparser' in m for m in sys.modules))"
+    code = "import sys, qes_edge.native.binding as n; print(n.ffi_mode, any('pycparser' in m for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["out-of-line", "False"]
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from qes_edge.calibrate import (AGREE, MIN_STEPS, TARGET_CHANGED_PER_STEP, Probe, alpha_for, change_rate,
+from qes_edge.training.calibrate import (AGREE, MIN_STEPS, TARGET_CHANGED_PER_STEP, Probe, alpha_for, change_rate,
                                 recommend, resolution)
 
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from qes_edge.chat import ChatTemplate, ChatTemplateError, load_template
-from qes_edge.gguf_check import check_gguf
+from qes_edge.llama.chat import ChatTemplate, ChatTemplateError, load_template
+from qes_edge.gguf.check import check_gguf
 from qes_edge.tasks import load_task, task_from_config
 from qes_edge.tasks.base import Example
-from qes_edge.trainer import TrainConfig
+from qes_edge.training.trainer import TrainConfig
 
 # what the sentiment task wrote by hand before chat templates (the README's learning results used it)
 OLD_SENTIMENT_PREFIX = ("<|im_start|>system\nYou classify the sentiment of single words.<|im_end|>\n"
@@ -146,7 +146,7 @@ def test_train_config_options_reach_the_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def driver(default_model):
-    from qes_edge.driver import ModelDriver
+    from qes_edge.llama.driver import ModelDriver
     return ModelDriver(default_model, n_ctx=256, self_check=False)
 
 
@@ -165,7 +165,7 @@ def test_sentiment_renders_byte_identical_to_its_old_prompt(driver):
 @pytest.mark.slow
 def test_shared_prefix_logits_are_bit_identical_to_full_evaluation(driver, tmp_path):
     from qes_edge.tasks.sentiment import SentimentTask
-    from qes_edge.driver import shared_prefix_len
+    from qes_edge.llama.driver import shared_prefix_len
     batches = [list(SentimentTask().train_examples()[:5]),
                [Example(r["prompt"]) for r in CAPITALS],                                  # the template's system turn
                [Example("Q: 1+1\nA:", raw=True), Example("Q: 2+2\nA:", raw=True)]]        # raw: "Q:" shared
@@ -186,7 +186,7 @@ def test_shared_prefix_logits_are_bit_identical_to_full_evaluation(driver, tmp_p
 
 @pytest.mark.slow
 def test_bos_rule_and_missing_template(driver):
-    from qes_edge.chat import ChatTemplate
+    from qes_edge.llama.chat import ChatTemplate
     ex = Example("hi")
     # SmolLM2: add_bos_token false, so the tokens are the rendered text's (whose first, <|im_start|>,
     # happens to be the vocabulary's BOS)
@@ -220,8 +220,8 @@ def test_whole_answer_logprob_equals_evaluating_each_prefix(driver, tmp_path):
     evaluation of prompt + the choice's earlier tokens from a cleared context.  (Feeding the
     choice one token per llm.eval on top of a cached prompt is NOT bit-identical: llama.cpp's
     one-token path rounds differently, up to 0.04 in log-probability here for a 6-token choice.)"""
-    from qes_edge.driver import log_softmax
-    from qes_edge.llama_runtime import last_logits
+    from qes_edge.llama.driver import log_softmax
+    from qes_edge.llama.runtime import last_logits
     ex = Example("What is the capital of the United States?")
     (_, prompt, logits), = list(driver.prompt_logits([ex]))
     scores = {}

@@ -8,7 +8,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from qes_edge.cli import app
+from qes_edge.cli.main import app
 
 runner = CliRunner()
 GOLDEN = json.loads((Path(__file__).resolve().parent.parent / "docs" / "noise-golden.json").read_text())
@@ -73,9 +73,9 @@ def test_demo_end_to_end(tmp_path):
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "every byte restored: yes" in text
     # the written model differs from the base only in codes, and llama.cpp loads it
-    from qes_edge.gguf_model import GGUFModel
-    from qes_edge.llama_runtime import load_llama
-    from qes_edge.models import default_model_path
+    from qes_edge.gguf.model import GGUFModel
+    from qes_edge.llama.runtime import load_llama
+    from qes_edge.gguf.models import default_model_path
     base = GGUFModel(default_model_path()).code_tensors()
     new = GGUFModel(out).code_tensors()
     changed = sum(int((a.codes() != b.codes()).sum()) for a, b in zip(base, new))
@@ -103,8 +103,8 @@ def test_version_and_completion():
 def test_json_outputs(tmp_path, default_model):
     import numpy as np
 
-    from qes_edge.gguf_model import file_sha256
-    from qes_edge.ledger import Ledger, StepRecord
+    from qes_edge.gguf.model import file_sha256
+    from qes_edge.ledger.store import Ledger, StepRecord
     res = runner.invoke(app, ["info", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)

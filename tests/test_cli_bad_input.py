@@ -38,8 +38,8 @@ def run_cli(args, cwd):
 
 
 def _ledger(path: Path, base_sha: str, n_steps: int, base_name="SmolLM2-135M-Instruct.Q4_1.gguf"):
-    from qes_edge.ledger import Ledger, StepRecord
-    from qes_edge.trainer import TrainConfig
+    from qes_edge.ledger.store import Ledger, StepRecord
+    from qes_edge.training.trainer import TrainConfig
     lg = Ledger(path)
     run = lg.create_run(base_sha, base_name, TrainConfig(population=2).record(), 1)
     rng = np.random.default_rng(0)
@@ -54,8 +54,8 @@ def stale_wal(path: Path, base_sha: str) -> Path:
     """A 4-step ledger with, beside it, the -wal of an earlier state of the same run (after its
     step 1): what copying a ledger and a -wal taken at different moments leaves.  SQLite would
     apply that -wal as the file is opened for writing, taking steps 2 and 3 away."""
-    from qes_edge.ledger import Ledger, StepRecord
-    from qes_edge.trainer import TrainConfig
+    from qes_edge.ledger.store import Ledger, StepRecord
+    from qes_edge.training.trainer import TrainConfig
     lg = Ledger(path)
     lg.checkpoint = lambda: None  # keep every write in the -wal
     lg.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -100,7 +100,7 @@ def sql(path: Path, statement: str) -> None:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, default_model):
     """A folder of bad (and a few good) inputs, made once."""
-    from qes_edge.gguf_model import file_sha256
+    from qes_edge.gguf.model import file_sha256
     d = tmp_path_factory.mktemp("bad")
     sha = file_sha256(default_model)
     (d / "adir").mkdir()
@@ -349,7 +349,7 @@ def test_bad_input_is_one_clean_line(scratch, args, message):
 def test_the_table_covers_every_command():
     from typer.main import get_command
 
-    from qes_edge.cli import app
+    from qes_edge.cli.main import app
     covered = {args.split()[0] for args, _ in CASES}
     assert covered >= set(get_command(app).commands)
 
@@ -357,10 +357,10 @@ def test_the_table_covers_every_command():
 def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, small_disk, tmp_path):
     """The model (98 MB) cannot fit on a 4 MiB disk: one line, exit 2, nothing left there."""
     ledger = tmp_path / "zero.qes"
-    from qes_edge.gguf_model import file_sha256
-    from qes_edge.models import default_model_path
-    from qes_edge.ledger import Ledger
-    from qes_edge.trainer import TrainConfig
+    from qes_edge.gguf.model import file_sha256
+    from qes_edge.gguf.models import default_model_path
+    from qes_edge.ledger.store import Ledger
+    from qes_edge.training.trainer import TrainConfig
     lg = Ledger(ledger)
     lg.create_run(file_sha256(default_model_path()), "SmolLM2-135M-Instruct.Q4_1.gguf", TrainConfig().record(), 1)
     lg.close()

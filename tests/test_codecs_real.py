@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from conftest import TYPE_NAMES
-from qes_edge.engine import CodeTensor
+from qes_edge.native.engine import CodeTensor
 
 pytestmark = pytest.mark.slow
 

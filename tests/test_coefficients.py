@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qes_edge.coefficients import DEFAULT_SCHEME, SCHEMES, coefficients
-from qes_edge.trainer import TrainConfig
+from qes_edge.training.coefficients import DEFAULT_SCHEME, SCHEMES, coefficients
+from qes_edge.training.trainer import TrainConfig
 
 
 def spec_pairs(rewards, clip=3.0, rank=False, eps=0.0):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge import _native
+from qes_edge.native import binding as _native
 
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = ("qes_cuda_ops", "qes_cuda_available")
@@ -62,7 +62,7 @@ def _env(lib: Path | None, **extra: str) -> dict:
     return {**env, **extra}
 
 
-REGISTRY = ("import qes_edge._native as n; l = n.lib; "
+REGISTRY = ("import qes_edge.native.binding as n; l = n.lib; "
             "print(l.qes_backend_compiled(3), l.qes_backend_available(3), n.ffi.string(l.qes_backend_name(3)).decode())")
 
 
@@ -107,7 +107,7 @@ def test_the_installed_package_has_the_plugin():
 
 def test_importing_does_not_load_the_plugin():
     """A process that never asks for CUDA never maps it (nor the CUDA runtime linked into it)."""
-    code = ("import qes_edge._native as n; maps = lambda: 'libqes_cuda' in open('/proc/self/maps').read(); "
+    code = ("import qes_edge.native.binding as n; maps = lambda: 'libqes_cuda' in open('/proc/self/maps').read(); "
             "before = maps(); n.backends(); print(before, maps())")
     r = _python(code)
     assert r.returncode == 0, r.stderr

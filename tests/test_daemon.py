@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge.daemon import (Daemon, DaemonConfig, DaemonError, HomeLock, parse_clock, parse_duration, running_pid)
-from qes_edge.daemon_db import DaemonDB
+from qes_edge.agent.daemon import (Daemon, DaemonConfig, DaemonError, HomeLock, parse_clock, parse_duration, running_pid)
+from qes_edge.agent.db import DaemonDB
 
 
 def qes(*args, env=None, timeout=120):
@@ -206,7 +206,7 @@ def test_install_dry_run_prints_a_unit_that_runs_the_daemon(home):
 def test_a_job_that_hits_a_bug_fails_and_the_daemon_goes_on(home, monkeypatch):
     """An unexpected exception in a job (a bug) marks that job failed with the traceback in the log;
     the daemon goes on with the queue instead of dying (a restarted daemon would retry it forever)."""
-    import qes_edge.session as session_mod
+    import qes_edge.training.session as session_mod
     db = DaemonDB(home / "daemon.db")
     for i in range(2):
         db.add_job({"cfg": {}, "explicit": []}, 3, 0, str(home / f"r{i}.qes"), "/nowhere/m.gguf", "sentiment")

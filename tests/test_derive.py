@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qes_edge import derive
-from qes_edge.trainer import TrainConfig, batch_indices, member_seeds
+from qes_edge.training import derive
+from qes_edge.training.trainer import TrainConfig, batch_indices, member_seeds
 
 M64 = (1 << 64) - 1
 G = 0x9E3779B97F4A7C15

@@ -1,4 +1,4 @@
-"""The shared population (qes_edge/executor_peers.py, docs/sync-protocol.md §9): a coordinator and
+"""The shared population (qes_edge/training/executors/peers.py, docs/sync-protocol.md §9): a coordinator and
 workers over socket pairs on a toy model (no llama.cpp) give exactly the ledger of one process;
 a worker that drops mid-step has its members evaluated by the coordinator; a worker that cannot
 hold the run is left out.  The slow test runs the real model in two processes over TCP."""
@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from qes_edge.executor_peers import PeerExecutor, Worker, split_members
-from qes_edge.ledger import Ledger
+from qes_edge.training.executors.peers import PeerExecutor, Worker, split_members
+from qes_edge.ledger.store import Ledger
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import LinkClosed
 from qes_edge.sync.testing import socket_pair
-from qes_edge.trainer import Trainer, TrainConfig
+from qes_edge.training.trainer import Trainer, TrainConfig
 from test_trainer_unit import ToyDriver, ToyTask
 
 CFG = dict(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2, window=5)

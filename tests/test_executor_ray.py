@@ -1,4 +1,4 @@
-"""RayExecutor (qes_edge/executor_ray.py): two Ray actors on a local Ray instance, each holding its
+"""RayExecutor (qes_edge/training/executors/ray.py): two Ray actors on a local Ray instance, each holding its
 own copy of the real model, record exactly the ledger the local executor records; an actor that
 dies has its members evaluated here and is replaced.  Without Ray, the error names the extra."""
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):
-    import qes_edge.executor_ray as xr
+    import qes_edge.training.executors.ray as xr
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RuntimeError, match=r"pip install 'qes-edge\[ray\]'"):
         xr.RayExecutor(None, 2, opener=lambda info: None)
@@ -44,7 +44,7 @@ def test_train_with_ray_on_a_local_ray_it_starts(tmp_path, tiny_choice_data, loc
     assert r.returncode == 0, r.stderr[-3000:]
     got = recorded_steps(tmp_path / "ray.qes")
     assert [g[:5] for g in got] == [w[:5] for w in recorded_steps(local_ledger)[:2]]
-    from qes_edge.ledger import Ledger
+    from qes_edge.ledger.store import Ledger
     lg = Ledger(tmp_path / "ray.qes", readonly=True)
     timings = [rec.timings for rec in lg.steps(lg.run().run_id)]
     lg.close()
@@ -78,9 +78,9 @@ def test_ray_actors_on_a_toy_model_give_the_local_ledger(ray_local, tmp_path):
     from test_executor_peers import rows, run_local
     from test_trainer_unit import ToyDriver, ToyTask
 
-    from qes_edge.executor_ray import RayExecutor
-    from qes_edge.ledger import Ledger
-    from qes_edge.trainer import Trainer, TrainConfig
+    from qes_edge.training.executors.ray import RayExecutor
+    from qes_edge.ledger.store import Ledger
+    from qes_edge.training.trainer import Trainer, TrainConfig
     from test_executor_peers import CFG
     lg1, run1 = run_local(tmp_path, 5)
     cfg = TrainConfig(**CFG)
@@ -102,9 +102,9 @@ def steps(path):
 
 
 def test_two_ray_actors_give_the_local_executor_ledger(ray_local, tmp_path, tiny_choice_data, local_ledger):
-    from qes_edge.executor_ray import RayExecutor
-    from qes_edge.session import RUN_OPTIONS, Session, SessionOptions
-    from qes_edge.trainer import TrainConfig
+    from qes_edge.training.executors.ray import RayExecutor
+    from qes_edge.training.session import RUN_OPTIONS, Session, SessionOptions
+    from qes_edge.training.trainer import TrainConfig
     data = tiny_choice_data / "bigger.jsonl"
     opts = dict(task="choice", data=str(data), population=4, batch=2, n_ctx=128)
     said = []

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from qes_edge.export import chat_family, modelfile_text
+from qes_edge.gguf.export import chat_family, modelfile_text
 
 
 def test_modelfile_by_chat_family():
@@ -34,9 +34,9 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
     import llama_cpp
     from gguf import GGUFReader
 
-    from qes_edge.driver import ModelDriver
-    from qes_edge.gguf_model import GGUFModel
-    from qes_edge.ledger import Ledger
+    from qes_edge.llama.driver import ModelDriver
+    from qes_edge.gguf.model import GGUFModel
+    from qes_edge.ledger.store import Ledger
     ledger = tmp_path / "r.qes"
     data = tmp_path / "q.jsonl"  # a tiny task: its held-out evaluations cost one question
     data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2})

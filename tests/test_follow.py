@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge.ledger import Ledger
+from qes_edge.ledger.store import Ledger
 from qes_edge.sync import Listener, Options, serve, serve_session
-from qes_edge.sync.follow import follow
+from qes_edge.training.follow import follow
 from qes_edge.sync.session import Incomplete
 from qes_edge.sync.testing import FaultyLink
 

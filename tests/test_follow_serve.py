@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge.ledger import Ledger
+from qes_edge.ledger.store import Ledger
 from qes_edge.sync import Options, serve_session, sync
-from qes_edge.sync.follow import train_seconds
+from qes_edge.training.follow import train_seconds
 from qes_edge.sync.session import PeerError
 from qes_edge.sync.testing import extend, socket_pair, synthetic_ledger
 

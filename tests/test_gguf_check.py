@@ -8,9 +8,9 @@ from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qes_edge.gguf_check import GGUFInvalid, check_gguf
-from qes_edge.gguf_model import GGUFModel
-from qes_edge.quant import QESError
+from qes_edge.gguf.check import GGUFInvalid, check_gguf
+from qes_edge.gguf.model import GGUFModel
+from qes_edge.native.quant import QESError
 
 
 def s(x: str) -> bytes:

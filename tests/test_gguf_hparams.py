@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qes_edge.gguf_check import MAX_CONTEXT_LENGTH, GGUFInvalid, _check, check_gguf
+from qes_edge.gguf.check import MAX_CONTEXT_LENGTH, GGUFInvalid, _check, check_gguf
 from test_gguf_check import LLAMA_KVS, build, kv_f32, kv_str, kv_u32, s, tinfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def test_fuzzer_notices_a_validator_that_lets_values_through(real_header, monkey
 
 # -- the driver's self-check ----------------------------------------------------------------------
 def test_self_check_names_nan_logits(tmp_path):
-    from qes_edge.driver import ModelDriver, SelfCheckFailed
+    from qes_edge.llama.driver import ModelDriver, SelfCheckFailed
 
     d = ModelDriver.__new__(ModelDriver)
     d.path = tmp_path / "nan.gguf"
@@ -249,9 +249,9 @@ def test_self_check_names_nan_logits(tmp_path):
 # -- through llama.cpp: each regression file is refused before llama.cpp reads it -----------------
 _PROBE = r"""
 import json, sys
-import qes_edge.driver as drv
-from qes_edge.gguf_check import GGUFInvalid
-from qes_edge.quant import QESError
+import qes_edge.llama.driver as drv
+from qes_edge.gguf.check import GGUFInvalid
+from qes_edge.native.quant import QESError
 touched = []
 real = drv.load_llama
 def spy(*a, **k):
@@ -293,9 +293,9 @@ def test_regression_files_through_the_driver(tmp_path, real_header, default_mode
 
 _SELF_CHECK_PROBE = r"""
 import sys
-import qes_edge.gguf_check as g
+import qes_edge.gguf.check as g
 g.check_hparams = lambda *a: None   # let the file through, as the old validator did
-from qes_edge.driver import ModelDriver, SelfCheckFailed
+from qes_edge.llama.driver import ModelDriver, SelfCheckFailed
 try:
     ModelDriver(sys.argv[1], n_threads=2)
     print("RESULT none")

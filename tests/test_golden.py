@@ -1,7 +1,7 @@
 """docs/noise-golden.json, every vector: libqes on every backend and the NumPy reference.
 
 The file is written by tests/make_golden.py from tests/reference.py alone; these tests check
-that libqes (through qes_edge.engine.CodeTensor) and the reference both give its bytes, and
+that libqes (through qes_edge.native.engine.CodeTensor) and the reference both give its bytes, and
 that regenerating it gives exactly the committed text."""
 
 import hashlib
@@ -11,9 +11,10 @@ import pytest
 
 import make_golden as M
 import reference as R
-from qes_edge import _native, fixed_point
-from qes_edge.engine import CodeTensor, Perturbation, Step, digest_tensors
-from qes_edge.quant import QT, QESError
+from qes_edge.native import binding as _native
+from qes_edge.native import fixed_point
+from qes_edge.native.engine import CodeTensor, Perturbation, Step, digest_tensors
+from qes_edge.native.quant import QT, QESError
 
 TEXT = M.GOLDEN_PATH.read_text()
 GOLDEN = __import__("json").loads(TEXT)

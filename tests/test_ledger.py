@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import fill_disk
-from qes_edge.ledger import Ledger, LedgerError, StepRecord
+from qes_edge.ledger.store import Ledger, LedgerError, StepRecord
 
 SHA = "ab" * 32
 

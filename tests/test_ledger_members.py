@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sqlite_utils
 
-from qes_edge import ledger as L
-from qes_edge.ledger import Ledger, LedgerError, StepRecord
+from qes_edge.ledger import store as L
+from qes_edge.ledger.store import Ledger, LedgerError, StepRecord
 
 SHA = "ab" * 32
 
@@ -152,7 +152,7 @@ def test_a_step_that_cannot_be_decoded_gets_no_rows_and_verify_names_it(tmp_path
     with pytest.raises(LedgerError, match="step 1 cannot be decoded"):
         Ledger(tmp_path / "o.qes", readonly=True).verify(ids[0])
     # the migration itself does not stop at it: that step gets no rows, the others theirs
-    from qes_edge.ledger import _migration_0004_members
+    from qes_edge.ledger.store import _migration_0004_members
     with sqlite3.connect(tmp_path / "o.qes") as c:
         _migration_0004_members(c)
         steps = [s for (s,) in c.execute("select step from members")]

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 from typer.testing import CliRunner
 
-from qes_edge.cli import app
-from qes_edge.ledger import Ledger, StepRecord
+from qes_edge.cli.main import app
+from qes_edge.ledger.store import Ledger, StepRecord
 
 runner = CliRunner()
 

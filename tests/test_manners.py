@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qes_edge import manners
-from qes_edge.manners import Manners, Zone, battery_state, be_nice, thermal_zones
+from qes_edge.agent import manners
+from qes_edge.agent.manners import Manners, Zone, battery_state, be_nice, thermal_zones
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -287,7 +287,7 @@ PROBE = r"""
 import ctypes, json, os, sys
 if sys.argv[1] == "no-psutil":
     sys.modules["psutil"] = None
-from qes_edge.manners import be_nice
+from qes_edge.agent.manners import be_nice
 os.nice(int(sys.argv[2]))
 notes = be_nice(int(sys.argv[3]), sys.argv[4])
 prio = ctypes.CDLL(None, use_errno=True).syscall(252, 1, 0)

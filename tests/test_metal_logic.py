@@ -14,8 +14,8 @@ from cffi import FFI
 
 import make_golden as M
 from test_golden import GOLDEN, input_bytes, residual_of, sha
-from qes_edge.engine import tensor_id
-from qes_edge.quant import QT
+from qes_edge.native.engine import tensor_id
+from qes_edge.native.quant import QT
 
 ROOT = Path(__file__).resolve().parents[1]
 CDEF = """

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qes_edge.models import ModelNotFound, resolve_model
+from qes_edge.gguf.models import ModelNotFound, resolve_model
 
 DIGEST = "ab" * 32
 

@@ -4,8 +4,8 @@ train, the daemon, status and report show, and the trainer recording it in the s
 import numpy as np
 import pytest
 
-from qes_edge.no_signal import KEY, STREAK, alarm, diagnose, streak
-from qes_edge.trainer import TrainConfig
+from qes_edge.training.no_signal import KEY, STREAK, alarm, diagnose, streak
+from qes_edge.training.trainer import TrainConfig
 from test_trainer_unit import ToyTask, make
 
 Z = np.zeros(8, np.int32)
@@ -92,7 +92,7 @@ def test_train_log_and_report_show_a_run_without_signal(tmp_path):
 def test_status_shows_the_streak_of_the_run_it_shows(tmp_path):
     from rich.console import Console
 
-    from qes_edge import status
+    from qes_edge.agent import status
     cfg = TrainConfig(task="toy", population=4, sigma=0.2, alpha=0.05, batch=2, window=5)
     drv, lg, run, tr = make(tmp_path, cfg, task=Saturated())
     for _ in range(STREAK):

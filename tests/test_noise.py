@@ -9,9 +9,9 @@ from gguf import GGMLQuantizationType as QT
 
 import make_golden
 import reference as R
-from qes_edge import _native
-from qes_edge.engine import CodeTensor, sigma_threshold, tensor_id
-from qes_edge.quant import QESError
+from qes_edge.native import binding as _native
+from qes_edge.native.engine import CodeTensor, sigma_threshold, tensor_id
+from qes_edge.native.quant import QESError
 
 GOLDEN = json.loads((Path(__file__).resolve().parent.parent / "docs" / "noise-golden.json").read_text())
 

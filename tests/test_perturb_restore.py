@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 import reference as R
 from conftest import random_blocks
-from qes_edge import _native
-from qes_edge.engine import CodeTensor, GroupPerturbation, TensorGroup, sigma_threshold
-from qes_edge.quant import TRAINABLE, QESError, type_info
+from qes_edge.native import binding as _native
+from qes_edge.native.engine import CodeTensor, GroupPerturbation, TensorGroup, sigma_threshold
+from qes_edge.native.quant import TRAINABLE, QESError, type_info
 
 seeds = st.integers(1, 2**31 - 1).flatmap(lambda s: st.sampled_from([s, -s]))
 

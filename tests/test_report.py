@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qes_edge.cli import app
-from qes_edge.ledger import Ledger, StepRecord
+from qes_edge.cli.main import app
+from qes_edge.ledger.store import Ledger, StepRecord
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()
@@ -112,9 +112,9 @@ def test_memory_not_recorded_and_numbers_absent(tmp_path):
 
 
 def test_summary_numbers_from_a_record():
-    from qes_edge.report import summary
-    from qes_edge.runlog import RunRecord
-    from qes_edge.ledger import Run
+    from qes_edge.agent.report import summary
+    from qes_edge.ledger.runlog import RunRecord
+    from qes_edge.ledger.store import Run
     run = Run("0" * 32, SHA, "m.gguf", {"task": "t"}, 1, "1" * 64)
     rows = [{"event": "step", "step": i, "reward": r, "min_reward": r, "max_reward": r, "failures": 0,
              "timings": {"perturb_s": 1.0, "eval_s": 4.0, "restore_s": 1.0, "update_s": 2.0, "digest_s": 0.5,
@@ -132,9 +132,9 @@ def test_summary_numbers_from_a_record():
 def test_a_long_run_and_odd_records_still_draw(tmp_path):
     """Hundreds of steps (the time panel becomes areas), a metric outside [0, 1] (a second axis),
     steps without timings: the figure is drawn, not refused."""
-    from qes_edge.ledger import Run
-    from qes_edge.report import figure_png
-    from qes_edge.runlog import RunRecord
+    from qes_edge.ledger.store import Run
+    from qes_edge.agent.report import figure_png
+    from qes_edge.ledger.runlog import RunRecord
     run = Run("0" * 32, SHA, "m.gguf", {"task": "t"}, 1, "1" * 64)
     rng = np.random.default_rng(0)
     rows = [{"event": "step", "step": i, "reward": float(r), "min_reward": float(r) - 0.1, "max_reward": float(r) + 0.1,

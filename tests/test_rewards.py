@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from qes_edge.coefficients import coefficients
+from qes_edge.training.coefficients import coefficients
 from qes_edge.tasks import load_task
 from qes_edge.tasks.base import RewardFailure
 from qes_edge.tasks.countdown import make_problem, score
@@ -131,7 +131,7 @@ class LogitModel:
             yield i, [1, 2], out
 
     def continuation_logprobs(self, logits, tokens):
-        from qes_edge.driver import log_softmax
+        from qes_edge.llama.driver import log_softmax
         lp = [log_softmax(logits)[tokens[0]]]
         for prev, t in zip(tokens, tokens[1:]):
             lp.append(np.log({5: 0.9, 6: 0.1}.get(t, 1.0)) if prev == 4 else np.log(0.5))

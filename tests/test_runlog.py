@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qes_edge.cli import app
-from qes_edge.ledger import MIGRATIONS, Ledger, StepRecord
+from qes_edge.cli.main import app
+from qes_edge.ledger.store import MIGRATIONS, Ledger, StepRecord
 
 runner = CliRunner()
 SHA = "cd" * 32

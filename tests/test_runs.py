@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from qes_edge.gguf_model import file_sha256
-from qes_edge.ledger import Ledger, StepRecord
-from qes_edge.trainer import TrainConfig
+from qes_edge.gguf.model import file_sha256
+from qes_edge.ledger.store import Ledger, StepRecord
+from qes_edge.training.trainer import TrainConfig
 
 
 def cli(args, cwd, **env):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge import service
-from qes_edge.service import (ENABLE_SYSTEMD, InstallResult, install, launchd_plist,
+from qes_edge.agent import service
+from qes_edge.agent.service import (ENABLE_SYSTEMD, InstallResult, install, launchd_plist,
                               systemd_unit)
 
 PY = "/usr/bin/python3"

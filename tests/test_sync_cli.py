@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qes_edge.ledger import Ledger
+from qes_edge.ledger.store import Ledger
 from qes_edge.sync import Options, serve_session
 from qes_edge.sync.link import FdLink
 from qes_edge.sync.testing import extend, synthetic_ledger

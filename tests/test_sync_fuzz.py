@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from qes_edge.ledger import Ledger, LedgerError
+from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.frames import Decoder, encode
 from qes_edge.sync.link import Link

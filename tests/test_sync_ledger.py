@@ -8,7 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from qes_edge.ledger import Ledger, LedgerError, StepRecord
+from qes_edge.ledger.store import Ledger, LedgerError, StepRecord
 from qes_edge.sync.testing import synthetic_ledger
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qes_edge.ledger import Ledger
+from qes_edge.ledger.store import Ledger
 from qes_edge.sync import ForkError, Incomplete, Listener, Options, PeerError, Refused, serve, serve_session, sync
 from qes_edge.sync.testing import FaultyLink, extend, pty_pair, socket_pair, synthetic_ledger
 
@@ -453,7 +453,7 @@ def test_a_fork_is_kept_by_continuing_one_side_as_a_child_run(src, tmp_path):
 
 
 def test_a_branch_after_some_steps_and_its_bad_input(src, tmp_path):
-    from qes_edge.ledger import LedgerError
+    from qes_edge.ledger.store import LedgerError
     lg = Ledger(src)
     run_id = lg.run().run_id
     child = lg.branch(run_id, 3)

@@ -42,7 +42,7 @@ def test_thread_counts():
 def test_info_names_the_policy():
     from typer.testing import CliRunner
 
-    from qes_edge.cli import app
+    from qes_edge.cli.main import app
     res = CliRunner().invoke(app, ["info"])
     assert res.exit_code == 0, res.output
     assert "OMP_WAIT_POLICY" in " ".join(res.output.split())
@@ -50,6 +50,6 @@ def test_info_names_the_policy():
 
 @pytest.mark.slow
 def test_threads_reach_prompt_processing(default_model):
-    from qes_edge.llama_runtime import load_llama
+    from qes_edge.llama.runtime import load_llama
     llm = load_llama(default_model, n_ctx=64, n_threads=1)
     assert llm.context_params.n_threads == 1 and llm.context_params.n_threads_batch == 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qes_edge.cli import app
+from qes_edge.cli.main import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -15,13 +15,13 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def driver(default_model):
-    from qes_edge.driver import ModelDriver
+    from qes_edge.llama.driver import ModelDriver
     return ModelDriver(default_model, n_ctx=256)
 
 
 def test_self_check_fails_when_edits_do_not_reach_the_forward_pass(driver, default_model):
-    from qes_edge.driver import SelfCheckFailed
-    from qes_edge.gguf_model import GGUFModel
+    from qes_edge.llama.driver import SelfCheckFailed
+    from qes_edge.gguf.model import GGUFModel
     live = driver.tensors
     try:
         driver.tensors = GGUFModel(default_model).code_tensors()  # a copy llama.cpp never reads
@@ -40,7 +40,7 @@ def train(tmp_path, *extra, steps=2):
 
 
 def test_train_replay_resume(tmp_path, driver):
-    from qes_edge.ledger import Ledger
+    from qes_edge.ledger.store import Ledger
     ledger, res = train(tmp_path)
     assert res.exit_code == 0, res.output
     lg = Ledger(ledger)
@@ -66,7 +66,7 @@ def test_train_replay_resume(tmp_path, driver):
     out = tmp_path / "trained.gguf"
     res = runner.invoke(app, ["replay", "--ledger", str(ledger), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    from qes_edge.gguf_model import GGUFModel
+    from qes_edge.gguf.model import GGUFModel
     m = GGUFModel(out)
     assert m.weights_digest(m.code_tensors()) == last.weights_sha256
     # and `eval` of the written file scores exactly what training measured on the live weights
@@ -111,8 +111,8 @@ def test_a_branch_replays_to_its_parent_and_trains_on(tmp_path, driver):
     """`branch` continues a run as a new one: replaying it gives the parent's weights at the branch
     point, and training it on redoes the parent's next step bit for bit (same seeds, same batch,
     same weights: the run is a pure function of its config and base)."""
-    from qes_edge.gguf_model import GGUFModel
-    from qes_edge.ledger import Ledger
+    from qes_edge.gguf.model import GGUFModel
+    from qes_edge.ledger.store import Ledger
     ledger, res = train(tmp_path)
     assert res.exit_code == 0, res.output
     lg = Ledger(ledger, readonly=True)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import random_blocks
-from qes_edge.engine import CodeTensor
-from qes_edge.ledger import Ledger
-from qes_edge.quant import QT
+from qes_edge.native.engine import CodeTensor
+from qes_edge.ledger.store import Ledger
+from qes_edge.native.quant import QT
 from qes_edge.tasks.base import Example, RewardFailure, Task
-from qes_edge.trainer import Trainer, TrainConfig, TrainingStopped, UpdateState, apply_recorded_step
+from qes_edge.training.trainer import Trainer, TrainConfig, TrainingStopped, UpdateState, apply_recorded_step
 
 
 class ToyDriver:
@@ -80,7 +80,7 @@ def test_failed_members_are_recorded_and_skipped(tmp_path):
     cfg = TrainConfig(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2)
     task = ToyTask()
     drv, lg, run, tr = make(tmp_path, cfg, task)
-    from qes_edge.trainer import member_seeds
+    from qes_edge.training.trainer import member_seeds
     seeds = member_seeds(cfg.seed, 0, cfg.population)
     task.fail_seeds = {int(seeds[3])}
     orig = tr.executor.evaluate_member
@@ -131,7 +131,7 @@ def test_a_stopped_executor_abandons_the_step_with_the_weights_untouched(tmp_pat
     """A stop request (the daemon's SIGTERM) between members: StepAbandoned, no row, the codes
     are the step's starting codes, and running the step again gives the row an uninterrupted
     run records."""
-    from qes_edge.executor import StepAbandoned
+    from qes_edge.training.executors.local import StepAbandoned
     cfg = TrainConfig(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2)
     drv, lg, run, tr = make(tmp_path, cfg)
     tr.step()
@@ -176,7 +176,7 @@ def test_any_executor_plugs_in_without_changing_the_trainer(tmp_path):
     for _ in range(3):
         a, b = tr.step(), tr2.step()
         assert a.weights_sha256 == b.weights_sha256
-    from qes_edge.trainer import batch_indices, member_seeds
+    from qes_edge.training.trainer import batch_indices, member_seeds
     assert [c[0] for c in tr2.executor.calls] == [0, 1, 2]
     assert tr2.executor.calls[1][1] == member_seeds(cfg.seed, 1, 4).tolist()
     assert tr2.executor.calls[1][2] == batch_indices(cfg.seed, 1, 8, 2).tolist()

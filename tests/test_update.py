@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 import reference as R
 from conftest import random_blocks
-from qes_edge import _native
-from qes_edge.engine import CodeTensor, Step, random_steps, sigma_threshold
-from qes_edge.fixed_point import beta_to_q14, coefs_to_q16
-from qes_edge.quant import TRAINABLE, QESError
+from qes_edge.native import binding as _native
+from qes_edge.native.engine import CodeTensor, Step, random_steps, sigma_threshold
+from qes_edge.native.fixed_point import beta_to_q14, coefs_to_q16
+from qes_edge.native.quant import TRAINABLE, QESError
 
 
 def random_pair_steps(rng, n_steps, n_pairs, sigma, alpha):

@@ -5,10 +5,10 @@ frame's payload means), `link` (pyserial URLs, a TCP listener), `session` (the p
 fork search, pull, serve), `testing` (synthetic ledgers, link pairs, a link that damages what
 it carries)."""
 
-from .frames import MAX_PAYLOAD, Decoder, Frame, encode
-from .link import Link, LinkClosed, LinkError, Listener, open_link
-from .messages import PROTOCOL, T
-from .session import (ForkError, Incomplete, Options, PeerError, Refused, Result, SyncError, serve, serve_session,
+from qes_edge.sync.frames import MAX_PAYLOAD, Decoder, Frame, encode
+from qes_edge.sync.link import Link, LinkClosed, LinkError, Listener, open_link
+from qes_edge.sync.messages import PROTOCOL, T
+from qes_edge.sync.session import (ForkError, Incomplete, Options, PeerError, Refused, Result, SyncError, serve, serve_session,
                    sync)
 
 __all__ = ["MAX_PAYLOAD", "Decoder", "Frame", "encode", "Link", "LinkClosed", "LinkError", "Listener", "open_link",

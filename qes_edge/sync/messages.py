@@ -20,7 +20,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from ..ledger import StepRecord, canonical_json
+from qes_edge.ledger.store import StepRecord, canonical_json
 
 PROTOCOL = 1          # the message protocol; hello carries it first, whatever else changes
 MAX_WINDOW = 1024     # steps one request may ask for

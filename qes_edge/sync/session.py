@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..ledger import Ledger, LedgerError
-from . import messages as M
-from .frames import Decoder, Frame, encode
-from .link import Link, LinkClosed, LinkError
-from .messages import T, MessageError
+from qes_edge.ledger.store import Ledger, LedgerError
+from qes_edge.sync import messages as M
+from qes_edge.sync.frames import Decoder, Frame, encode
+from qes_edge.sync.link import Link, LinkClosed, LinkError
+from qes_edge.sync.messages import T, MessageError
 
 
 # -- outcomes ------------------------------------------------------------------------------
@@ -78,13 +78,13 @@ class Options:
 
     def noise_spec(self) -> int:
         if self.engine_noise_spec is None:
-            from .. import _native
+            from qes_edge.native import binding as _native
             self.engine_noise_spec = int(_native.lib.qes_noise_spec_version())
         return self.engine_noise_spec
 
     def version(self) -> str:
         if self.software is None:
-            from .. import __version__
+            from qes_edge import __version__
             self.software = __version__
         return self.software
 
@@ -709,7 +709,7 @@ def sync(connect: Callable[[], Link] | str, ledger: str | Path, run_id: str | No
     """Bring `ledger` and the peer's to the same head (qes-edge sync --peer).  `connect` is a URL
     or a function that opens a link (tests).  A link that drops is opened again, up to
     opts.retries times; every step received before it dropped is kept."""
-    from .link import open_link
+    from qes_edge.sync.link import open_link
     opts = opts or Options()
     url = connect if isinstance(connect, str) else getattr(connect, "url", "the peer")
     result = Result(peer=url)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .frames import HEADER_SIZE, Decoder, Frame, encode
-from .link import FdLink, Link, LinkClosed, SocketLink
+from qes_edge.sync.frames import HEADER_SIZE, Decoder, Frame, encode
+from qes_edge.sync.link import FdLink, Link, LinkClosed, SocketLink
 
 REAL_TIMINGS = {"changed": 47549, "digest_s": 0.346605, "eval_s": 50.872957, "perturb_s": 0.241477,
                 "restore_s": 0.220108, "rss_mb": 181.3, "update_s": 0.189045}  # a real step's (SmolLM2, P 16)
@@ -28,7 +28,7 @@ def synthetic_ledger(path: str | Path, n_steps: int, population: int = 16, seed:
                      noise_spec: int = 1, config: dict | None = None, timings: dict | None = None) -> str:
     """A ledger of one run with n_steps steps shaped like real ones (mirrored seeds, Q16
     coefficients, rewards, a real step's timings): the model is never needed.  Returns the run id."""
-    from ..ledger import Ledger
+    from qes_edge.ledger.store import Ledger
     lg = Ledger(path)
     try:
         run = lg.create_run(base_sha256, base_name, config or {"population": population, "seed": seed}, noise_spec)
@@ -40,7 +40,7 @@ def synthetic_ledger(path: str | Path, n_steps: int, population: int = 16, seed:
 
 def extend(lg, run_id: str, n_steps: int, seed: int = 0, population: int = 16, timings: dict | None = None) -> None:
     """Append n_steps synthetic steps to a run (a different seed gives a different branch)."""
-    from ..ledger import StepRecord
+    from qes_edge.ledger.store import StepRecord
     rng = np.random.default_rng([seed, lg.head(run_id)[0]])
     start = lg.head(run_id)[0]
     for i in range(start, start + n_steps):
@@ -60,7 +60,7 @@ def pty_pair(baudrate: int = 115200) -> tuple[Link, Link]:
     """A pseudo-terminal: (the slave opened with pyserial, as a serial device is; the master)."""
     import serial
 
-    from .link import SerialLink
+    from qes_edge.sync.link import SerialLink
     master, slave = os.openpty()
     name = os.ttyname(slave)
     ser = serial.Serial(name, baudrate=baudrate, timeout=0)

@@ -10,6 +10,7 @@ prompts (`raw_prompt`)."""
 
 from __future__ import annotations
 
-from .base import Example, Task, load_task, task_from_config
+from qes_edge.tasks.base import Example, Task
+from qes_edge.tasks.registry import load_task, task_from_config
 
 __all__ = ["Example", "Task", "load_task", "task_from_config"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Example, Task
-from .safe_arith import UnsafeExpression, evaluate
+from qes_edge.tasks.base import Example, Task
+from qes_edge.tasks.safe_arith import UnsafeExpression, evaluate
 
 # one user turn, rendered by the model's own chat template (raw_prompt: given as plain text)
 PROMPT = ("Using the numbers {nums}, create an equation that equals {target}. "

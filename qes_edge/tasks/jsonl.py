@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward, fixed_permutation
+from qes_edge.tasks.base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward, fixed_permutation
 
 
 MAX_DATA_BYTES = 1 << 30  # a JSONL of prompts larger than 1 GiB is a mistake, not a task
@@ -76,7 +76,7 @@ def read_jsonl(path: str | Path, raw_prompt: bool = False,
     check(example) may refuse an example with a ValueError (its message gets the file:line).
 
     The file is read a line at a time; a line longer than max_line_bytes (a bound the caller
-    derives from the model's context: see session.data_line_limit) is refused from its length
+    derives from the model's context: see training/opening.data_line_limit) is refused from its length
     alone, so that no data file makes the process hold more than one such line."""
     p = Path(path)
     if not p.exists():

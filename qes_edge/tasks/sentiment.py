@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .base import Example, Task, auroc, fixed_permutation
+from qes_edge.tasks.base import Example, Task, auroc, fixed_permutation
 
 # a chat of a system turn and a user turn, rendered by the model's own template, then the
 # answer cue "Answer:" inside the assistant's turn.  The word comes last but for the template's

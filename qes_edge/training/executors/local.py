@@ -1,0 +1,94 @@
+"""Where a step's population members are evaluated: the seam between the training loop and the
+devices that score perturbed models.
+
+A step asks an executor for one thing: given (step, member seeds, batch ids), the reward of each
+member.  Everything that decides the update (the seeds, the batch, the coefficients, the
+codes) stays with the trainer, so an executor that runs members on this process, on a peer
+device or on a Ray cluster plugs in here without any change to the trainer, and every device
+applies the identical update from the same (seeds, rewards).
+
+An executor may be asked to stop (a daemon's SIGTERM): it then raises :class:`StepAbandoned`
+between members with the weights restored; nothing of the step is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from qes_edge import faults
+from qes_edge.tasks.base import RewardFailure
+
+
+class StepAbandoned(Exception):
+    """The step was stopped before its members were all evaluated: the weights are the step's
+    starting weights, nothing was recorded, and the step can be run again from scratch."""
+
+
+@dataclass
+class Evaluation:
+    """What an executor returns for one step."""
+    rewards: np.ndarray                                   # float64 per member, NaN where it failed
+    failures: list[str] = field(default_factory=list)    # "member i (seed s): why", one per NaN
+    timings: dict[str, float] = field(default_factory=dict)  # perturb_s, eval_s, restore_s (summed)
+
+
+class Executor(Protocol):
+    def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
+        """The reward of each member seed on the training examples `batch_ids` (indices into the
+        task's training examples).  The live weights must be the step's starting weights on
+        return."""
+
+    def close(self) -> None:
+        ...
+
+
+class LocalExecutor:
+    """Members evaluated one after another on this process's model: perturb every trainable
+    tensor with the member's seed, score the batch, restore."""
+
+    def __init__(self, driver, task, group, p32: int, should_stop: Callable[[], bool] | None = None):
+        self.driver, self.task, self.group, self.p32 = driver, task, group, p32
+        self.examples = list(task.train_examples())
+        self.should_stop = should_stop
+
+    def evaluate_member(self, seed: int, batch: Sequence) -> tuple[float, str | None, float, float, float]:
+        """(reward, failure or None, perturb s, eval s, restore s) of one member."""
+        t0 = time.perf_counter()
+        pert = self.group.perturb(int(seed), self.p32)
+        t1 = time.perf_counter()
+        failure = None
+        try:
+            faults.point("member")
+            reward = float(np.mean(self.task.rewards(self.driver, batch)))
+        except RewardFailure as e:
+            reward, failure = float("nan"), str(e)
+        except BaseException:  # anything else stops the run, but never with the weights perturbed
+            pert.restore()
+            raise
+        t2 = time.perf_counter()
+        pert.restore()
+        return reward, failure, t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
+        batch = [self.examples[i] for i in batch_ids]
+        rewards = np.empty(len(seeds))
+        failures: list[str] = []
+        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
+        for i, s in enumerate(seeds):
+            if self.should_stop is not None and self.should_stop():
+                raise StepAbandoned(f"step {step} abandoned after {i} of {len(seeds)} members")
+            r, fail, tp, te, tr = self.evaluate_member(s, batch)
+            rewards[i] = r
+            t["perturb_s"] += tp
+            t["eval_s"] += te
+            t["restore_s"] += tr
+            if fail:
+                failures.append(f"member {i} (seed {s}): {fail}")
+        return Evaluation(rewards, failures, t)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,137 @@
+"""What a run opens before it trains, and the checks that refuse it early, each one line: the
+model (accepted by the validator, with tensors to train), the task and its data, the driver with
+every prompt tokenized.  The session, a peer worker and a Ray actor open a run through these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qes_edge.native.quant import QESError
+from qes_edge.training.trainer import TrainConfig
+
+
+class SessionError(Exception):
+    """A problem with the user's input (options, files, ledger, model): one line, nothing written."""
+
+
+# -- the checks ------------------------------------------------------------
+
+def trainable_model(model, frozen) -> Path:
+    """The model's path once our validator accepted it and it has tensors to train."""
+    from qes_edge.gguf.model import GGUFModel, trainable_infos
+    from qes_edge.gguf.models import ModelNotFound, resolve_model
+    try:
+        path = resolve_model(model)
+        m = GGUFModel(path)
+    except (ModelNotFound, QESError) as e:
+        raise SessionError(str(e)) from None
+    try:
+        planned = trainable_infos(m.header.tensors, tuple(frozen))
+    except QESError as e:
+        raise SessionError(f"{path}: {e}") from None
+    if not planned:
+        types = ", ".join(sorted(m.summary()))
+        raise SessionError(f"{path}: no tensor qes-edge can train (the file holds {types}; "
+                           "quantize it to Q4_0..Q8_0 or a K-quant first)")
+    return path
+
+
+def check_recorded_data(recorded: dict, ledger_path: Path) -> None:
+    """The run's data file must still be there and hold the bytes it was recorded with."""
+    from qes_edge.gguf.model import file_sha256
+    data, want = recorded.get("data"), recorded.get("data_sha256")
+    if not data:
+        return
+    p = Path(data)
+    if not p.is_file():
+        raise SessionError(f"{ledger_path}: the run's data file {p} is missing (it was recorded by absolute path)")
+    if want and file_sha256(p) != want:
+        raise SessionError(f"{ledger_path}: the run's data file {p} changed since the run was recorded (sha256 "
+                           f"{want[:16]}… then): restore it, or start a new run with --new-run")
+
+
+#: bytes a data line may hold besides its prompt (answers, choices, the user's own columns)
+DATA_LINE_SLACK = 1 << 20
+
+
+def data_line_limit(model_path: Path | None, n_ctx: int) -> int | None:
+    """The longest data line worth reading for a model with an n_ctx context: JSON writes a
+    character in at most 6 bytes (a \\uXXXX escape per UTF-8 byte at worst), so a line longer than
+    6 × the prompt byte limit (gguf_check.prompt_byte_limit) + DATA_LINE_SLACK holds a prompt
+    that cannot fit.  None where the model has no token list (no bound known)."""
+    if model_path is None:
+        return None
+    from qes_edge.gguf.check import GGUFInvalid, check_gguf, prompt_byte_limit
+    try:
+        limit = prompt_byte_limit(check_gguf(model_path), -(-n_ctx // 256) * 256)  # llama.cpp pads to 256
+    except GGUFInvalid:
+        return None  # the model itself is refused where it is opened
+    return None if limit is None else 6 * limit + DATA_LINE_SLACK
+
+
+def load_task(cfg: TrainConfig, model_path: Path | None = None):
+    """The run's task; with model_path, data lines too long for that model's context are refused
+    as they are read."""
+    from qes_edge.tasks import task_from_config
+    try:
+        return task_from_config(cfg, data_line_limit(model_path, cfg.n_ctx))
+    except (ValueError, QESError) as e:
+        raise SessionError(str(e)) from None
+
+
+def open_driver(path: Path, n_ctx: int, threads: int, frozen=None):
+    from qes_edge.llama.driver import ModelDriver, SelfCheckFailed
+    from qes_edge.gguf.model import DEFAULT_FROZEN
+    try:
+        return ModelDriver(path, n_ctx=n_ctx, n_threads=threads, frozen=tuple(frozen or DEFAULT_FROZEN))
+    except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
+        raise SessionError(f"{path}: {e}") from None
+
+
+def check_prompts(driver, task) -> None:
+    """Every prompt rendered through the model's template and tokenized before any ledger row: a
+    missing or failing template, or a prompt longer than the context, is refused up front."""
+    try:
+        driver.check_prompts(list(task.train_examples()) + list(task.heldout_examples()))
+    except (ValueError, QESError, RuntimeError) as e:
+        raise SessionError(f"{driver.path}: {e}") from None
+
+
+def check_data_option(data) -> Path | None:
+    if data is None:
+        return None
+    data = Path(data).expanduser().absolute()  # stored in the run: resumable from any folder
+    if not data.exists():
+        raise SessionError(f"data file not found: {data}")
+    if not data.is_file():
+        raise SessionError(f"{data}: is not a file (a JSONL file of prompts is expected)")
+    return data
+
+
+def differences(asked: dict, recorded: dict, names) -> list[str]:
+    return [f"{k} {asked.get(k)!r} (the run has {recorded.get(k)!r})" for k in names if asked.get(k) != recorded.get(k)]
+
+
+def model_opener(model: str | None, threads: int):
+    """How a worker opens a run: the model checked against the run's base sha256, the task from
+    the run's recorded config, every prompt tokenized."""
+    from qes_edge.gguf.model import file_sha256
+    from qes_edge.threads import resolve_threads
+    from qes_edge.training.trainer import TrainConfig
+    n_threads = resolve_threads(threads)
+    cache: dict = {}
+
+    def opener(info: dict):
+        cfg = TrainConfig.from_record(json.loads(info["config"]))
+        path = trainable_model(model, cfg.frozen)
+        sha = cache.get(("sha", path)) or file_sha256(path)
+        cache[("sha", path)] = sha
+        if sha != info["base_sha256"]:
+            raise ValueError(f"the run's base model is {info['base_name']} (sha256 {info['base_sha256'][:16]}…), "
+                             f"this worker's --model is {path.name} ({sha[:16]}…)")
+        task = load_task(cfg, path)
+        driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)  # a run starts from the base's codes
+        check_prompts(driver, task)
+        return driver, task, n_threads
+    return opener
