@@ -82,7 +82,7 @@ def main(argv=None):
             srv.join(10)
             listener.close()
         rows = []
-        for st, rec in zip(f.times, f.history):
+        for st, rec in zip(f.times, f.replica.history):
             parts = {k: rec.timings.get(k) for k in TRAIN_PARTS}
             rows.append({**st.to_json(), **parts})
             print(f"step {st.step}: replay {st.replay_s:.3f} s | training {st.train_s:.2f} s (eval "
@@ -93,13 +93,13 @@ def main(argv=None):
 
         # steady state: one step's update with a full window of K synthetic steps, on the same codes
         rng = np.random.default_rng(0)
-        cfg = f.state.cfg
+        cfg = f.replica.cfg
         synth = [StepRecord(k - a.window, s.threshold, s.seeds, s.coefs_q16, np.zeros(a.population), "")
                  for k, s in enumerate(random_steps(rng, a.window + a.reps, a.population, cfg.sigma, cfg.alpha))]
         full = []
         for i in range(a.reps):
             t0 = time.perf_counter()
-            f.state.apply(f.tensors, synth[i:i + a.window], synth[i + a.window], a.threads)
+            f.replica.state.apply(f.tensors, synth[i:i + a.window], synth[i + a.window], a.threads)
             digest_tensors(f.tensors)
             full.append(time.perf_counter() - t0)
         replay_k = float(np.median(full))

@@ -97,7 +97,7 @@ def child(a) -> int:
         from qes_edge.ledger.store import StepRecord
         from qes_edge.training.session import Session, SessionOptions
         from qes_edge.threads import wait_policy
-        from qes_edge.training.trainer import TrainConfig
+        from qes_edge.training.config import TrainConfig
 
         cfg = TrainConfig(task="sentiment", population=a.population, batch=a.batch, window=a.window, n_ctx=256)
         # the parent's temp dir (removed by the parent even when it has to kill this process)
@@ -116,7 +116,7 @@ def child(a) -> int:
                 window = list(tr.history)
 
                 def one_step() -> tuple[float, dict]:
-                    tr.history = list(window)  # the same step number, batch and replay window every time
+                    tr.replica.history = list(window)  # the same step number, batch and replay window every time
                     t = time.perf_counter()
                     rec = tr.step()
                     return time.perf_counter() - t, rec.timings

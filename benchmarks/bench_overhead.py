@@ -23,7 +23,7 @@ import numpy as np
 from qes_edge.native.engine import random_steps
 from qes_edge.ledger.store import StepRecord
 from qes_edge.training.session import Session, SessionOptions
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 
 def main(argv=None):
@@ -45,7 +45,7 @@ def main(argv=None):
             tr.history.append(StepRecord(k - a.window, st.threshold, st.seeds, st.coefs_q16, np.zeros(a.population), ""))
         hist = tr.history
         for s in range(a.steps):
-            tr.history = hist[-a.window:]
+            tr.replica.history = hist[-a.window:]
             t0 = time.perf_counter()
             rec = _step(tr, lg)
             t = rec.timings

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge.training.session import Session, SessionOptions
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qes_edge.tasks.base import auroc
-from qes_edge.training.trainer import TrainConfig, batch_indices
+from qes_edge.training.config import TrainConfig
+from qes_edge.training.trainer import batch_indices
 
 
 @settings(max_examples=200, deadline=None)

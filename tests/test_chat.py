@@ -11,7 +11,7 @@ from qes_edge.llama.chat import ChatTemplate, ChatTemplateError, load_template
 from qes_edge.gguf.check import check_gguf
 from qes_edge.tasks import load_task, task_from_config
 from qes_edge.tasks.base import Example
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 # what the sentiment task wrote by hand before chat templates (the README's learning results used it)
 OLD_SENTIMENT_PREFIX = ("<|im_start|>system\nYou classify the sentiment of single words.<|im_end|>\n"

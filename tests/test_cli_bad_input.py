@@ -39,7 +39,7 @@ def run_cli(args, cwd):
 
 def _ledger(path: Path, base_sha: str, n_steps: int, base_name="SmolLM2-135M-Instruct.Q4_1.gguf"):
     from qes_edge.ledger.store import Ledger, StepRecord
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
     lg = Ledger(path)
     run = lg.create_run(base_sha, base_name, TrainConfig(population=2).record(), 1)
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ def stale_wal(path: Path, base_sha: str) -> Path:
     step 1): what copying a ledger and a -wal taken at different moments leaves.  SQLite would
     apply that -wal as the file is opened for writing, taking steps 2 and 3 away."""
     from qes_edge.ledger.store import Ledger, StepRecord
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
     lg = Ledger(path)
     lg.checkpoint = lambda: None  # keep every write in the -wal
     lg.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -360,7 +360,7 @@ def test_replay_onto_a_full_disk_leaves_no_temporary_file(scratch, small_disk, t
     from qes_edge.gguf.model import file_sha256
     from qes_edge.gguf.models import default_model_path
     from qes_edge.ledger.store import Ledger
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
     lg = Ledger(ledger)
     lg.create_run(file_sha256(default_model_path()), "SmolLM2-135M-Instruct.Q4_1.gguf", TrainConfig().record(), 1)
     lg.close()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qes_edge.training.coefficients import DEFAULT_SCHEME, SCHEMES, coefficients
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 
 def spec_pairs(rewards, clip=3.0, rank=False, eps=0.0):

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qes_edge.training import derive
-from qes_edge.training.trainer import TrainConfig, batch_indices, member_seeds
+from qes_edge.training.config import TrainConfig
+from qes_edge.training.trainer import batch_indices, member_seeds
 
 M64 = (1 << 64) - 1
 G = 0x9E3779B97F4A7C15

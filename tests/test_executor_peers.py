@@ -13,7 +13,8 @@ from qes_edge.ledger.store import Ledger
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import LinkClosed
 from qes_edge.sync.testing import socket_pair
-from qes_edge.training.trainer import Trainer, TrainConfig
+from qes_edge.training.config import TrainConfig
+from qes_edge.training.trainer import Trainer
 from test_trainer_unit import ToyDriver, ToyTask
 
 CFG = dict(task="toy", population=8, sigma=0.2, alpha=0.05, batch=2, window=5)

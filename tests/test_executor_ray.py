@@ -80,7 +80,8 @@ def test_ray_actors_on_a_toy_model_give_the_local_ledger(ray_local, tmp_path):
 
     from qes_edge.training.executors.ray import RayExecutor
     from qes_edge.ledger.store import Ledger
-    from qes_edge.training.trainer import Trainer, TrainConfig
+    from qes_edge.training.config import TrainConfig
+    from qes_edge.training.trainer import Trainer
     from test_executor_peers import CFG
     lg1, run1 = run_local(tmp_path, 5)
     cfg = TrainConfig(**CFG)
@@ -104,7 +105,7 @@ def steps(path):
 def test_two_ray_actors_give_the_local_executor_ledger(ray_local, tmp_path, tiny_choice_data, local_ledger):
     from qes_edge.training.executors.ray import RayExecutor
     from qes_edge.training.session import RUN_OPTIONS, Session, SessionOptions
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
     data = tiny_choice_data / "bigger.jsonl"
     opts = dict(task="choice", data=str(data), population=4, batch=2, n_ctx=128)
     said = []

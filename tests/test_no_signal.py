@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qes_edge.training.no_signal import KEY, STREAK, alarm, diagnose, streak
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 from test_trainer_unit import ToyTask, make
 
 Z = np.zeros(8, np.int32)

@@ -12,7 +12,7 @@ import pytest
 
 from qes_edge.gguf.model import file_sha256
 from qes_edge.ledger.store import Ledger, StepRecord
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 
 def cli(args, cwd, **env):

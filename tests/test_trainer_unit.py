@@ -1,15 +1,19 @@
 """The training loop on a toy objective over random Q4_1 tensors (no llama.cpp): it learns,
 error feedback and replay agree with the ledger, and failed members are handled."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from conftest import random_blocks
 from qes_edge.native.engine import CodeTensor
-from qes_edge.ledger.store import Ledger
+from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.native.quant import QT
 from qes_edge.tasks.base import Example, RewardFailure, Task
-from qes_edge.training.trainer import Trainer, TrainConfig, TrainingStopped, UpdateState, apply_recorded_step
+from qes_edge.training.config import TrainConfig
+from qes_edge.training.replica import Replica
+from qes_edge.training.trainer import Trainer, TrainingStopped
 
 
 class ToyDriver:
@@ -68,12 +72,19 @@ def test_toy_objective_improves_and_replays_bit_for_bit(tmp_path, ef, residual):
     assert lg.verify(run.run_id) == 12
     # a fresh copy of the base, replayed from the ledger alone, lands on the same bytes
     fresh = ToyDriver(0)
-    state, history = UpdateState(cfg, fresh.tensors), []
-    for rec in lg.steps(run.run_id):
-        apply_recorded_step(fresh.tensors, state, history, rec)
-        history.append(rec)
+    replica = Replica(fresh.tensors, cfg)
+    assert replica.catch_up(lg.steps(run.run_id)) == 12 and replica.steps == 12
     for a, b in zip(drv.arrays, fresh.arrays):
         assert np.array_equal(a, b)
+    # a row whose recorded weights hash is not what it makes is refused, and not appended
+    other = ToyDriver(0)
+    replica = Replica(other.tensors, cfg)
+    rows = list(lg.steps(run.run_id))
+    replica.apply(rows[0])
+    bad = dataclasses.replace(rows[1], weights_sha256="0" * 64)
+    with pytest.raises(LedgerError, match="step 1: the rebuilt weights hash"):
+        replica.apply(bad)
+    assert replica.steps == 1
 
 
 def test_failed_members_are_recorded_and_skipped(tmp_path):

@@ -352,7 +352,7 @@ class Daemon:
         """Train one job; None to go on with the queue, an exit code to stop the daemon."""
         from qes_edge.training.executors.local import StepAbandoned
         from qes_edge.training.session import RecordError, Session, SessionError, SessionOptions, peak_rss_mb
-        from qes_edge.training.trainer import TrainConfig
+        from qes_edge.training.config import TrainConfig
 
         o = job.options
         self.note("job", f"job {job.id}: {'resuming' if job.state == 'running' else 'starting'} "

@@ -56,7 +56,7 @@ def calibrate(model: Optional[str] = ModelOpt,
     from qes_edge.training.opening import check_data_option, check_prompts, load_task, open_driver, trainable_model
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
 
     values = _sigmas(sigmas)
     with _user_errors():

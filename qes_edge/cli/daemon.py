@@ -47,7 +47,7 @@ def queue_add(ctx: typer.Context):
     from qes_edge.training.opening import check_data_option, differences, trainable_model
     from qes_edge.training.session import RUN_OPTIONS
     from qes_edge.home import default_ledger
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
 
     train_cmd = get_command(app).commands["train"]
     sub = train_cmd.make_context("qes-edge queue add", list(ctx.args))  # click's own checks and messages

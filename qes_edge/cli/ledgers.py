@@ -27,7 +27,8 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
     from qes_edge.ledger.store import LedgerError
     from qes_edge.gguf.models import DEFAULT_FILE, ModelNotFound, resolve_model
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.trainer import TrainConfig, UpdateState, apply_recorded_step
+    from qes_edge.training.config import TrainConfig
+    from qes_edge.training.replica import Replica
 
     try:
         check_output_path(out, {"ledger": ledger, "base model": base})
@@ -52,17 +53,12 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
         except (ValueError, QESError) as e:
             _fail(f"{ledger}: the recorded config is not usable with {base_path}: {e}")
         base_digest = digest_tensors(tensors)
-        state = UpdateState(cfg, tensors)
-        history = []
-        n_threads = resolve_threads(threads)
+        replica = Replica(tensors, cfg, resolve_threads(threads))
         try:
             with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TimeRemainingColumn(), console=common.console) as progress:
                 bar = progress.add_task("replay", total=n)
-                for rec in lg.steps(run.run_id):
-                    apply_recorded_step(tensors, state, history, rec, n_threads)
-                    history.append(rec)
-                    progress.advance(bar)
+                replica.catch_up(lg.steps(run.run_id), lambda done, total: progress.update(bar, completed=done))
         except LedgerError as e:
             typer.echo(f"mismatch: {_one_line(e)}", err=True)
             raise typer.Exit(1)

@@ -77,7 +77,7 @@ def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window
            peers=None, ray=None, coef_scheme=DEFAULT_SCHEME):
     from qes_edge.training.opening import check_data_option
     from qes_edge.training.session import RUN_OPTIONS, Session, SessionOptions
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
 
     with _user_errors():
         data = check_data_option(data)
@@ -197,7 +197,7 @@ def evaluate(model: Optional[str] = ModelOpt,
     Example: qes-edge eval --model trained.gguf --json"""
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
 
     from qes_edge.training.opening import check_prompts, load_task, open_driver, trainable_model
     cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,

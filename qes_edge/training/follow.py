@@ -3,7 +3,7 @@
 
 The follower keeps a ledger of its own (the sync session pulls into it: every step checked
 against the hash chain and committed on its own), and holds the run's trainable codes in
-memory: the base model's codes, then every step replayed onto them (`apply_recorded_step`
+memory: the base model's codes, then every step replayed onto them (a replica: `Replica.apply`
 checks each step's weights hash).  After each batch of new steps the GGUF is rewritten
 atomically (a temporary file beside it, fsync, rename, fsync of the folder): whoever loads it
 gets a complete earlier or later version, never a half-written one.  Between batches it sleeps
@@ -21,6 +21,7 @@ from typing import Callable
 from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync.link import LinkError, open_link
 from qes_edge.sync.session import Incomplete, Options, PeerError, Refused, SyncError, sync
+from qes_edge.training.replica import Replica
 
 TRAIN_PARTS = ("perturb_s", "eval_s", "restore_s", "update_s", "digest_s")
 
@@ -92,8 +93,7 @@ class Follower:
         self.run = None
         self.model = None
         self.tensors = None
-        self.state = None
-        self.history: list = []
+        self.replica = None  # the run's weights as replayed so far (replica.py)
         self.n = 0  # steps replayed
         self.times: list[StepTime] = []
 
@@ -101,7 +101,7 @@ class Follower:
         """On the first step (or run) seen: the base model's codes and the update state."""
         from qes_edge.gguf.model import GGUFModel, file_sha256
         from qes_edge.gguf.models import DEFAULT_FILE, ModelNotFound, resolve_model
-        from qes_edge.training.trainer import TrainConfig, UpdateState
+        from qes_edge.training.config import TrainConfig
         runs = {r.run_id: r for r in lg.runs()}
         run = runs.get(self.run_id) if self.run_id else (lg.run() if runs else None)
         if run is None:
@@ -122,7 +122,7 @@ class Follower:
             self.tensors = self.model.code_tensors(tuple(cfg.frozen))
         except Exception as e:  # noqa: BLE001 - one line, whatever the reader says
             raise FollowError(f"{self.ledger}: the recorded config is not usable with {base_path}: {e}") from None
-        self.state = UpdateState(cfg, self.tensors)
+        self.replica = Replica(self.tensors, cfg, self.threads)
         self.run, self.run_id = run, run.run_id
 
     def advance(self, on_step: Callable[[StepTime], None] | None = None,
@@ -130,7 +130,6 @@ class Follower:
         """Replay the steps the local ledger holds beyond those replayed; write the GGUF when any
         came (or when none was written yet).  A step whose weights hash differs stops following
         (FollowError, exit 1) with the GGUF of the last good batch left in place."""
-        from qes_edge.training.trainer import apply_recorded_step
         batch = Batch()
         if not self.ledger.exists():
             return batch
@@ -148,11 +147,10 @@ class Follower:
                     break
                 t0 = time.perf_counter()
                 try:
-                    apply_recorded_step(self.tensors, self.state, self.history, rec, self.threads)
+                    self.replica.apply(rec)
                 except LedgerError as e:
                     raise FollowError(f"mismatch: {e}; {self.out} keeps step {self.n - 1}'s weights", 1) from None
                 st = StepTime(rec.step, time.perf_counter() - t0, train_seconds(rec.timings))
-                self.history.append(rec)
                 self.n += 1
                 self.times.append(st)
                 batch.steps.append(st)
@@ -163,7 +161,8 @@ class Follower:
                     on_step(st)
             batch.n_steps = self.n
             if batch.head is None:
-                batch.head = self.history[-1].hash if self.history else lg.run(self.run_id).hash
+                history = self.replica.history
+                batch.head = history[-1].hash if history else lg.run(self.run_id).hash
         finally:
             lg.close()
         if batch.steps or not self.out.exists():

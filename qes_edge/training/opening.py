@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from qes_edge.native.quant import QESError
-from qes_edge.training.trainer import TrainConfig
+from qes_edge.training.config import TrainConfig
 
 
 class SessionError(Exception):
@@ -118,7 +118,7 @@ def model_opener(model: str | None, threads: int):
     the run's recorded config, every prompt tokenized."""
     from qes_edge.gguf.model import file_sha256
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.trainer import TrainConfig
+    from qes_edge.training.config import TrainConfig
     n_threads = resolve_threads(threads)
     cache: dict = {}
 

@@ -12,7 +12,7 @@ processes with the same --threads), so the ledger equals a one-process run's.
 
 A worker (`qes-edge worker --on URL --ledger L`) holds the model and its own copy of the run's
 ledger.  Each step row it receives is appended with its chain checked (`append_received`) and
-applied with `apply_recorded_step`, which checks the weights hash: before it evaluates step k it
+applied to its replica (`Replica.apply`), which checks the weights hash: before it evaluates step k it
 holds exactly the weights after step k-1, the coordinator's, and every device applies the identical
 update.
 """
@@ -32,6 +32,7 @@ from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import Link, LinkClosed
 from qes_edge.sync.messages import MessageError, T
+from qes_edge.training.replica import Replica
 
 
 def split_members(n: int, parts: int) -> list[np.ndarray]:
@@ -280,27 +281,22 @@ class WorkerRun:
     """A run as a worker holds it: its ledger, the model at the ledger's head, the evaluator."""
     ledger: Ledger
     run_id: str
-    tensors: list
-    state: object
-    history: list
+    replica: Replica
     executor: LocalExecutor
-    threads: int = 0
     evaluated: int = 0
     notes: list = field(default_factory=list)
 
     def head(self) -> tuple[int, str]:
-        if self.history:
-            return len(self.history), self.history[-1].hash
+        if self.replica.history:
+            return self.replica.steps, self.replica.history[-1].hash
         return 0, self.ledger.run(self.run_id).hash
 
     def apply(self, rec, created) -> None:
-        from qes_edge.training.trainer import apply_recorded_step
         n, _ = self.head()
         if rec.step < n:
             return  # a row sent again: held already
         self.ledger.append_received(self.run_id, rec, created)
-        apply_recorded_step(self.tensors, self.state, self.history, rec, self.threads)
-        self.history.append(rec)
+        self.replica.apply(rec)
 
 
 #: opens (driver, task, threads) for a run's export (the CLI: the model checked against the run's
@@ -320,7 +316,7 @@ class Worker:
 
     def _open(self, info: dict) -> WorkerRun:
         from qes_edge.native.engine import TensorGroup, sigma_threshold
-        from qes_edge.training.trainer import TrainConfig, UpdateState
+        from qes_edge.training.config import TrainConfig
         import json
         if self.run is not None and self.run.run_id == info["run_id"]:
             return self.run
@@ -332,16 +328,13 @@ class Worker:
         try:
             run = lg.import_run(info)
             cfg = TrainConfig.from_record(json.loads(run.config) if isinstance(run.config, str) else run.config)
-            state, history = UpdateState(cfg, driver.tensors), []
-            from qes_edge.training.trainer import apply_recorded_step
-            for rec in lg.steps(run.run_id):  # catch up from this worker's own ledger
-                apply_recorded_step(driver.tensors, state, history, rec, threads)
-                history.append(rec)
+            replica = Replica(driver.tensors, cfg, threads)
+            replica.catch_up(lg.steps(run.run_id))  # from this worker's own ledger
             local = LocalExecutor(driver, task, TensorGroup(driver.tensors, threads), sigma_threshold(cfg.sigma))
         except BaseException:
             lg.close()
             raise
-        self.run = WorkerRun(lg, run.run_id, driver.tensors, state, history, local, threads)
+        self.run = WorkerRun(lg, run.run_id, replica, local)
         return self.run
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 'qes-edge[ray]'`; docs/sync-protocol.md §10).
 
 Each actor (:class:`MemberActor`) loads its own copy of the model and keeps it at the run's
-weights by applying the ledger rows it is sent with `apply_recorded_step`, which checks every
+weights by applying the ledger rows it is sent to its replica (`Replica.apply`), which checks every
 weights hash: before it evaluates step k it holds the weights after step k-1, and every copy
 applies the identical update.  Only the rows an actor lacks, the step's member seeds and batch
 ids go out, and rewards come back; no model, no weights, no gradients cross.  The work goes out
@@ -45,29 +45,28 @@ class MemberActor:
         import json
 
         from qes_edge.native.engine import TensorGroup, sigma_threshold
-        from qes_edge.training.trainer import TrainConfig, UpdateState
+        from qes_edge.training.config import TrainConfig
+        from qes_edge.training.replica import Replica
         cfg = TrainConfig.from_record(json.loads(run_info["config"]))
         driver, task, threads = opener(run_info)
         self.driver, self.threads = driver, threads
-        self.state, self.history = UpdateState(cfg, driver.tensors), []
+        self.replica = Replica(driver.tensors, cfg, threads)
         self.local = LocalExecutor(driver, task, TensorGroup(driver.tensors, threads), sigma_threshold(cfg.sigma))
 
     def n_steps(self) -> int:
-        return len(self.history)
+        return self.replica.steps
 
     def evaluate(self, rows: list, step: int, members: list[int], seeds: list[int], batch_ids: list[int]):
         """Apply `rows` (the steps after this actor's head, each weights hash checked), then score
         the members: (rewards, failures, timings, this actor's step count)."""
-        from qes_edge.training.trainer import apply_recorded_step
         for rec in rows:
-            if rec.step < len(self.history):
+            if rec.step < self.replica.steps:
                 continue
-            if rec.step != len(self.history):
-                raise RuntimeError(f"step {rec.step} sent to an actor that holds {len(self.history)} steps")
-            apply_recorded_step(self.driver.tensors, self.state, self.history, rec, self.threads)
-            self.history.append(rec)
-        if len(self.history) != step:
-            raise RuntimeError(f"step {step} asked of an actor that holds {len(self.history)} steps")
+            if rec.step != self.replica.steps:
+                raise RuntimeError(f"step {rec.step} sent to an actor that holds {self.replica.steps} steps")
+            self.replica.apply(rec)
+        if self.replica.steps != step:
+            raise RuntimeError(f"step {step} asked of an actor that holds {self.replica.steps} steps")
         batch = [self.local.examples[i] for i in batch_ids]
         rewards, failures = [], []
         t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
@@ -79,7 +78,7 @@ class MemberActor:
             t["restore_s"] += tr
             if fail:
                 failures.append((i, f"member {i} (seed {s}): {fail}"))
-        return rewards, failures, t, len(self.history)
+        return rewards, failures, t, self.replica.steps
 
 
 class RayExecutor:
