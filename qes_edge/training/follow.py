@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from qes_edge.ledger.runlog import PHASES
 from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync.link import LinkError, open_link
 from qes_edge.sync.session import Incomplete, Options, PeerError, Refused, SyncError, sync
 from qes_edge.training.replica import Replica
 
-TRAIN_PARTS = ("perturb_s", "eval_s", "restore_s", "update_s", "digest_s")
+TRAIN_PARTS = PHASES  # the training time of a step: every phase it records
 
 
 class FollowError(Exception):

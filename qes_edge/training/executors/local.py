@@ -20,12 +20,26 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from qes_edge import faults
+from qes_edge.ledger.runlog import PHASES
 from qes_edge.tasks.base import RewardFailure
 
 
 class StepAbandoned(Exception):
     """The step was stopped before its members were all evaluated: the weights are the step's
     starting weights, nothing was recorded, and the step can be run again from scratch."""
+
+
+#: the timings a member's evaluation adds up (a step's timings hold them summed over its members)
+MEMBER_PHASES = PHASES[:3]  # perturb_s, eval_s, restore_s
+
+
+@dataclass
+class Members:
+    """Some members of a step, scored: reward per member (NaN where it failed), the failures by
+    member index ("member i (seed s): why"), and MEMBER_PHASES summed."""
+    rewards: list[float]
+    failures: dict[int, str]
+    timings: dict[str, float]
 
 
 @dataclass
@@ -73,22 +87,38 @@ class LocalExecutor:
         pert.restore()
         return reward, failure, t1 - t0, t2 - t1, time.perf_counter() - t2
 
+    def evaluate_members(self, members: Sequence[int], seeds: Sequence[int], batch: Sequence,
+                         stop: Callable[[int], None] | None = None) -> Members:
+        """The member loop every executor runs where the model is (this process, a peer worker, a
+        Ray actor): members[k] with seeds[k], one after another, on batch (examples).  stop(k), if
+        given, is called before the k-th and may raise StepAbandoned."""
+        rewards, failures = [], {}
+        t = dict.fromkeys(MEMBER_PHASES, 0.0)
+        for k, (i, s) in enumerate(zip(members, seeds)):
+            if stop is not None:
+                stop(k)
+            r, fail, *phases = self.evaluate_member(int(s), batch)
+            rewards.append(r)
+            for name, dt in zip(MEMBER_PHASES, phases):
+                t[name] += dt
+            if fail:
+                failures[int(i)] = f"member {i} (seed {s}): {fail}"
+        return Members(rewards, failures, t)
+
+    def stop_check(self, step: int, total: int) -> Callable[[int], None] | None:
+        """For evaluate_members: StepAbandoned before the k-th of total members once should_stop()."""
+        if self.should_stop is None:
+            return None
+
+        def stop(k: int) -> None:
+            if self.should_stop():
+                raise StepAbandoned(f"step {step} abandoned after {k} of {total} members")
+        return stop
+
     def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
         batch = [self.examples[i] for i in batch_ids]
-        rewards = np.empty(len(seeds))
-        failures: list[str] = []
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
-        for i, s in enumerate(seeds):
-            if self.should_stop is not None and self.should_stop():
-                raise StepAbandoned(f"step {step} abandoned after {i} of {len(seeds)} members")
-            r, fail, tp, te, tr = self.evaluate_member(s, batch)
-            rewards[i] = r
-            t["perturb_s"] += tp
-            t["eval_s"] += te
-            t["restore_s"] += tr
-            if fail:
-                failures.append(f"member {i} (seed {s}): {fail}")
-        return Evaluation(rewards, failures, t)
+        m = self.evaluate_members(range(len(seeds)), seeds, batch, self.stop_check(step, len(seeds)))
+        return Evaluation(np.asarray(m.rewards, np.float64), list(m.failures.values()), m.timings)
 
     def close(self) -> None:
         pass

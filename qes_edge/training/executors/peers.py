@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qes_edge.training.executors.local import Evaluation, LocalExecutor, StepAbandoned
+from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
 from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import Link, LinkClosed
@@ -215,20 +215,18 @@ class PeerExecutor:
                 here.append(idx)
         rewards = np.full(len(seeds), np.nan)
         failures: dict[int, str] = {}
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
+        t = dict.fromkeys(MEMBER_PHASES, 0.0)
         batch = [self.local.examples[i] for i in batch_ids]
+        def stop(k):
+            if self.local.should_stop is not None and self.local.should_stop():
+                raise StepAbandoned(f"step {step} abandoned with members still to evaluate")
 
         def run_here(idx):
-            for i in idx:
-                if self.local.should_stop is not None and self.local.should_stop():
-                    raise StepAbandoned(f"step {step} abandoned with members still to evaluate")
-                r, fail, tp, te, tr = self.local.evaluate_member(int(seeds[i]), batch)
-                rewards[i] = r
-                t["perturb_s"] += tp
-                t["eval_s"] += te
-                t["restore_s"] += tr
-                if fail:
-                    failures[int(i)] = f"member {i} (seed {seeds[i]}): {fail}"
+            m = self.local.evaluate_members(idx, seeds[idx], batch, stop)
+            rewards[idx] = m.rewards
+            failures.update(m.failures)
+            for k in MEMBER_PHASES:
+                t[k] += m.timings[k]
 
         for idx in here:
             run_here(idx)
@@ -422,19 +420,10 @@ class Worker:
         if n != e.n_steps or head != e.head:
             return M.Rewards(e.req, e.step, e.members, [], [], {}, n, head, behind=True)
         ex = wr.executor
-        batch = [ex.examples[i] for i in e.batch]
-        out, fails = [], []
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
-        for i, s in zip(e.members, e.seeds):
-            r, fail, tp, te, tr = ex.evaluate_member(s, batch)
-            out.append(r)
-            t["perturb_s"] += tp
-            t["eval_s"] += te
-            t["restore_s"] += tr
-            if fail:
-                fails.append(f"member {i} (seed {s}): {fail}")
-        wr.evaluated += len(out)
-        return M.Rewards(e.req, e.step, e.members, out, fails, t, n, head)
+        m = ex.evaluate_members(e.members, e.seeds, [ex.examples[i] for i in e.batch])
+        wr.evaluated += len(m.rewards)
+        return M.Rewards(e.req, e.step, e.members, m.rewards, list(m.failures.values()), m.timings,
+                         n, head)
 
     def serve(self, listener, once: bool = False, stop: Callable[[], bool] = lambda: False) -> None:
         """Accept coordinators one after another (until stop(); after the first with `once`)."""

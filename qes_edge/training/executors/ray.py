@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from qes_edge.training.executors.local import Evaluation, LocalExecutor, StepAbandoned
+from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
 from qes_edge.training.executors.peers import split_members
 
 INSTALL = "pip install 'qes-edge[ray]'"
@@ -67,18 +67,8 @@ class MemberActor:
             self.replica.apply(rec)
         if self.replica.steps != step:
             raise RuntimeError(f"step {step} asked of an actor that holds {self.replica.steps} steps")
-        batch = [self.local.examples[i] for i in batch_ids]
-        rewards, failures = [], []
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
-        for i, s in zip(members, seeds):
-            r, fail, tp, te, tr = self.local.evaluate_member(s, batch)
-            rewards.append(r)
-            t["perturb_s"] += tp
-            t["eval_s"] += te
-            t["restore_s"] += tr
-            if fail:
-                failures.append((i, f"member {i} (seed {s}): {fail}"))
-        return rewards, failures, t, self.replica.steps
+        m = self.local.evaluate_members(members, seeds, [self.local.examples[i] for i in batch_ids])
+        return m.rewards, m.failures, m.timings, self.replica.steps
 
 
 class RayExecutor:
@@ -152,7 +142,7 @@ class RayExecutor:
                                                  batch))
         rewards = np.full(len(seeds), np.nan)
         failures: dict[int, str] = {}
-        t = {"perturb_s": 0.0, "eval_s": 0.0, "restore_s": 0.0}
+        t = dict.fromkeys(MEMBER_PHASES, 0.0)
         t0 = time.perf_counter()
         self._wait(futures)
         for a, (fut, idx) in enumerate(zip(futures, shares)):
@@ -169,14 +159,13 @@ class RayExecutor:
                     pass
                 self.actors[a], self.sent[a] = self._new_actor(), 0
                 self.replaced += 1
-                ev = self.local.evaluate(step, seeds[idx], batch_ids)
-                r, n = ev.rewards, None
-                fails = [(int(idx[int(f.split()[1])]), f) for f in ev.failures]
-                tt = ev.timings
+                m = self.local.evaluate_members(idx, seeds[idx], [self.local.examples[i] for i in batch_ids],
+                                                self.local.stop_check(step, len(idx)))
+                r, fails, tt, n = m.rewards, m.failures, m.timings, None
             else:
                 self.sent[a] = n
             rewards[idx] = r
-            failures.update(dict(fails))
+            failures.update(fails)
             for k in t:
                 t[k] += tt.get(k, 0.0)
         t["ray_wait_s"] = time.perf_counter() - t0
