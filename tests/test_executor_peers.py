@@ -295,3 +295,21 @@ def test_a_queued_job_shares_its_population_through_the_daemon(tmp_path, tiny_ch
     assert got == want
     assert [t["remote_members"] for t in timings] == [2, 2, 2], derr[-3000:]
     assert f"worker {dead} cannot be reached" in derr and "its members are evaluated here" in derr
+
+
+def test_a_worker_refuses_what_a_sync_would_refuse(tmp_path):
+    """The worker's handshake makes sync's checks (sync.session.compare): a run recorded with
+    another noise spec is refused, naming it, and the worker's ledger is not touched."""
+    a, b = socket_pair()
+    _, th, out = start_worker(tmp_path, "w0", b)
+    cfg = TrainConfig(**CFG)
+    lg = Ledger(tmp_path / "two.qes")
+    run = lg.create_run("00" * 32, "toy.gguf", cfg.record(), 99)
+    tr = Trainer(ToyDriver(0), ToyTask(), lg, run, cfg)
+    ex = PeerExecutor(tr.executor, [a], timeout=30.0, say=lambda m: None)
+    ex.bind(lg, run.run_id)
+    th.join(30)
+    assert not ex.peers[0].alive
+    assert "the worker refuses" in ex.peers[0].why and "recorded with noise spec v99" in ex.peers[0].why
+    assert out["why"].startswith("refused: the worker refuses: run ")
+    assert not (tmp_path / "w0.qes").exists()

@@ -342,7 +342,7 @@ class Worker:
 
     def serve_link(self, link: Link, stop: Callable[[], bool] = lambda: False, idle: float | None = None) -> str:
         """Answer one coordinator from its hello until it says bye or hangs up; returns why it ended."""
-        from qes_edge.sync.session import Options
+        from qes_edge.sync.session import Options, Refused, compare
         chan = _channel(link, None, "server")
         opts = Options()
         t_last = time.monotonic()
@@ -364,13 +364,12 @@ class Worker:
             hello = M.decode_hello(f.payload)
         except MessageError as e:
             return refuse("protocol", f"a malformed hello ({e})")
-        if hello.protocol != M.PROTOCOL:
-            return refuse("protocol", f"this worker speaks protocol v{M.PROTOCOL}, the coordinator v{hello.protocol}")
-        if hello.run is None:
+        if hello.run is None and hello.protocol == M.PROTOCOL:
             return refuse("run", "the coordinator offers no run")
-        if hello.engine_noise_spec != opts.noise_spec() or hello.run["noise_spec"] != opts.noise_spec():
-            return refuse("engine", f"this worker's engine implements noise spec v{opts.noise_spec()}, the run "
-                                    f"was recorded with v{hello.run['noise_spec']}")
+        try:  # the checks a sync makes: protocol, a looped-back link, the engines' and the run's noise spec
+            compare(M.Hello(M.PROTOCOL, opts.version(), self.node, "server", opts.noise_spec(), None, 0, None), hello)
+        except Refused as e:
+            return refuse("refused", f"the worker refuses: {e}")
         try:
             wr = self._open(hello.run)
         except Exception as e:  # a foreign base, a ledger of another chain, a model that will not load
