@@ -10,16 +10,18 @@ from typing import Optional
 import typer
 
 from qes_edge.cli.common import _fail, _one_line, app
+from qes_edge.sync.link import DEFAULT_BAUD
+from qes_edge.sync.session import Options
 
 sync_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 app.add_typer(sync_app, name="sync")
 
 LedgerOpt = typer.Option(None, "--ledger", help="This device's ledger (created when a run is received into it).")
 RunIdOpt = typer.Option(None, "--run-id", help="The run to sync (default: the peer's run, or this ledger's latest).")
-BaudOpt = typer.Option(115200, "--baud", min=1, help="Line speed of a serial device (ignored on TCP).")
-TimeoutOpt = typer.Option(3.0, "--timeout", min=0.05, help="Seconds without a frame from the peer before a message is "
+BaudOpt = typer.Option(DEFAULT_BAUD, "--baud", min=1, help="Line speed of a serial device (ignored on TCP).")
+TimeoutOpt = typer.Option(Options.timeout, "--timeout", min=0.05, help="Seconds without a frame from the peer before a message is "
                                                            "sent again.")
-RetriesOpt = typer.Option(5, "--retries", min=0, help="Timeouts in a row, and reconnections after a dropped link, "
+RetriesOpt = typer.Option(Options.retries, "--retries", min=0, help="Timeouts in a row, and reconnections after a dropped link, "
                                                       "before giving up (what was received is kept).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per sync or session on stdout.")
 

@@ -11,6 +11,7 @@ import typer
 
 from qes_edge.training.opening import model_opener
 from qes_edge.cli.common import ModelOpt, _fail, app
+from qes_edge.sync.link import DEFAULT_BAUD
 
 
 def _check_worker_ledger(ledger: Path) -> None:
@@ -44,7 +45,7 @@ def worker_cmd(on: str = typer.Option(..., "--on", help="Where coordinators conn
                threads: int = typer.Option(0, "--threads", min=0, help="Threads for llama.cpp and libqes (0: every "
                                                                        "core). Give the coordinator's --threads: "
                                                                        "rewards are bit-identical only then."),
-               baud: int = typer.Option(115200, "--baud", min=1, help="Line speed of a serial device (ignored on "
+               baud: int = typer.Option(DEFAULT_BAUD, "--baud", min=1, help="Line speed of a serial device (ignored on "
                                                                       "TCP)."),
                once: bool = typer.Option(False, "--once", help="Serve one coordinator, then exit.")):
     """Evaluate population members for a coordinator (`qes-edge train --peers URL`): hold the

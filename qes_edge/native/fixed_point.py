@@ -14,6 +14,8 @@ Q16 = 1 << 16
 Q14 = 1 << 14
 #: |residual| bound of the contract (1.5 code units) in Q16
 DEFAULT_CLAMP_Q16 = round(1.5 * Q16)
+#: the engine's bound on a coefficient, and on the sum of a step's |coefficients|, in Q16 (qes.h)
+COEF_BOUND_Q16 = 1 << 30
 
 
 def coefs_to_q16(coefs, alpha: float, sigma: float) -> np.ndarray:
@@ -28,7 +30,7 @@ def coefs_to_q16(coefs, alpha: float, sigma: float) -> np.ndarray:
         raise ValueError(f"alpha/sigma = {alpha!r}/{sigma!r} is not a finite number")
     scaled = c * ratio * Q16
     q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
-    if np.any(np.abs(q) > 2**30):
+    if np.any(np.abs(q) > COEF_BOUND_Q16):
         raise ValueError("coefficients too large for Q16 (|alpha/sigma*c| must stay below 2^14)")
     return q.astype(np.int32)
 

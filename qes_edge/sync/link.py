@@ -19,6 +19,9 @@ import select
 import socket
 from urllib.parse import urlparse
 
+#: the line speed of a serial link unless the user names one (--baud)
+DEFAULT_BAUD = 115200
+
 
 class LinkError(Exception):
     """A link that cannot be opened (a bad URL, a refused connection, a missing device)."""
@@ -179,7 +182,7 @@ def _serial_for_url(url: str, baudrate: int):
         raise LinkError(msg if url in msg else f"cannot open {url}: {msg}") from None
 
 
-def open_link(url: str, baudrate: int = 115200) -> Link:
+def open_link(url: str, baudrate: int = DEFAULT_BAUD) -> Link:
     """Connect to a peer: `socket://host:port`, a serial device, or any pyserial URL."""
     if not url or not url.strip():
         raise LinkError("no peer given (a URL such as socket://host:8765 or /dev/ttyUSB0)")
@@ -205,7 +208,7 @@ class Listener:
     """Where `serve` waits: a TCP port for `socket://HOST:PORT` (port 0: any free port, see
     `url`), or a serial device opened once."""
 
-    def __init__(self, url: str, baudrate: int = 115200):
+    def __init__(self, url: str, baudrate: int = DEFAULT_BAUD):
         self.url = url
         self._sock = None
         self._line = None

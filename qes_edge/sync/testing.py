@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge.sync.frames import HEADER_SIZE, Decoder, Frame, encode
+from qes_edge.sync.link import DEFAULT_BAUD
 from qes_edge.sync.link import FdLink, Link, LinkClosed, SocketLink
 
 REAL_TIMINGS = {"changed": 47549, "digest_s": 0.346605, "eval_s": 50.872957, "perturb_s": 0.241477,
@@ -56,7 +57,7 @@ def socket_pair() -> tuple[Link, Link]:
     return SocketLink(a, "socketpair:a"), SocketLink(b, "socketpair:b")
 
 
-def pty_pair(baudrate: int = 115200) -> tuple[Link, Link]:
+def pty_pair(baudrate: int = DEFAULT_BAUD) -> tuple[Link, Link]:
     """A pseudo-terminal: (the slave opened with pyserial, as a serial device is; the master)."""
     import serial
 

@@ -7,9 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from qes_edge import __version__
+from qes_edge.gguf.model import DEFAULT_FROZEN
 from qes_edge.native import binding as _native
 from qes_edge.native.engine import sigma_threshold
-from qes_edge.native.fixed_point import DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
+from qes_edge.native.fixed_point import COEF_BOUND_Q16, DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
 from qes_edge.tasks.base import CHOICE_NORMS
 from qes_edge.training.coefficients import DEFAULT_SCHEME, MEAN_ABS_BOUND, SCHEMES
 
@@ -37,7 +38,7 @@ class TrainConfig:
     balance: bool = True              # class-balanced batches when the task has classes
     seed: int = 0
     n_ctx: int = 512
-    frozen: list = field(default_factory=lambda: ["token_embd.weight", "output.weight"])
+    frozen: list = field(default_factory=lambda: list(DEFAULT_FROZEN))
     derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
     raw_prompt: bool = False          # prompts as given, without the model's chat template
     choice_norm: str = "mean"         # choice task: "mean" or "sum" log-probability per choice ("first": old runs)
@@ -76,10 +77,10 @@ class TrainConfig:
         sum_c = self.population * MEAN_ABS_BOUND[self.coef_scheme]
         total = math.ceil(sum_c * (self.alpha / self.sigma) * 65536 + self.population / 2)
         coefs_to_q16([min(self.coef_clip, sum_c)], self.alpha, self.sigma)  # one coefficient's own bound
-        if total > 2**30:
+        if total > COEF_BOUND_Q16:
             raise ValueError(f"alpha {self.alpha} / sigma {self.sigma} is too large for population {self.population}: "
                              f"a step's coefficients could sum to {total:,} in Q16, above the engine's bound of 2^30 "
-                             f"({2**30:,}); lower alpha or the population, or raise sigma")
+                             f"({COEF_BOUND_Q16:,}); lower alpha or the population, or raise sigma")
 
     def record(self) -> dict:
         """Everything that decides the bits, as stored in the ledger."""

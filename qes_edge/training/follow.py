@@ -20,7 +20,7 @@ from typing import Callable
 
 from qes_edge.ledger.runlog import PHASES
 from qes_edge.ledger.store import Ledger, LedgerError
-from qes_edge.sync.link import LinkError, open_link
+from qes_edge.sync.link import DEFAULT_BAUD, LinkError, open_link
 from qes_edge.sync.session import Incomplete, Options, PeerError, Refused, SyncError, sync
 from qes_edge.training.replica import Replica
 
@@ -187,7 +187,7 @@ class Follower:
 
 
 def follow(peer: str | Callable, ledger: Path, out: Path, base: str | None = None, run_id: str | None = None,
-           interval: float = 5.0, once: bool = False, opts: Options | None = None, baudrate: int = 115200,
+           interval: float = 5.0, once: bool = False, opts: Options | None = None, baudrate: int = DEFAULT_BAUD,
            threads: int = 0, stop: threading.Event | None = None,
            on_batch: Callable[[Batch], None] | None = None,
            on_step: Callable[[StepTime], None] | None = None,

@@ -47,14 +47,10 @@ def split_members(n: int, parts: int) -> list[np.ndarray]:
     return out
 
 
-def _options(timeout: float = 3.0):
-    from qes_edge.sync.session import Options
-    return Options(timeout=timeout)
-
-
-def _channel(link: Link, session: int | None, role: str, timeout: float = 3.0):
-    from qes_edge.sync.session import Channel
-    return Channel(link, _options(timeout), session, role)
+def _channel(link: Link, session: int | None, role: str, timeout: float | None = None):
+    """A sync channel with sync's options (a frame's timeout: Options.timeout unless given)."""
+    from qes_edge.sync.session import Channel, Options
+    return Channel(link, Options() if timeout is None else Options(timeout=timeout), session, role)
 
 
 def _node() -> str:
