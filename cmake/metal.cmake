@@ -7,8 +7,8 @@ if(APPLE)
   option(QES_METAL "Build the Metal backend (macOS, Apple Silicon)" ON)
   if(QES_METAL)
     enable_language(OBJC)
-    set(_qes_metal_parts native/include/qes_blocks.h native/include/qes_noise.h native/include/qes_update.h
-        native/src/metal/qes_metal_kernels.h native/src/metal/qes_metal.metal)
+    set(_qes_metal_parts native/include/qes_blocks.h native/include/qes_noise.h native/include/qes_perturb.h
+        native/include/qes_update.h native/src/metal/qes_metal_kernels.h native/src/metal/qes_metal.metal)
     set(_qes_metal_src "")
     foreach(_part ${_qes_metal_parts})
       file(READ ${CMAKE_CURRENT_SOURCE_DIR}/${_part} _text)

@@ -103,7 +103,8 @@ def test_the_metal_source_parses_with_its_vocabulary_stubbed(tmp_path):
     gxx = shutil.which("g++") or shutil.which("c++")
     if gxx is None:
         pytest.skip("no C++ compiler")
-    parts = ["native/include/qes_blocks.h", "native/include/qes_noise.h", "native/include/qes_update.h",
+    parts = ["native/include/qes_blocks.h", "native/include/qes_noise.h", "native/include/qes_perturb.h",
+             "native/include/qes_update.h",
              "native/src/metal/qes_metal_kernels.h", "native/src/metal/qes_metal.metal"]
     cmake = (ROOT / "cmake/metal.cmake").read_text()
     assert all(p in cmake for p in parts), "cmake/metal.cmake assembles another list"

@@ -68,6 +68,13 @@ QES_INLINE uint32_t qes_chunk_draws(QES_THREAD const qes_chunk_key *k, uint32_t 
     return base + (qes_mix32(k->count_key) < frac ? 1u : 0u);
 }
 
+/* Chunks of a tensor of n elements, and the elements of chunk c inside it (the last one's tail). */
+QES_INLINE uint64_t qes_chunks(uint64_t n_elements) { return (n_elements + QES_CHUNK - 1) / QES_CHUNK; }
+QES_INLINE uint32_t qes_chunk_valid(uint64_t n_elements, uint64_t c) {
+    uint64_t left = n_elements - c * QES_CHUNK;
+    return left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+}
+
 /* Upper bound of qes_chunk_draws for a threshold: the stride of the perturbation mask. */
 QES_INLINE uint32_t qes_max_draws(uint32_t p32) { return (p32 >> (32 - QES_CHUNK_BITS)) + 1u; }
 

@@ -29,7 +29,7 @@ int qes_check_threshold(uint32_t p32) {
 }
 
 uint64_t qes_mask_bytes(uint64_t n_elements, uint32_t p32) {
-    uint64_t chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(n_elements);
     return (chunks * qes_max_draws(p32) + 7) / 8;
 }
 
@@ -41,13 +41,12 @@ int qes_noise(uint64_t tensor_id, uint64_t n_elements, int64_t seed, uint32_t p3
     if (((uintptr_t)pos_out) % sizeof(uint64_t)) return QES_ERR_ALIGN;
     const qes_kernels *kern = &qes_kernels_ref;
     uint64_t abs_seed = (uint64_t)(seed < 0 ? -seed : seed), n = 0;
-    uint64_t chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(n_elements);
     uint16_t off[QES_CHUNK], slot[QES_CHUNK];
     int8_t sg[QES_CHUNK];
     for (uint64_t c = 0; c < chunks; ++c) {
         qes_chunk_key k = qes_make_chunk_key(tensor_id, abs_seed, c);
-        uint64_t left = n_elements - c * QES_CHUNK;
-        uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+        uint32_t valid = qes_chunk_valid(n_elements, c);
         uint32_t m = kern->gen_chunk(&k, qes_chunk_draws(&k, p32), valid, seed < 0 ? -1 : 1, off, sg, slot);
         for (uint32_t i = 0; i < m; ++i, ++n) {
             if (n < cap) { pos_out[n] = c * QES_CHUNK + off[i]; sign_out[n] = sg[i]; }

@@ -27,9 +27,8 @@ int qes_check_perturb(const qes_tensor *t, qes_type_traits *tr, int64_t seed, ui
     return QES_OK;
 }
 
-/* Work is split into groups of 8 chunks: group g owns mask bytes [g*stride, (g+1)*stride), so
- * threads never share a mask byte, and every group is independent of the others. */
-#define QES_GROUP_CHUNKS 8
+/* Work is split into groups of QES_GROUP_CHUNKS chunks (qes_perturb.h): threads never share a
+ * mask byte, and every group is independent of the others. */
 
 typedef struct {
     qes_tensor **ts;
@@ -57,7 +56,7 @@ static void run_group(void *vctx, uint64_t task, int thread) {
     const qes_type_traits tr = u->trs[lo];
     chunk_draws *cd = u->cds[thread];
     uint64_t g = task - (lo ? u->group_end[lo - 1] : 0);
-    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK, stride = qes_max_draws(u->p32);
+    uint64_t chunks = qes_chunks(t->n_elements), stride = qes_max_draws(u->p32);
     uint64_t c0 = g * QES_GROUP_CHUNKS, c1 = c0 + QES_GROUP_CHUNKS < chunks ? c0 + QES_GROUP_CHUNKS : chunks;
     uint64_t abs_seed = (uint64_t)(u->seed < 0 ? -u->seed : u->seed), applied = 0, foreign = 0;
     int sgn = u->seed < 0 ? -1 : 1;
@@ -69,8 +68,8 @@ static void run_group(void *vctx, uint64_t task, int thread) {
     }
     for (uint64_t c = c0; c < c1; ++c) {
         qes_chunk_key k = qes_make_chunk_key(t->id, abs_seed, c);
-        uint64_t base = c * QES_CHUNK, left = t->n_elements - base;
-        uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+        uint64_t base = c * QES_CHUNK;
+        uint32_t valid = qes_chunk_valid(t->n_elements, c);
         uint32_t m = u->kern->gen_chunk(&k, qes_chunk_draws(&k, u->p32), valid, sgn, cd->off, cd->sign, cd->slot);
         /* the draws come in random order; visiting them bucket by bucket in address order lets
            the hardware prefetcher stream the tensor instead of missing at random.  Every element
@@ -84,18 +83,11 @@ static void run_group(void *vctx, uint64_t task, int thread) {
                 __builtin_prefetch(t->data + ((base + cd->off[cd->order[o + 16]]) >> tr.block_shift) * (uint64_t)tr.block_bytes, 1);
             uint32_t i = cd->order[o];
             uint64_t e = base + cd->off[i], bit = c * stride + cd->slot[i];
-            int code = qes_elem_get(&tr, t->data, e);
-            if (u->write) { /* perturb: gate at the range ends */
-                int nc = code + cd->sign[i];
-                if (nc < tr.cmin || nc > tr.cmax) continue;
-                qes_elem_set(&tr, t->data, e, nc);
-                mask[bit >> 3] |= (uint8_t)(1u << (bit & 7));
-                ++applied;
-            } else if ((mask[bit >> 3] >> (bit & 7)) & 1) { /* restore what was applied */
-                int oc = code - cd->sign[i];
-                if (oc < tr.cmin || oc > tr.cmax) { ++foreign; continue; } /* not this seed's mask */
-                qes_elem_set(&tr, t->data, e, oc);
-                ++applied;
+            if (u->write) { /* perturb: gated at the range ends */
+                if (qes_perturb_elem(&tr, t->data, e, cd->sign[i])) { qes_mask_set(mask, bit); ++applied; }
+            } else if (qes_mask_test(mask, bit)) { /* restore what was applied */
+                if (qes_restore_elem(&tr, t->data, e, cd->sign[i])) ++applied;
+                else ++foreign; /* not this seed's mask */
             }
         }
     }
@@ -114,7 +106,7 @@ static int run_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_
     if (failed_out) *failed_out = 0;
     if (n == 0) return QES_OK;
     if (!ts || !masks || !mask_bytes) return QES_ERR_NULL;
-    if (n_threads > 1024) return QES_ERR_ARG;
+    if (n_threads > QES_MAX_THREADS) return QES_ERR_ARG;
     many_ctx u = {ts, NULL, NULL, n, seed, p32, masks, write, kern, NULL, applied_out, UINT32_MAX};
     u.trs = (qes_type_traits *)malloc(sizeof(qes_type_traits) * n);
     u.group_end = (uint64_t *)malloc(sizeof(uint64_t) * n);
@@ -124,7 +116,7 @@ static int run_many(const qes_kernels *kern, qes_tensor **ts, uint32_t n, int64_
             if (failed_out) *failed_out = i;
             goto out;
         }
-        uint64_t chunks = (ts[i]->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+        uint64_t chunks = qes_chunks(ts[i]->n_elements);
         groups += (chunks + QES_GROUP_CHUNKS - 1) / QES_GROUP_CHUNKS;
         u.group_end[i] = groups;
         if (applied_out) applied_out[i] = 0;

@@ -10,7 +10,11 @@
 #include "qes.h"
 #include "qes_blocks.h"
 #include "qes_noise.h"
+#include "qes_perturb.h" /* qes_perturb_elem, qes_restore_elem, the mask bits, QES_GROUP_CHUNKS */
 #include "qes_update.h"  /* qes_gate, qes_update_elem: the update's per-element arithmetic */
+
+/* the most threads a call may ask for (QES_ERR_ARG above it) */
+#define QES_MAX_THREADS 1024
 
 /* The draws of one chunk: chunk offsets and signs (+-1, seed sign applied).
  * Returns the number of draws (entries written; entries past n_valid are dropped and

@@ -42,8 +42,8 @@ typedef struct {
 static void update_tile(void *vctx, uint64_t c, int thread) {
     update_ctx *u = (update_ctx *)vctx;
     tile_buf *b = u->bufs[thread];
-    uint64_t base = c * QES_CHUNK, left = u->t->n_elements - base;
-    uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+    uint64_t base = c * QES_CHUNK;
+    uint32_t valid = qes_chunk_valid(u->t->n_elements, c);
     int32_t *r = u->residual ? u->residual + base : b->r;
     if (!u->residual) memset(r, 0, valid * sizeof(int32_t));
     qes_dense_args a = {&u->tr, u->t->data, base, valid, u->p->beta_q14, u->p->clamp_q16,
@@ -68,7 +68,7 @@ int qes_check_update(const qes_tensor *t, qes_type_traits *tr, const qes_step *s
     if (n_steps == 0 || n_steps > 100000) return QES_ERR_ARG;
     if (p->beta_q14 < 0 || p->beta_q14 > 16384) return QES_ERR_ARG;
     if (p->clamp_q16 < 0 || p->clamp_q16 > 131071) return QES_ERR_ARG;
-    if (p->n_threads > 1024) return QES_ERR_ARG;
+    if (p->n_threads > QES_MAX_THREADS) return QES_ERR_ARG;
     for (uint32_t s = 0; s < n_steps; ++s) {
         const qes_step *st = &steps[s];
         if (st->n_members && (!st->seeds || !st->coefs)) return QES_ERR_NULL;
@@ -120,7 +120,7 @@ int qes_host_update(const qes_kernels *kern, qes_tensor *t, const qes_step *step
     update_ctx u;
     int err = qes_check_update(t, &u.tr, steps, n_steps, residual, params);
     if (err) return err;
-    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(t->n_elements);
     int nt = params->n_threads > 0 ? params->n_threads : qes_default_threads();
     if ((uint64_t)nt > chunks) nt = (int)chunks;
     uint64_t n_members = 0;

@@ -105,8 +105,7 @@ QES_HD pr_chunk pr_locate(const pr_args *a, uint64_t task) {
     ch.ti = lo;
     ch.c = task - (lo ? a->chunk_end[lo - 1] : 0);
     const pr_tensor *t = &a->ts[lo];
-    uint64_t left = t->n_elements - ch.c * QES_CHUNK;
-    ch.valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+    ch.valid = qes_chunk_valid(t->n_elements, ch.c);
     ch.k = qes_make_chunk_key(t->id, a->abs_seed, ch.c);
     return ch;
 }
@@ -140,20 +139,15 @@ QES_HD void pr_apply(const pr_args *a, const pr_chunk *ch, const uint16_t *slot,
             if (!s) continue;
             uint64_t e = base + x, bit = bit0 + (s - 1);
             int sign = qes_draw_sign(&ch->k, x) * a->sgn;
-            int code = qes_elem_get(&tr, t->data, e);
-            if (a->write) { /* perturb: gate at the range ends */
-                int nc = code + sign;
-                if (nc < tr.cmin || nc > tr.cmax) continue;
-                qes_elem_set(&tr, t->data, e, nc);
+            if (a->write) { /* perturb: gated at the range ends (qes_perturb.h) */
+                if (!qes_perturb_elem(&tr, t->data, e, sign)) continue;
                 /* bits of one mask word belong to other draws (other threads, other chunks):
                    atomic on the 32-bit word; bit & 31 of a little-endian word is bit & 7 of byte bit >> 3 */
                 at_or_u32((uint32_t *)mask + (bit >> 5), 1u << (bit & 31));
                 ++applied;
-            } else if ((mask[bit >> 3] >> (bit & 7)) & 1) { /* restore what was applied */
-                int oc = code - sign;
-                if (oc < tr.cmin || oc > tr.cmax) { ++foreign; continue; } /* not this seed's mask */
-                qes_elem_set(&tr, t->data, e, oc);
-                ++applied;
+            } else if (qes_mask_test(mask, bit)) { /* restore what was applied */
+                if (qes_restore_elem(&tr, t->data, e, sign)) ++applied;
+                else ++foreign; /* not this seed's mask */
             }
         }
     }
@@ -198,10 +192,7 @@ typedef struct {
     unsigned long long *stats;   /* device: changed, dropped */
 } up_args;
 
-QES_HD uint32_t up_valid(const up_args *a, uint64_t c) {
-    uint64_t left = a->n_elements - c * QES_CHUNK;
-    return left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
-}
+QES_HD uint32_t up_valid(const up_args *a, uint64_t c) { return qes_chunk_valid(a->n_elements, c); }
 
 /* acc = 0, r = the stored residual or 0 */
 QES_HD void up_init(const up_args *a, uint64_t c, int32_t *acc, int32_t *r, int tid, int nt) {
@@ -328,7 +319,7 @@ static int run_subset(const std::vector<uint32_t> &idx, const std::vector<pr_ten
         pt[i] = all[idx[i]];
         pt[i].mask_off = mask_total;
         mask_total += align_up(mb[idx[i]], 4); /* words of the atomicOr stay inside the tensor's mask */
-        chunks += (pt[i].n_elements + QES_CHUNK - 1) / QES_CHUNK;
+        chunks += qes_chunks(pt[i].n_elements);
         chunk_end[i] = chunks;
     }
     /* one device buffer: tensors | chunk_end | applied | failed | masks, staged through one host buffer */
@@ -529,7 +520,7 @@ static int update_on(qes_tensor *t, const qes_type_traits &tr, const qes_step *s
     a.clamp_q16 = params->clamp_q16;
     a.anti_windup = (params->flags & QES_UPDATE_ANTI_WINDUP) != 0;
     a.stats = (unsigned long long *)(dev + o_stats);
-    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(t->n_elements);
     for (uint64_t c0 = 0; !err && c0 < chunks; c0 += MAX_GRID) {
         uint64_t g = chunks - c0 < MAX_GRID ? chunks - c0 : MAX_GRID;
         up_kernel<<<(unsigned)g, UP_THREADS, UP_SHARED>>>(a, c0);

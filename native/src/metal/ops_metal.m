@@ -16,7 +16,6 @@
 #include <string.h>
 #include <unistd.h>
 #include "qes_internal.h"
-#include "qes_metal_kernels.h" /* QES_GROUP_CHUNKS */
 #include "qes_metal_source.h" /* generated: qes_metal_source[], the kernels and the shared headers */
 
 #define QES_MTL_BATCH 256u      /* chunks per update dispatch: 2 x 16 MiB of int32 scratch */
@@ -92,7 +91,7 @@ static int run_groups(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, u
     @autoreleasepool {
         for (uint32_t i = 0; i < n; ++i) {
             qes_tensor *t = ts[i];
-            uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+            uint64_t chunks = qes_chunks(t->n_elements);
             uint64_t groups = (chunks + QES_GROUP_CHUNKS - 1) / QES_GROUP_CHUNKS;
             uint64_t mb = qes_mask_bytes(t->n_elements, p32);
             NSUInteger off = 0;
@@ -171,7 +170,7 @@ static int update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_
         uint64_t *seeds = (uint64_t *)malloc((size_t)(at ? at : 1) * 8);
         int32_t *coefs = (int32_t *)malloc((size_t)(at ? at : 1) * 4);
         for (uint32_t i = 0; i < at; ++i) { seeds[i] = terms[i].seed; coefs[i] = terms[i].coef; }
-        uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+        uint64_t chunks = qes_chunks(t->n_elements);
         uint32_t batch = chunks < QES_MTL_BATCH ? (uint32_t)chunks : QES_MTL_BATCH;
         NSUInteger off = 0, roff = 0;
         id<MTLBuffer> data = wrap(t->data, t->n_bytes, &off);

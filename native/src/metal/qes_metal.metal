@@ -1,6 +1,6 @@
 // qes_metal.metal -- the Metal compute kernels of the Metal backend (Apple Silicon).
 // Built at run time by ops_metal.m from one source string that cmake/metal.cmake assembles:
-// qes_blocks.h, qes_noise.h, qes_update.h, qes_metal_kernels.h, then this file (their quoted
+// qes_blocks.h, qes_noise.h, qes_perturb.h, qes_update.h, qes_metal_kernels.h, then this file (their quoted
 // #include lines dropped).  Each thread calls the functions of qes_metal_kernels.h, which the
 // host tests run as C and C++ against the golden vectors (tests/test_metal_logic.py).
 #include <metal_stdlib>
@@ -60,8 +60,8 @@ kernel void qes_update_chunks(device uint8_t *data [[buffer(0)]],
                               uint tid [[thread_position_in_threadgroup]],
                               uint nt [[threads_per_threadgroup]]) {
     uint64_t c = a.chunk0 + tg;
-    uint64_t base = c * QES_CHUNK, left = a.n_elements - base;
-    uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+    uint64_t base = c * QES_CHUNK;
+    uint32_t valid = qes_chunk_valid(a.n_elements, c);
     device int32_t *acc = acc_all + (uint64_t)tg * QES_CHUNK;
     device int32_t *r = a.has_residual ? r_all + base : r_all + (uint64_t)tg * QES_CHUNK;
     for (uint32_t i = tid; i < valid; i += nt) {

@@ -17,9 +17,8 @@
 
 #include "qes_blocks.h"
 #include "qes_noise.h"
+#include "qes_perturb.h"
 #include "qes_update.h"
-
-#define QES_GROUP_CHUNKS 8
 
 /* Perturb (write = 1) or restore (write = 0) group g of a tensor; returns the codes changed.
  * *foreign is set when a restore meets a mask bit this seed did not write (a code would leave
@@ -27,7 +26,7 @@
 QES_INLINE uint32_t qes_mtl_group(QES_THREAD const qes_type_traits *tr, QES_DEVICE uint8_t *data, uint64_t n_elements,
                                   uint64_t tensor_id, int64_t seed, uint32_t p32, QES_DEVICE uint8_t *mask,
                                   uint64_t mask_bytes, uint64_t g, int write, QES_THREAD uint32_t *foreign) {
-    uint64_t chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK, stride = qes_max_draws(p32);
+    uint64_t chunks = qes_chunks(n_elements), stride = qes_max_draws(p32);
     uint64_t c0 = g * QES_GROUP_CHUNKS, c1 = c0 + QES_GROUP_CHUNKS < chunks ? c0 + QES_GROUP_CHUNKS : chunks;
     uint64_t abs_seed = (uint64_t)(seed < 0 ? -seed : seed);
     int sgn = seed < 0 ? -1 : 1;
@@ -38,26 +37,19 @@ QES_INLINE uint32_t qes_mtl_group(QES_THREAD const qes_type_traits *tr, QES_DEVI
     }
     for (uint64_t c = c0; c < c1; ++c) {
         qes_chunk_key k = qes_make_chunk_key(tensor_id, abs_seed, c);
-        uint64_t base = c * QES_CHUNK, left = n_elements - base;
-        uint32_t valid = left < QES_CHUNK ? (uint32_t)left : QES_CHUNK;
+        uint64_t base = c * QES_CHUNK;
+        uint32_t valid = qes_chunk_valid(n_elements, c);
         uint32_t draws = qes_chunk_draws(&k, p32);
         for (uint32_t j = 0; j < draws; ++j) {
             uint32_t x = qes_perm(&k, j);
             if (x >= valid) continue;
             int sign = qes_draw_sign(&k, x) * sgn;
             uint64_t e = base + x, bit = c * stride + j;
-            int code = qes_elem_get(tr, data, e);
             if (write) {
-                int nc = code + sign;
-                if (nc < tr->cmin || nc > tr->cmax) continue;
-                qes_elem_set(tr, data, e, nc);
-                mask[bit >> 3] = (uint8_t)(mask[bit >> 3] | (1u << (bit & 7)));
-                ++applied;
-            } else if ((mask[bit >> 3] >> (bit & 7)) & 1) {
-                int oc = code - sign;
-                if (oc < tr->cmin || oc > tr->cmax) { *foreign = 1; continue; }
-                qes_elem_set(tr, data, e, oc);
-                ++applied;
+                if (qes_perturb_elem(tr, data, e, sign)) { qes_mask_set(mask, bit); ++applied; }
+            } else if (qes_mask_test(mask, bit)) {
+                if (qes_restore_elem(tr, data, e, sign)) ++applied;
+                else *foreign = 1;
             }
         }
     }
