@@ -191,3 +191,22 @@ def test_any_executor_plugs_in_without_changing_the_trainer(tmp_path):
     assert [c[0] for c in tr2.executor.calls] == [0, 1, 2]
     assert tr2.executor.calls[1][1] == member_seeds(cfg.seed, 1, 4).tolist()
     assert tr2.executor.calls[1][2] == batch_indices(cfg.seed, 1, 8, 2).tolist()
+
+
+def test_config_from_options_takes_its_fields_and_ignores_the_rest():
+    from pathlib import Path
+    cfg = TrainConfig.from_options({"population": 8, "data": Path("x.jsonl"), "steps": 5, "ledger": None})
+    assert cfg.population == 8 and cfg.data == "x.jsonl"
+    assert cfg.sigma == TrainConfig.sigma and cfg.coef_scheme == TrainConfig.coef_scheme
+
+
+def test_every_run_option_is_a_train_option_and_a_config_field():
+    """from_options reads train's options by name: a run option that train spelled otherwise
+    would silently stay at its default."""
+    from typer.main import get_command
+
+    from qes_edge.cli.main import app
+    from qes_edge.training.session import RUN_OPTIONS
+    names = {p.name for p in get_command(app).commands["train"].params}
+    assert set(RUN_OPTIONS) <= names
+    assert set(RUN_OPTIONS) <= set(TrainConfig.__dataclass_fields__)

@@ -30,7 +30,7 @@ static int emu_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uin
         if (err) return err;
         pt[i].data = ts[i]->data; pt[i].n_elements = ts[i]->n_elements; pt[i].id = ts[i]->id; pt[i].mask_off = tot;
         mb[i] = qes_mask_bytes(ts[i]->n_elements, p32); tot += align_up(mb[i], 4);
-        chunks += (ts[i]->n_elements + QES_CHUNK - 1) / QES_CHUNK; end[i] = chunks;
+        chunks += qes_chunks(ts[i]->n_elements); end[i] = chunks;
     }
     std::vector<uint32_t> maskbuf(tot / 4 + 1, 0);
     uint8_t *mb8 = (uint8_t *)maskbuf.data();
@@ -113,7 +113,7 @@ static int emu_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, in
     up_args a; a.data = t->data; a.n_elements = t->n_elements; a.id = t->id; a.tr = tr; a.terms = terms.data(); a.step_first = first.data();
     a.threshold = thr.data(); a.n_steps = n_steps; a.residual = residual; a.beta_q14 = p->beta_q14; a.clamp_q16 = p->clamp_q16;
     a.anti_windup = (p->flags & QES_UPDATE_ANTI_WINDUP) != 0; a.stats = st;
-    uint64_t chunks = (t->n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(t->n_elements);
     std::vector<int32_t> acc(QES_CHUNK, 0x7777), r(QES_CHUNK, 0x7777);
     std::vector<uint64_t> tasks(chunks); for (uint64_t i = 0; i < chunks; ++i) tasks[i] = i; std::shuffle(tasks.begin(), tasks.end(), rng);
     for (uint64_t c : tasks) {

@@ -18,7 +18,7 @@ API int mtl_perturb(int type, uint64_t n_elements, uint8_t *data, uint64_t tenso
                     uint8_t *mask, uint64_t mask_bytes, int write, uint64_t *applied) {
     qes_type_traits tr;
     if (!qes_traits(type, &tr)) return -2;
-    uint64_t chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK, groups = (chunks + QES_GROUP_CHUNKS - 1) / QES_GROUP_CHUNKS;
+    uint64_t chunks = qes_chunks(n_elements), groups = (chunks + QES_GROUP_CHUNKS - 1) / QES_GROUP_CHUNKS;
     uint32_t foreign = 0;
     *applied = 0;
     for (uint64_t g = 0; g < groups; ++g)
@@ -36,7 +36,7 @@ API int mtl_update(int type, uint64_t n_elements, uint8_t *data, uint64_t tensor
     qes_type_traits tr;
     if (!qes_traits(type, &tr)) return -2;
     int32_t *acc = (int32_t *)calloc(QES_CHUNK, sizeof(int32_t)), *scratch = (int32_t *)calloc(QES_CHUNK, sizeof(int32_t));
-    uint64_t chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    uint64_t chunks = qes_chunks(n_elements);
     *changed = *dropped = 0;
     for (uint64_t c = 0; c < chunks; ++c) {
         uint64_t base = c * QES_CHUNK, left = n_elements - base;

@@ -56,11 +56,7 @@ def queue_add(ctx: typer.Context):
         _fail("--json is for the foreground train; the daemon's progress is `qes-edge status --json`")
     with _user_errors():
         data = check_data_option(p["data"])
-        cfg = TrainConfig(task=p["task"], data=str(data) if data else None, population=p["population"],
-                          sigma=p["sigma"], alpha=p["alpha"], beta=p["beta"], window=p["window"],
-                          error_feedback=p["error_feedback"], residual=p["residual"], batch=p["batch"],
-                          balance=p["balance"], seed=p["seed"], n_ctx=p["n_ctx"], raw_prompt=p["raw_prompt"],
-                          choice_norm=p["choice_norm"], coef_scheme=p["coef_scheme"])
+        cfg = TrainConfig.from_options({**p, "data": data})
         try:
             cfg.validate()
         except ValueError as e:

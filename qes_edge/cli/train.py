@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qes_edge.training.coefficients import DEFAULT_SCHEME
+from qes_edge.training.config import TrainConfig
 from qes_edge.native.quant import QESError
 from qes_edge.cli import common
 from qes_edge.cli.common import (ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
@@ -21,19 +21,19 @@ from qes_edge.cli.common import (ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsO
 @app.command()
 def train(ctx: typer.Context,
           model: Optional[str] = ModelOpt,
-          task: str = typer.Option("sentiment", help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
+          task: str = typer.Option(TrainConfig.task, help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
           steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
-          population: int = typer.Option(16, min=2, help="Members per step, as mirrored pairs (even)."),
-          sigma: float = typer.Option(0.01, help="Noise scale in code units (about 0.8*sigma of codes move)."),
-          alpha: float = typer.Option(0.001, help="Step size: step = alpha/sigma * sum c_i eps_i + beta * residual."),
-          beta: float = typer.Option(0.9, help="Residual decay of error feedback, in [0, 1]."),
-          window: int = typer.Option(50, min=0, help="Steps replayed into the residual (seed-replay mode)."),
-          error_feedback: bool = typer.Option(True, "--error-feedback/--no-error-feedback", help="Accumulate rounding residuals (QES) or not (QuZO-style)."),
-          residual: str = typer.Option("replay", help="replay: rebuild the residual from the ledger; stored: keep int32 per code in memory."),
-          batch: int = typer.Option(24, min=1, help="Prompts per step (all members see the same ones)."),
-          balance: bool = typer.Option(True, "--balance/--no-balance", help="Class-balanced prompts per step when the task has classes."),
-          seed: int = typer.Option(0, help="Run seed: prompts and member seeds derive from it and the step."),
+          population: int = typer.Option(TrainConfig.population, min=2, help="Members per step, as mirrored pairs (even)."),
+          sigma: float = typer.Option(TrainConfig.sigma, help="Noise scale in code units (about 0.8*sigma of codes move)."),
+          alpha: float = typer.Option(TrainConfig.alpha, help="Step size: step = alpha/sigma * sum c_i eps_i + beta * residual."),
+          beta: float = typer.Option(TrainConfig.beta, help="Residual decay of error feedback, in [0, 1]."),
+          window: int = typer.Option(TrainConfig.window, min=0, help="Steps replayed into the residual (seed-replay mode)."),
+          error_feedback: bool = typer.Option(TrainConfig.error_feedback, "--error-feedback/--no-error-feedback", help="Accumulate rounding residuals (QES) or not (QuZO-style)."),
+          residual: str = typer.Option(TrainConfig.residual, help="replay: rebuild the residual from the ledger; stored: keep int32 per code in memory."),
+          batch: int = typer.Option(TrainConfig.batch, min=1, help="Prompts per step (all members see the same ones)."),
+          balance: bool = typer.Option(TrainConfig.balance, "--balance/--no-balance", help="Class-balanced prompts per step when the task has classes."),
+          seed: int = typer.Option(TrainConfig.seed, help="Run seed: prompts and member seeds derive from it and the step."),
           ledger: Optional[Path] = typer.Option(None, help="Ledger file (default: <home>/runs/<model>.<task>.s<seed>.qes, "
                                                            "home being $QES_EDGE_HOME or the user data folder)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the ledger's run with its recorded config even "
@@ -42,10 +42,10 @@ def train(ctx: typer.Context,
                                                                  "stays: replay --run-id rebuilds it)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
           threads: int = ThreadsOpt,
-          n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
+          n_ctx: int = typer.Option(TrainConfig.n_ctx, help="llama.cpp context size in tokens (64 or more)."),
           raw_prompt: bool = RawPromptOpt,
           choice_norm: str = ChoiceNormOpt,
-          coef_scheme: str = typer.Option(DEFAULT_SCHEME, "--coef-scheme",
+          coef_scheme: str = typer.Option(TrainConfig.coef_scheme, "--coef-scheme",
                                           help="Member rewards to coefficients: pairs (the paper's mirrored "
                                                "pairs: z-scored pair differences), pairs-rank, zscore (member "
                                                "z-scores, runs before pairs) or rank."),
@@ -67,24 +67,17 @@ def train(ctx: typer.Context,
 
     Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
     with _json_output(as_json):
-        _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-               balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-               peers, ray, coef_scheme=coef_scheme)
+        _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray)
 
 
-def _train(ctx, model, task, data, steps, population, sigma, alpha, beta, window, error_feedback, residual, batch,
-           balance, seed, ledger, resume, new_run, eval_every, threads, n_ctx, raw_prompt, choice_norm, as_json,
-           peers=None, ray=None, coef_scheme=DEFAULT_SCHEME):
+def _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray):
+    """train's work; the run's config comes from its options (ctx.params) through TrainConfig.from_options."""
     from qes_edge.training.opening import check_data_option
     from qes_edge.training.session import RUN_OPTIONS, Session, SessionOptions
-    from qes_edge.training.config import TrainConfig
 
     with _user_errors():
         data = check_data_option(data)
-        cfg = TrainConfig(task=task, data=str(data) if data else None, population=population, sigma=sigma,
-                          alpha=alpha, beta=beta, window=window, error_feedback=error_feedback, residual=residual,
-                          batch=batch, balance=balance, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                          choice_norm=choice_norm, coef_scheme=coef_scheme)
+        cfg = TrainConfig.from_options({**ctx.params, "data": data})
         opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
                               new_run=new_run, threads=threads)
         check_executor_options(peers, ray)
@@ -197,8 +190,6 @@ def evaluate(model: Optional[str] = ModelOpt,
     Example: qes-edge eval --model trained.gguf --json"""
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.config import TrainConfig
-
     from qes_edge.training.opening import check_prompts, load_task, open_driver, trainable_model
     cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
                       choice_norm=choice_norm)

@@ -90,6 +90,16 @@ class TrainConfig:
         return d
 
     @classmethod
+    def from_options(cls, options: dict) -> "TrainConfig":
+        """The config that `train`'s options ask for (`queue add` takes the same): the fields named
+        in options, the others at their defaults; any other option (steps, ledger, threads...) is
+        not the config's and is ignored."""
+        d = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
+        if d.get("data") is not None:
+            d["data"] = str(d["data"])
+        return cls(**d)
+
+    @classmethod
     def from_record(cls, d: dict) -> "TrainConfig":
         # ledgers written before balanced batches drew them at random, and before derive 2 with NumPy;
         # before chat templates every prompt but sentiment's and countdown's went in raw (those two
