@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 ENV = "QES_EDGE_HOME"
+#: the overnight agent's queue and job table, in the home folder (agent/db.py)
+DAEMON_DB = "daemon.db"
 
 
 def home() -> Path:

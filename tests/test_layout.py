@@ -181,3 +181,15 @@ def test_the_checks_catch_what_they_guard(tmp_path):
     assert against_direction(g) == ["qes_edge.native.engine (native) imports qes_edge.cli.main (cli)"]
     assert sorted(cycles(g)) == [["qes_edge.cli.main", "qes_edge.native.engine"],
                                  ["qes_edge.tasks.a", "qes_edge.tasks.b"]]
+
+
+def test_the_model_file_checks_and_chat_templates_do_not_load_the_c_library():
+    """gguf/check.py and llama/chat.py name the quant types and QESError (native/types.py, plain
+    Python): importing them leaves libqes unloaded (a header check costs no native library)."""
+    import subprocess
+    import sys
+    code = ("import sys, qes_edge.gguf.check, qes_edge.llama.chat; "
+            "print(sorted(m for m in sys.modules if m in ('qes_edge.native.binding', '_cffi_backend')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

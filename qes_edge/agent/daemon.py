@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qes_edge.agent.db import DaemonDB, Job
+from qes_edge.home import DAEMON_DB, ENV as HOME_ENV
 
 LOG = logging.getLogger("qes_edge.daemon")
 
@@ -37,7 +38,7 @@ class DaemonError(Exception):
 
 
 def daemon_paths(home: Path) -> dict[str, Path]:
-    return {"db": home / "daemon.db", "lock": home / "daemon.lock", "log": home / "daemon.log",
+    return {"db": home / DAEMON_DB, "lock": home / "daemon.lock", "log": home / "daemon.log",
             "out": home / "daemon.out"}
 
 
@@ -60,7 +61,7 @@ class HomeLock:
             pid = running_pid(self.path)
             raise DaemonError(f"another qes-edge daemon{f' (pid {pid})' if pid else ''} is running on "
                               f"{self.path.parent}: stop it with `qes-edge daemon stop`, or give another "
-                              "QES_EDGE_HOME") from None
+                              f"{HOME_ENV}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)
@@ -492,7 +493,7 @@ def start_detached(argv: list[str], home: Path, timeout: float = 20.0) -> int:
     home.mkdir(parents=True, exist_ok=True)
     with open(paths["out"], "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "QES_EDGE_HOME": str(home)})
+                                start_new_session=True, env={**os.environ, HOME_ENV: str(home)})
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

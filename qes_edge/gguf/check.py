@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qes_edge.native.quant import GGML_TYPES
+from qes_edge.native.types import GGML_TYPES
 
 MAGIC = b"GGUF"
 MAX_COUNT = 1 << 24          # tensors or metadata entries: far beyond any real model

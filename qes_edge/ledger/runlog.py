@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from qes_edge.home import DAEMON_DB, home, runs_dir
 from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord, open_verified
 
 #: the timings every step records, in the order a step spends them
@@ -35,7 +36,7 @@ class RunNotFound(ValueError):
 
 def _daemon_ledgers(home: Path) -> list[Path]:
     """The ledgers of the overnight agent's jobs; none when it never ran (or its table differs)."""
-    db = home / "daemon.db"
+    db = home / DAEMON_DB
     if not db.is_file():
         return []
     quoted = str(db.resolve()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
@@ -57,7 +58,6 @@ def _daemon_ledgers(home: Path) -> list[Path]:
 
 def known_ledgers() -> list[Path]:
     """Every ledger a run id is looked up in: `<home>/runs/*.qes`, then the daemon's jobs'."""
-    from qes_edge.home import home, runs_dir
     folder = runs_dir()
     found = sorted(folder.glob("*.qes")) if folder.is_dir() else []
     found += _daemon_ledgers(home())
@@ -98,10 +98,9 @@ def find_run(spec: str) -> tuple[Path, str | None]:
         return p, None
     if not RUN_ID_PREFIX.fullmatch(spec):
         raise RunNotFound(f"{spec}: no such ledger file, and not a run id (4 to 32 hex digits)")
-    from qes_edge.home import home, runs_dir
     matches = [(path, r) for path in known_ledgers() for r in match_run_id(_run_ids(path), spec)]
     if not matches:
-        where = f"the ledgers in {runs_dir()}" + (" or the daemon's jobs" if (home() / "daemon.db").is_file() else "")
+        where = f"the ledgers in {runs_dir()}" + (" or the daemon's jobs" if (home() / DAEMON_DB).is_file() else "")
         raise RunNotFound(f"no run {spec} in {where}; give the ledger's path")
     ids = sorted({r for _, r in matches})
     if len(ids) > 1:

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qes_edge.native.quant import QESError
+from qes_edge.native.types import QESError
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 
