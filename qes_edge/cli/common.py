@@ -115,6 +115,15 @@ def peer_urls(peers: str) -> list[str]:
     return urls
 
 
+def _refuse_directory(ledger: Path) -> None:
+    """A folder given as a ledger: ledger.store's one message for it, as one error line."""
+    from qes_edge.ledger.store import LedgerError, check_not_directory
+    try:
+        check_not_directory(ledger)
+    except LedgerError as e:
+        _fail(str(e))
+
+
 def _open_ledger_readonly(ledger: Path, run_id: Optional[str]):
     """(ledger, run, verified step count): ledger.store.open_verified, its errors one line."""
     from qes_edge.ledger.store import LedgerError, open_verified

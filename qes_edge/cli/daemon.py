@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from qes_edge.cli import common
-from qes_edge.cli.common import JsonOpt, ThreadsOpt, _explicit, _fail, _user_errors, app
+from qes_edge.cli.common import JsonOpt, ThreadsOpt, _explicit, _fail, _refuse_directory, _user_errors, app
 
 queue_app = typer.Typer(help="The daemon's queue of runs: add takes train's options.\n\n"
                         "Example: qes-edge queue add --task choice --data quiz.jsonl --steps 200", no_args_is_help=True)
@@ -78,8 +78,7 @@ def queue_add(ctx: typer.Context):
         model = trainable_model(p["model"], cfg.frozen).resolve()
     ledger = (Path(p["ledger"]).expanduser().absolute() if p["ledger"] else default_ledger(model, cfg.task, cfg.seed))
     explicit = _explicit(sub, RUN_OPTIONS)
-    if ledger.is_dir():
-        _fail(f"{ledger}: is a directory, not a ledger file")
+    _refuse_directory(ledger)
     if ledger.is_file() and not p["new_run"]:
         try:
             lg = Ledger(ledger, readonly=True)

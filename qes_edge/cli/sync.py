@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from qes_edge.cli.common import _fail, _one_line, app
+from qes_edge.cli.common import _fail, _one_line, _refuse_directory, app
 from qes_edge.sync.link import DEFAULT_BAUD
 from qes_edge.sync.session import Options
 
@@ -32,8 +32,7 @@ def _check_ledger(ledger: Optional[Path], run_id: Optional[str]) -> Path:
     from qes_edge.ledger.store import Ledger, LedgerError
     if ledger is None:
         _fail("--ledger is needed: this device's ledger (it is created when a run is received)")
-    if ledger.is_dir():
-        _fail(f"{ledger}: is a directory, not a ledger file")
+    _refuse_directory(ledger)
     if not ledger.exists():
         if not ledger.parent.is_dir():
             _fail(f"the folder {ledger.parent} does not exist")

@@ -10,14 +10,13 @@ from typing import Optional
 import typer
 
 from qes_edge.training.opening import model_opener
-from qes_edge.cli.common import ModelOpt, _fail, app
+from qes_edge.cli.common import ModelOpt, _fail, _refuse_directory, app
 from qes_edge.sync.link import DEFAULT_BAUD
 
 
 def _check_worker_ledger(ledger: Path) -> None:
     from qes_edge.ledger.store import Ledger, LedgerError
-    if ledger.is_dir():
-        _fail(f"{ledger}: is a directory, not a ledger file")
+    _refuse_directory(ledger)
     if not ledger.exists():
         if not ledger.parent.is_dir():
             _fail(f"the folder {ledger.parent} does not exist")

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from qes_edge.home import DAEMON_DB, home, runs_dir
-from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord, open_verified
+from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord, check_not_directory, open_verified
 
 #: the timings every step records, in the order a step spends them
 PHASES = ("perturb_s", "eval_s", "restore_s", "update_s", "digest_s")
@@ -92,8 +92,10 @@ def find_run(spec: str) -> tuple[Path, str | None]:
     """(ledger path, run id or None for "the ledger's latest or --run-id") for RUN; raises
     RunNotFound with a one-line reason."""
     p = Path(spec).expanduser()
-    if p.is_dir():
-        raise RunNotFound(f"{spec}: is a directory, not a ledger file")
+    try:
+        check_not_directory(p)
+    except LedgerError as e:
+        raise RunNotFound(str(e)) from None
     if p.exists():
         return p, None
     if not RUN_ID_PREFIX.fullmatch(spec):

@@ -44,6 +44,13 @@ class _NoSchema(LedgerError):
     """An SQLite file without ledger tables (a new ledger is created in it when opened for writing)."""
 
 
+def check_not_directory(path: Path) -> None:
+    """LedgerError when a folder is given where a ledger file is meant: the one message for it,
+    which every command that takes a ledger says."""
+    if Path(path).is_dir():
+        raise LedgerError(f"{path}: is a directory, not a ledger file")
+
+
 def _uri(path: Path, **params) -> str:
     quoted = str(path.resolve()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
     return f"file:{quoted}?" + "&".join(f"{k}={v}" for k, v in params.items())
@@ -230,10 +237,9 @@ class Ledger:
         # a -wal with no -shm beside it: no connection has the file open, the -wal is left over
         # (or copied with the file); when the chain breaks with it, verify says what to do
         self.wal_read = False
+        check_not_directory(self.path)
         if readonly and not self.path.is_file():
             raise LedgerError(f"ledger not found: {self.path}")
-        if not readonly and self.path.is_dir():
-            raise LedgerError(f"{self.path}: is a directory, not a ledger file")
         if not readonly and self.path.is_file() and self.path.stat().st_size:
             self._verified_before_writing()  # read-only: bad input leaves every file as it was
         conn = None
@@ -814,14 +820,9 @@ def open_verified(path: Path, run_id: str | None = None) -> tuple["Ledger", "Run
     """(ledger, run, verified step count): opened read-only, its chain and head checked; the one
     reader that log, report, replay, export, verify, dump and sync share.  LedgerError names the
     problem (not a file, no such run, a broken chain); the ledger is closed when it is raised."""
-    path = Path(path)
-    if path.is_dir():
-        raise LedgerError(f"{path}: is a directory, not a ledger file")
-    if not path.is_file():
-        raise LedgerError(f"ledger not found: {path}")
     lg = None
     try:
-        lg = Ledger(path, readonly=True)
+        lg = Ledger(path, readonly=True)  # a folder, or no file, is refused here
         run = lg.run(run_id)
         return lg, run, lg.verify(run.run_id)
     except LedgerError:

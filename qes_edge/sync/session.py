@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qes_edge.ledger.store import Ledger, LedgerError
+from qes_edge.ledger.store import Ledger, LedgerError, check_not_directory
 from qes_edge.sync import messages as M
 from qes_edge.sync.frames import Decoder, Frame, encode
 from qes_edge.sync.link import Link, LinkClosed, LinkError
@@ -152,8 +152,10 @@ class Store:
         self.run_id: str | None = None
         self.want: str | None = None
         self.readonly = readonly  # only sends (a daemon serving the ledger it trains): opened read-only
-        if self.path.is_dir():
-            raise Refused(f"{self.path}: is a directory, not a ledger file")
+        try:
+            check_not_directory(self.path)
+        except LedgerError as e:
+            raise Refused(str(e)) from None
         if readonly and not self.path.exists():
             raise Refused(f"{self.path}: no ledger there yet")
         if self.path.exists():

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from qes_edge.native import binding as _native
 from qes_edge.training.executors.local import StepAbandoned
-from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord
+from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord, check_not_directory
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
 from qes_edge.training.trainer import Trainer, TrainingStopped
@@ -112,8 +112,10 @@ class Session:
         except ModelNotFound as e:
             raise SessionError(str(e)) from None
         ledger_path = Path(opts.ledger) if opts.ledger else default_ledger(path, cfg.task, cfg.seed)
-        if ledger_path.is_dir():
-            raise SessionError(f"{ledger_path}: is a directory, not a ledger file")
+        try:
+            check_not_directory(ledger_path)
+        except LedgerError as e:
+            raise SessionError(str(e)) from None
         if ledger_path.exists() and ledger_path.stat().st_size == 0:
             raise SessionError(f"{ledger_path}: is an empty file, not a ledger (remove it to start a run there)")
 
