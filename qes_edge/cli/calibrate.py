@@ -100,10 +100,10 @@ def calibrate(model: Optional[str] = ModelOpt,
         typer.echo(json.dumps({**as_dict(probes, rec), "command": command, "budget_prompts": prompts}))
         return
     common.console.print(f"{'sigma':>7} {'held-out':>9} {'damage':>8} {'pair spread':>12} {'resolution':>11} "
-                  f"{'agreement':>10} {'s/prompt':>9}", highlight=False)
+                         f"{'agreement':>10} {'s/prompt':>9}", highlight=False)
     for p in probes:
         common.console.print(f"{p.sigma:>7g} {p.base_heldout:>9.3f} {p.damage:>8.1%} {p.spread:>12.4f} "
-                      f"{p.resolution:>11.4f} {p.agreement:>+10.2f} {p.seconds / p.prompts:>9.3f}", highlight=False)
+                             f"{p.resolution:>11.4f} {p.agreement:>+10.2f} {p.seconds / p.prompts:>9.3f}", highlight=False)
     for r in rec.reasons:
         common.console.print(f"- {r}", highlight=False, markup=False)
     typer.echo(command)

@@ -108,7 +108,7 @@ def queue_add(ctx: typer.Context):
     from qes_edge.agent.daemon import daemon_paths, running_pid
     running = running_pid(daemon_paths(_home())["lock"])
     common.console.print(f"queued job {job_id}: {model.name}, task {cfg.task}, {p['steps']} steps, ledger {ledger}"
-                  + ("" if running else " (no daemon runs: `qes-edge daemon start`)"), markup=False, highlight=False)
+                         + ("" if running else " (no daemon runs: `qes-edge daemon start`)"), markup=False, highlight=False)
 
 
 @queue_app.command("list")
@@ -130,7 +130,7 @@ def queue_list(as_json: bool = JsonOpt):
         common.console.print("the queue is empty")
     for j in jobs:
         common.console.print(f"#{j.id} {j.state:8} {Path(j.model).name} task {j.task} to step {j.steps}  {j.ledger}"
-                      + (f"  — {j.error}" if j.error else ""), markup=False, highlight=False)
+                             + (f"  — {j.error}" if j.error else ""), markup=False, highlight=False)
 
 
 @queue_app.command("remove")
@@ -244,7 +244,7 @@ def daemon_start(max_steps: Optional[int] = MaxSteps, max_wall: Optional[str] = 
     except DaemonError as e:
         _fail(str(e))
     common.console.print(f"daemon started (pid {pid}); log {daemon_paths(home)['log']}; `qes-edge status` shows its progress",
-                  markup=False, highlight=False)
+                         markup=False, highlight=False)
 
 
 @daemon_app.command("stop")

@@ -150,7 +150,7 @@ def _export(ledger, out, base, run_id, name, ollama, threads) -> dict:
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
     common.console.print(f"{n} steps replayed, every weights hash matched; wrote {out} ({title!r}) and {modelfile.name}",
-                  highlight=False)
+                         highlight=False)
     if not changed:
         common.console.print("note: no code differs from the base model: the export carries the base's weights")
     result = {"out": str(out), "modelfile": str(modelfile), "name": title, "run_id": run.run_id, "steps": n,
@@ -187,9 +187,9 @@ def verify(ledger: Path = typer.Option(..., help="The ledger to check."),
                                "steps": n, "head": head, "head_recorded": recorded is not None}))
         return
     common.console.print(f"run {run.run_id}: base {run.base_name} (sha256 {run.base_sha256[:16]}…), {n} steps, "
-                  f"chain {'and head ' if recorded else ''}verified"
-                  + ("" if recorded else " (this ledger predates head records: a lost tail cannot be detected)"),
-                  highlight=False)
+                         f"chain {'and head ' if recorded else ''}verified"
+                         + ("" if recorded else " (this ledger predates head records: a lost tail cannot be detected)"),
+                         highlight=False)
     typer.echo(f"head {head}")
 
 

@@ -65,16 +65,16 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
     try:
         tensors = m.code_tensors()
         common.console.print(f"trained by default: {len(tensors)} tensors, {sum(t.n_elements for t in tensors):,} codes "
-                      "(token embedding and output head frozen)")
+                             "(token embedding and output head frozen)")
     except QESError as e:
         common.console.print(f"[red]not trainable:[/] {e}")
     from qes_edge.threads import default_threads, wait_policy
     common.console.print(f"native backend: {_native.get_backend()} active ({_backend_source()}); "
-                  f"noise spec v{_native.lib.qes_noise_spec_version()}")
+                         f"noise spec v{_native.lib.qes_noise_spec_version()}")
     common.console.print("  " + "; ".join(f"{r['name']}: " + ("available" if r["available"] else "compiled in, not usable here"
                                                        if r["compiled"] else "not compiled in")
                                    + (" (device)" if r["device"] else "") for r in _native.backends()),
-                  highlight=False)
+                         highlight=False)
     common.console.print(f"threads: {default_threads()} by default (--threads); llama.cpp's OpenMP threads wait: {wait_policy()}")
 
 
@@ -118,7 +118,7 @@ def demo(model: Optional[str] = ModelOpt,
     except QESError as e:
         _fail(str(e))
     common.console.print(f"[bold]{path.name}[/]: {len(tensors)} trainable tensors, "
-                  f"{sum(t.n_elements for t in tensors):,} codes; backend {_native.get_backend()}")
+                         f"{sum(t.n_elements for t in tensors):,} codes; backend {_native.get_backend()}")
 
     t0 = time.perf_counter()
     llm = load_llama(path, n_ctx=256, n_threads=threads)
@@ -149,7 +149,7 @@ def demo(model: Optional[str] = ModelOpt,
     t_pr = (time.perf_counter() - t0) / len(seeds)
     exact = m.weights_digest(tensors) == digest0
     common.console.print(f"perturb + restore: {moved / len(seeds):,.0f} codes moved per member, {t_pr * 1e3:.1f} ms per member; "
-                  f"every byte restored: {'[green]yes[/]' if exact else '[red]NO[/]'}")
+                         f"every byte restored: {'[green]yes[/]' if exact else '[red]NO[/]'}")
     if not exact:
         raise typer.Exit(1)
 
@@ -157,7 +157,7 @@ def demo(model: Optional[str] = ModelOpt,
     t0 = time.perf_counter()
     changed = sum(t.update(steps, threads=threads).changed for t in tensors)
     common.console.print(f"seed-replay update (K={window}, population {population}): {changed:,} codes changed in "
-                  f"{time.perf_counter() - t0:.2f} s")
+                         f"{time.perf_counter() - t0:.2f} s")
     if out:
         try:
             m.write(tensors, out)

@@ -117,9 +117,9 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
     """Train an open session in the foreground with progress bars (and JSON events)."""
     cfg, driver = session.cfg, session.driver
     common.console.print(f"{session.model_path.name}: {len(driver.tensors)} tensors, {driver.n_codes:,} codes; task {cfg.task}; "
-                  f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
-                  f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
-                  f"{session.threads} threads; ledger {session.ledger_path}")
+                         f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
+                         f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
+                         f"{session.threads} threads; ledger {session.ledger_path}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=common.console)
     with progress:
