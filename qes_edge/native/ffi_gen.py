@@ -2,8 +2,8 @@
 
 Parsing C declarations at import (cffi's in-line mode) loads pycparser and keeps its tables,
 about 3 MB of a training process's resident set; the generated module holds the parsed types
-as bytes and imports only `_cffi_backend`.  It is committed beside `_native.py` and records the
-sha256 of the declarations it came from: `_native` uses it only while that matches the header it
+as bytes and imports only `_cffi_backend`.  It is committed beside `binding.py` and records the
+sha256 of the declarations it came from: `binding` uses it only while that matches the header it
 loads (else it parses the header in-line, as before), and a test fails when it is stale.
 
     python -m qes_edge.native.ffi_gen            # rewrite qes_edge/native/_qes_ffi.py from native/include/qes.h

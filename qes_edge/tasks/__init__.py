@@ -5,7 +5,7 @@ from the user's JSONL, by logits), `countdown` (the
 paper's arithmetic game, generated), `jsonl` (exact or regex match against the user's JSONL).
 Any `module:function` reward (prompt, completion, example) -> float works with `--data`.
 
-Every prompt goes through the model's own chat template (chat.py) unless the run asks for raw
+Every prompt goes through the model's own chat template (llama/chat.py) unless the run asks for raw
 prompts (`raw_prompt`)."""
 
 from __future__ import annotations

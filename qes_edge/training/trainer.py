@@ -1,7 +1,7 @@
 """The QES training loop over a ModelDriver, recording every step in the ledger.
 
 One step: draw the step's prompts and member seeds from (run seed, step); the executor
-(executor.py) scores each member on them; turn rewards into coefficients,
+(executors/local.py) scores each member on them; turn rewards into coefficients,
 quantize them once; apply the error-feedback update (the last K ledger steps replayed into the
 residual, or the stored residual); hash the weights; append the row.  The update is a pure
 function of (codes, ledger rows): the trainer's codes are a replica (replica.py) like replay's.
