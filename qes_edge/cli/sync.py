@@ -10,8 +10,7 @@ from typing import Optional
 import typer
 
 from qes_edge.cli.common import _fail, _one_line, _refuse_directory, app
-from qes_edge.sync.link import DEFAULT_BAUD
-from qes_edge.sync.session import Options
+from qes_edge.sync.defaults import DEFAULT_BAUD, RETRIES, TIMEOUT_S
 
 sync_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 app.add_typer(sync_app, name="sync")
@@ -19,9 +18,9 @@ app.add_typer(sync_app, name="sync")
 LedgerOpt = typer.Option(None, "--ledger", help="This device's ledger (created when a run is received into it).")
 RunIdOpt = typer.Option(None, "--run-id", help="The run to sync (default: the peer's run, or this ledger's latest).")
 BaudOpt = typer.Option(DEFAULT_BAUD, "--baud", min=1, help="Line speed of a serial device (ignored on TCP).")
-TimeoutOpt = typer.Option(Options.timeout, "--timeout", min=0.05, help="Seconds without a frame from the peer before a message is "
+TimeoutOpt = typer.Option(TIMEOUT_S, "--timeout", min=0.05, help="Seconds without a frame from the peer before a message is "
                                                            "sent again.")
-RetriesOpt = typer.Option(Options.retries, "--retries", min=0, help="Timeouts in a row, and reconnections after a dropped link, "
+RetriesOpt = typer.Option(RETRIES, "--retries", min=0, help="Timeouts in a row, and reconnections after a dropped link, "
                                                       "before giving up (what was received is kept).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per sync or session on stdout.")
 

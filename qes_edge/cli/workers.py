@@ -9,9 +9,8 @@ from typing import Optional
 
 import typer
 
-from qes_edge.training.opening import model_opener
 from qes_edge.cli.common import ModelOpt, _fail, _refuse_directory, app
-from qes_edge.sync.link import DEFAULT_BAUD
+from qes_edge.sync.defaults import DEFAULT_BAUD
 
 
 def _check_worker_ledger(ledger: Path) -> None:
@@ -55,6 +54,7 @@ def worker_cmd(on: str = typer.Option(..., "--on", help="Where coordinators conn
 
     Example: qes-edge worker --on socket://0.0.0.0:8766 --ledger worker.qes --threads 2"""
     from qes_edge.training.executors.peers import Worker
+    from qes_edge.training.opening import model_opener
     from qes_edge.gguf.models import ModelNotFound, resolve_model
     from qes_edge.sync import Listener, LinkError
     try:

@@ -15,10 +15,8 @@ from qes_edge.atomic import atomic_output
 from qes_edge.native.engine import CodeTensor, digest_tensors
 from qes_edge.gguf.check import GGUFInvalid, TensorInfo, check_gguf
 from qes_edge.native.quant import FLOAT_TYPES, QESError, is_trainable, type_name
+from qes_edge.native.types import DEFAULT_FROZEN  # noqa: F401 (the drivers and sessions read it from here)
 
-#: Tensors a default run leaves alone although their type holds codes: the token embedding is
-#: tied to the output head in small models and dominates their size.
-DEFAULT_FROZEN = ("token_embd.weight", "output.weight")
 
 
 def file_sha256(path: str | Path, bufsize: int = 1 << 20) -> str:

@@ -20,6 +20,10 @@ GGML_TYPES = {
 }
 QT = IntEnum("GGMLType", {name: tid for tid, (name, _, _) in GGML_TYPES.items()})
 
+#: Tensors a default run leaves alone although their type holds codes: the token embedding is
+#: tied to the output head in small models and dominates their size.
+DEFAULT_FROZEN = ("token_embd.weight", "output.weight")
+
 #: Types whose elements are ordered integer codes inside llama.cpp blocks.
 TRAINABLE = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 #: Types left alone by training (norms, biases): never codes.

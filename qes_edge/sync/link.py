@@ -19,8 +19,7 @@ import select
 import socket
 from urllib.parse import urlparse
 
-#: the line speed of a serial link unless the user names one (--baud)
-DEFAULT_BAUD = 115200
+from qes_edge.sync.defaults import DEFAULT_BAUD
 
 
 class LinkError(Exception):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from qes_edge.ledger.store import Ledger, LedgerError, check_not_directory
+from qes_edge.sync.defaults import RETRIES, TIMEOUT_S
 from qes_edge.sync import messages as M
 from qes_edge.sync.frames import Decoder, Frame, encode
 from qes_edge.sync.link import Link, LinkClosed, LinkError
@@ -68,8 +69,8 @@ class PeerError(SyncError):
 
 @dataclass
 class Options:
-    timeout: float = 3.0   # seconds without a frame from the peer before a message is sent again
-    retries: int = 5       # such timeouts in a row (and, for the client, reconnections) before giving up
+    timeout: float = TIMEOUT_S  # seconds without a frame from the peer before a message is sent again
+    retries: int = RETRIES      # such timeouts in a row (and, for the client, reconnections) before giving up
     window: int = 64       # steps per request
     slice: float = 0.05    # how long one read of the link waits
     engine_noise_spec: int | None = None  # None: the native library's

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from qes_edge import __version__
-from qes_edge.gguf.model import DEFAULT_FROZEN
-from qes_edge.native import binding as _native
-from qes_edge.native.engine import sigma_threshold
 from qes_edge.native.fixed_point import COEF_BOUND_Q16, DEFAULT_CLAMP_Q16, beta_to_q14, coefs_to_q16
-from qes_edge.tasks.base import CHOICE_NORMS
+from qes_edge.native.types import DEFAULT_FROZEN
 from qes_edge.training.coefficients import DEFAULT_SCHEME, MEAN_ABS_BOUND, SCHEMES
+
+# the engine (libqes) and the tasks are imported where a config is checked or recorded: the
+# command line reads the defaults below for its options without loading them
 
 MAX_POPULATION = 4096
 MAX_WINDOW = 1000
@@ -46,6 +45,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Every check that can be made before any work (model load, evaluation, forward passes),
         including the bound the C library enforces on a step's coefficients."""
+        from qes_edge.native.engine import sigma_threshold
+        from qes_edge.tasks.base import CHOICE_NORMS
         if not isinstance(self.raw_prompt, bool):
             raise ValueError(f"raw_prompt must be true or false, got {self.raw_prompt!r}")
         if self.choice_norm not in CHOICE_NORMS:
@@ -84,6 +85,9 @@ class TrainConfig:
 
     def record(self) -> dict:
         """Everything that decides the bits, as stored in the ledger."""
+        from qes_edge import __version__
+        from qes_edge.native import binding as _native
+        from qes_edge.native.engine import sigma_threshold
         d = asdict(self)
         d.update(threshold=sigma_threshold(self.sigma), clamp_q16=DEFAULT_CLAMP_Q16,
                  noise_spec=_native.lib.qes_noise_spec_version(), engine=__version__)

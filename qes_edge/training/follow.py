@@ -20,7 +20,8 @@ from typing import Callable
 
 from qes_edge.ledger.runlog import PHASES
 from qes_edge.ledger.store import Ledger, LedgerError
-from qes_edge.sync.link import DEFAULT_BAUD, LinkError, open_link
+from qes_edge.sync.defaults import DEFAULT_BAUD
+from qes_edge.sync.link import LinkError, open_link
 from qes_edge.sync.session import Incomplete, Options, PeerError, Refused, SyncError, sync
 from qes_edge.training.replica import Replica
 
