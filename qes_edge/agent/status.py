@@ -12,6 +12,7 @@ import numpy as np
 
 from qes_edge.agent.daemon import daemon_paths, running_pid
 from qes_edge.agent.db import DaemonDB
+from qes_edge.ledger.runlog import PHASES
 
 SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -57,8 +58,7 @@ def _run_progress(ledger: str, run_id: str | None) -> dict:
     if heldout:
         keys = [k for k in heldout[-1] if k not in ("step", "split")]
         metric = next((k for k in ("accuracy", "balanced_accuracy", "reward") if k in keys), keys[0] if keys else None)
-    times = [sum(r.timings.get(k, 0.0) for k in ("perturb_s", "eval_s", "restore_s", "update_s", "digest_s"))
-             for r in steps]
+    times = [sum(r.timings.get(k, 0.0) for k in PHASES) for r in steps]
     memory = [e for e in evals if e.get("split") == "memory"]
     from qes_edge.training.no_signal import streak
     n_quiet, cause = streak(r.timings for r in steps)
