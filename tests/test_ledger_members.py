@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import sqlite_utils
 
+from qes_edge.ledger import schema as S
 from qes_edge.ledger import store as L
 from qes_edge.ledger.store import Ledger, LedgerError, StepRecord
 
@@ -89,7 +90,7 @@ def _old_ledger(src: Path, dst: Path):
     then src's runs, steps, heads and evals copied over row for row."""
     db = sqlite_utils.Database(dst)
     db["_migrations"].create({"name": str, "applied": float}, pk="name")
-    for name, fn in L.MIGRATIONS[:3]:
+    for name, fn in S.MIGRATIONS[:3]:
         fn(db)
         db["_migrations"].insert({"name": name, "applied": 1.0})
     db["meta"].insert({"key": "format", "value": L.LEDGER_FORMAT})
@@ -152,7 +153,7 @@ def test_a_step_that_cannot_be_decoded_gets_no_rows_and_verify_names_it(tmp_path
     with pytest.raises(LedgerError, match="step 1 cannot be decoded"):
         Ledger(tmp_path / "o.qes", readonly=True).verify(ids[0])
     # the migration itself does not stop at it: that step gets no rows, the others theirs
-    from qes_edge.ledger.store import _migration_0004_members
+    from qes_edge.ledger.schema import migration_0004_members as _migration_0004_members
     with sqlite3.connect(tmp_path / "o.qes") as c:
         _migration_0004_members(c)
         steps = [s for (s,) in c.execute("select step from members")]

@@ -15,25 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
 import sqlite3
-import struct
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from qes_edge import faults
+from qes_edge.ledger.chain import Run, StepRecord, canonical_json, chain_hash, row_blobs, run_hash
+from qes_edge.ledger.schema import (CORE_TABLES, INSERT_MEMBERS, INSERT_RUN, INSERT_STEP, LEDGER_FORMAT, MIGRATIONS,
+                                    UPSERT_HEAD,
+                                    member_rows, migration_0002_evals, migration_0003_heads,
+                                    migration_0004_members)
 
-LEDGER_FORMAT = "qes-edge-ledger"
-GENESIS = b"\0" * 32
 
 
 class LedgerError(Exception):
@@ -56,172 +56,10 @@ def _uri(path: Path, **params) -> str:
     return f"file:{quoted}?" + "&".join(f"{k}={v}" for k, v in params.items())
 
 
-#: the tables a ledger's migrations create: the training state, and what is derived from it
-#: (members from the steps' blobs, heads from the last step) or only observed (evals), which a
-#: ledger opened for writing gets back when they were dropped
-CORE_TABLES = ("meta", "runs", "steps")
-
-
-# The schema is plain SQL (the tables sqlite-utils would create, quoted the same way), so that a
-# ledger is readable by any SQLite tool and opening one imports nothing beyond sqlite3.
-def _migration_0001_initial(db: sqlite3.Connection) -> None:
-    db.execute('''CREATE TABLE "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)''')
-    db.execute('''CREATE TABLE "runs" (
-   "run_id" TEXT PRIMARY KEY, "created" REAL, "base_sha256" TEXT, "base_name" TEXT,
-   "config" TEXT, "noise_spec" INTEGER, "hash" TEXT)''')
-    db.execute('''CREATE TABLE "steps" (
-   "run_id" TEXT REFERENCES "runs"("run_id"), "step" INTEGER, "threshold" INTEGER,
-   "seeds" BLOB, "coefs_q16" BLOB, "rewards" BLOB, "failures" INTEGER, "timings" TEXT,
-   "weights_sha256" TEXT, "prev_hash" TEXT, "hash" TEXT, "created" REAL,
-   PRIMARY KEY ("run_id", "step"))''')
-
-
-def _migration_0002_evals(db: sqlite3.Connection) -> None:
-    # held-out evaluations: observations of a run, not training state (not hash-chained)
-    db.execute('''CREATE TABLE "evals" (
-   "run_id" TEXT REFERENCES "runs"("run_id"), "step" INTEGER, "split" TEXT, "metrics" TEXT,
-   "created" REAL, PRIMARY KEY ("run_id", "step", "split"))''')
-
-
-def _migration_0003_heads(db: sqlite3.Connection) -> None:
-    # the head of each run: how many steps it has and the last one's hash, updated in the same
-    # transaction as each step, so that rows lost from the end are detected (not a defence
-    # against someone who rewrites the head too).  Ledgers older than this get their head from
-    # the steps they hold when they are first opened for writing.
-    db.execute('''CREATE TABLE "heads" (
-   "run_id" TEXT PRIMARY KEY REFERENCES "runs"("run_id"), "n_steps" INTEGER, "head_hash" TEXT,
-   "updated" REAL)''')
-    for run_id, run_hash in db.execute("select run_id, hash from runs").fetchall():
-        row = db.execute("select step, hash from steps where run_id = ? order by step desc limit 1",
-                         [run_id]).fetchone()
-        n, h = (0, run_hash) if row is None else (row[0] + 1, row[1])
-        db.execute(_UPSERT_HEAD, [run_id, n, h, time.time()])
-
-
-_UPSERT_HEAD = ("insert into heads (run_id, n_steps, head_hash, updated) values (?, ?, ?, ?) on conflict(run_id) "
-                "do update set n_steps = excluded.n_steps, head_hash = excluded.head_hash, updated = excluded.updated")
-_INSERT_RUN = ("insert into runs (run_id, created, base_sha256, base_name, config, noise_spec, hash) "
-               "values (?, ?, ?, ?, ?, ?, ?)")
-_INSERT_STEP = ("insert into steps (run_id, step, threshold, seeds, coefs_q16, rewards, failures, timings, "
-                "weights_sha256, prev_hash, hash, created) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _member_rows(run_id: str, step: int, seeds: bytes, coefs_q16: bytes, rewards: bytes) -> list[tuple] | None:
-    """The `members` rows of one step from its blobs (reward NULL where it is NaN); None where
-    the blobs cannot be decoded (such a row is refused by every reader anyway)."""
-    if not all(isinstance(b, bytes) for b in (seeds, coefs_q16, rewards)) or len(seeds) % 8:
-        return None
-    n = len(seeds) // 8
-    if len(coefs_q16) != 4 * n or len(rewards) != 8 * n:
-        return None
-    s, c, r = np.frombuffer(seeds, "<i8"), np.frombuffer(coefs_q16, "<i4"), np.frombuffer(rewards, "<f8")
-    return [(run_id, step, i, int(s[i]), None if np.isnan(r[i]) else float(r[i]), int(c[i])) for i in range(n)]
-
-
-_INSERT_MEMBERS = "insert into members (run_id, step, member, seed, reward, coef_q16) values (?, ?, ?, ?, ?, ?)"
-
-# a step at a glance (sqlite-utils query, Datasette): the rewards from `members`, the timings from
-# the step's JSON (NULL where a step did not record that key)
-_STEP_SUMMARY = """
-create view step_summary as
-select s.run_id, s.step,
-       avg(m.reward) as mean_reward, min(m.reward) as min_reward, max(m.reward) as max_reward,
-       s.failures,
-       json_extract(s.timings, '$.changed') as changed,
-       json_extract(s.timings, '$.perturb_s') as perturb_s,
-       json_extract(s.timings, '$.eval_s') as eval_s,
-       json_extract(s.timings, '$.restore_s') as restore_s,
-       json_extract(s.timings, '$.update_s') as update_s,
-       json_extract(s.timings, '$.digest_s') as digest_s,
-       json_extract(s.timings, '$.rss_mb') as rss_mb,
-       s.created
-from steps s left join members m on m.run_id = s.run_id and m.step = s.step
-group by s.run_id, s.step
-"""
-
-
-def _migration_0004_members(db: sqlite3.Connection) -> None:
-    # one row per member of each step, for SQL tools: derived from the step's blobs (which the
-    # hash chain covers), written in the same transaction as the step, checked by verify.  The
-    # primary key's index serves lookups by (run, step) and the foreign key's checks.
-    db.execute("""
-        create table members (
-            run_id text not null, step integer not null, member integer not null,
-            seed integer not null, reward real, coef_q16 integer not null,
-            primary key (run_id, step, member),
-            foreign key (run_id, step) references steps (run_id, step))""")
-    for run_id, step, seeds, coefs, rewards in db.execute(
-            "select run_id, step, seeds, coefs_q16, rewards from steps order by run_id, step").fetchall():
-        rows = _member_rows(run_id, step, seeds, coefs, rewards)
-        if rows is not None:  # an undecodable step gets none: readers and verify name it
-            db.executemany(_INSERT_MEMBERS, rows)
-    db.execute(_STEP_SUMMARY)
-
-
-MIGRATIONS = [("0001_initial", _migration_0001_initial), ("0002_evals", _migration_0002_evals),
-              ("0003_heads", _migration_0003_heads), ("0004_members", _migration_0004_members)]
-
-
-def _run_hash(run_id: str, base_sha256: str, base_name: str, config_text: str, noise_spec: int) -> str:
-    """The run row's hash (docs/ledger-spec.md §2): what every step of the run chains to."""
-    return _h(GENESIS, run_id.encode(), bytes.fromhex(base_sha256), base_name.encode(), config_text.encode(),
-              struct.pack("<q", noise_spec))
-
-
 def _received_time(created) -> float:
     """A peer's time of a row when it is a plausible unix time, else now."""
     ok = isinstance(created, (int, float)) and created == created and abs(created) < 1e12
     return float(created) if ok else time.time()
-
-
-def _blobs(rec: "StepRecord") -> tuple[bytes, bytes, bytes]:
-    """A step's seeds, Q16 coefficients and rewards as the little-endian blobs the row stores."""
-    return (np.ascontiguousarray(rec.seeds, "<i8").tobytes(), np.ascontiguousarray(rec.coefs_q16, "<i4").tobytes(),
-            np.ascontiguousarray(rec.rewards, "<f8").tobytes())
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def _h(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(struct.pack("<Q", len(p)))
-        h.update(p)
-    return h.hexdigest()
-
-
-@dataclass
-class StepRecord:
-    step: int
-    threshold: int
-    seeds: np.ndarray           # int64
-    coefs_q16: np.ndarray       # int32
-    rewards: np.ndarray         # float64 per member (NaN where the reward failed)
-    weights_sha256: str
-    timings: dict = field(default_factory=dict)
-    failures: int = 0
-    hash: str = ""
-    prev_hash: str = ""
-
-    def payload(self, run_id: str) -> bytes:
-        """Canonical bytes of everything the row records (the hash covers all of it)."""
-        return b"".join([
-            run_id.encode(), struct.pack("<qIq", self.step, self.threshold, self.failures),
-            *_blobs(self), bytes.fromhex(self.weights_sha256),
-            canonical_json(self.timings).encode(),
-        ])
-
-
-@dataclass
-class Run:
-    run_id: str
-    base_sha256: str
-    base_name: str
-    config: dict
-    noise_spec: int
-    hash: str
 
 
 class Ledger:
@@ -410,8 +248,8 @@ class Ledger:
         (members, heads, the step_summary view) or only observed (evals) is rebuilt, before any
         work is done with the file."""
         tables = self._tables()
-        rebuild = [(name, fn) for name, fn in (("evals", _migration_0002_evals), ("heads", _migration_0003_heads),
-                                               ("members", _migration_0004_members)) if name not in tables]
+        rebuild = [(name, fn) for name, fn in (("evals", migration_0002_evals), ("heads", migration_0003_heads),
+                                               ("members", migration_0004_members)) if name not in tables]
         if not rebuild:
             return
         with self._tx():
@@ -445,11 +283,11 @@ class Ledger:
     def create_run(self, base_sha256: str, base_name: str, config: dict, noise_spec: int) -> Run:
         run_id = uuid.uuid4().hex
         cfg = canonical_json(config)
-        h = _run_hash(run_id, base_sha256, base_name, cfg, noise_spec)
+        h = run_hash(run_id, base_sha256, base_name, cfg, noise_spec)
         with self._writing("start a run"):
             with self._tx():
-                self.db.execute(_INSERT_RUN, [run_id, time.time(), base_sha256, base_name, cfg, noise_spec, h])
-                self.db.execute(_UPSERT_HEAD, [run_id, 0, h, time.time()])
+                self.db.execute(INSERT_RUN, [run_id, time.time(), base_sha256, base_name, cfg, noise_spec, h])
+                self.db.execute(UPSERT_HEAD, [run_id, 0, h, time.time()])
             self.checkpoint()
         return self.run(run_id)
 
@@ -471,18 +309,18 @@ class Ledger:
         config = {**parent.config, "parent": {"run_id": run_id, "steps": steps, "head": head}}
         new_id = uuid.uuid4().hex
         cfg = canonical_json(config)
-        h = _run_hash(new_id, parent.base_sha256, parent.base_name, cfg, parent.noise_spec)
+        h = run_hash(new_id, parent.base_sha256, parent.base_name, cfg, parent.noise_spec)
         times = self.step_times(run_id, 0, steps)
         with self._writing("branch a run"):
             with self._tx():
-                self.db.execute(_INSERT_RUN, [new_id, time.time(), parent.base_sha256, parent.base_name, cfg,
+                self.db.execute(INSERT_RUN, [new_id, time.time(), parent.base_sha256, parent.base_name, cfg,
                                               parent.noise_spec, h])
-                self.db.execute(_UPSERT_HEAD, [new_id, 0, h, time.time()])
+                self.db.execute(UPSERT_HEAD, [new_id, 0, h, time.time()])
                 prev = h
                 for rec in copied:  # the payload names the run: the same row hashes anew under new_id
-                    rec.prev_hash, rec.hash = prev, _h(bytes.fromhex(prev), rec.payload(new_id))
-                    blobs = _blobs(rec)
-                    self._insert_row(new_id, rec, blobs, _member_rows(new_id, rec.step, *blobs), times[rec.step])
+                    rec.prev_hash, rec.hash = prev, chain_hash(bytes.fromhex(prev), rec.payload(new_id))
+                    blobs = row_blobs(rec)
+                    self._insert_row(new_id, rec, blobs, member_rows(new_id, rec.step, *blobs), times[rec.step])
                     prev = rec.hash
             self.checkpoint()
         return self.run(new_id)
@@ -536,7 +374,7 @@ class Ledger:
         with self._writing(f"record step {rec.step}"), self._tx():  # one transaction: check and insert
             last, blobs, members = self._next_row(run_id, rec, f"step {rec.step}")
             rec.prev_hash = run.hash if last is None else last.hash
-            rec.hash = _h(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
+            rec.hash = chain_hash(bytes.fromhex(rec.prev_hash), rec.payload(run_id))
             self._insert_row(run_id, rec, blobs, members, time.time())
             faults.point("ledger-write")  # the row written, its transaction not committed
         with self._writing(f"record step {rec.step}"):
@@ -550,8 +388,8 @@ class Ledger:
         expected = 0 if last is None else last.step + 1
         if rec.step != expected:
             raise LedgerError(f"run {run_id}: {what} out of order (next is {expected})")
-        seeds, coefs, rewards = blobs = _blobs(rec)
-        members = _member_rows(run_id, rec.step, seeds, coefs, rewards)
+        seeds, coefs, rewards = blobs = row_blobs(rec)
+        members = member_rows(run_id, rec.step, seeds, coefs, rewards)
         if not members:
             raise LedgerError(f"run {run_id}: {what} has {len(seeds) // 8} seeds, {len(coefs) // 4} "
                               f"coefficients and {len(rewards) // 8} rewards: one per member each is needed")
@@ -561,11 +399,11 @@ class Ledger:
         """Write a chained step (hash and prev_hash set), its member rows and the run's new head,
         inside the caller's transaction."""
         seeds, coefs, rewards = blobs
-        self.db.execute(_INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
+        self.db.execute(INSERT_STEP, [run_id, rec.step, rec.threshold, seeds, coefs, rewards, rec.failures,
                                        canonical_json(rec.timings), rec.weights_sha256, rec.prev_hash, rec.hash,
                                        created])
-        self.db.executemany(_INSERT_MEMBERS, members)
-        self.db.execute(_UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
+        self.db.executemany(INSERT_MEMBERS, members)
+        self.db.execute(UPSERT_HEAD, [run_id, rec.step + 1, rec.hash, time.time()])
 
     # -- rows received from a peer (ledger sync): verified, never computed ------------------
     def export_run(self, run_id: str) -> dict:
@@ -598,7 +436,7 @@ class Ledger:
             canonical = False
         if not canonical:
             raise LedgerError(f"run {run_id}: the received config is not canonical JSON")
-        expect = _run_hash(run_id, base_sha, base_name, cfg, noise_spec)
+        expect = run_hash(run_id, base_sha, base_name, cfg, noise_spec)
         if expect != carried:
             raise LedgerError(f"run {run_id}: the received run does not hash to the value it carries "
                               f"({carried[:16]}…, recomputed {expect[:16]}…): refusing it")
@@ -610,8 +448,8 @@ class Ledger:
             return self.run(run_id)
         with self._writing("import a run"):
             with self._tx():
-                self.db.execute(_INSERT_RUN, [run_id, _received_time(created), base_sha, base_name, cfg, noise_spec, carried])
-                self.db.execute(_UPSERT_HEAD, [run_id, 0, carried, time.time()])
+                self.db.execute(INSERT_RUN, [run_id, _received_time(created), base_sha, base_name, cfg, noise_spec, carried])
+                self.db.execute(UPSERT_HEAD, [run_id, 0, carried, time.time()])
             self.checkpoint()
         return self.run(run_id)
 
@@ -626,7 +464,7 @@ class Ledger:
             if not (0 < rec.threshold < 2**32) or rec.failures < 0 or len(rec.weights_sha256) != 64:
                 raise LedgerError(f"run {run_id}: received step {rec.step} cannot be decoded")
             prev = run.hash if last is None else last.hash
-            got = _h(bytes.fromhex(prev), rec.payload(run_id))
+            got = chain_hash(bytes.fromhex(prev), rec.payload(run_id))
             if got != rec.hash:
                 raise LedgerError(f"run {run_id}: received step {rec.step} does not chain to step {rec.step - 1} "
                                   f"(it carries {rec.hash[:16]}…, its payload after {prev[:16]}… hashes to "
@@ -715,7 +553,7 @@ class Ledger:
 
     def _verify(self, run_id: str) -> int:
         run = self.run(run_id)
-        expect = _run_hash(run.run_id, run.base_sha256, run.base_name, canonical_json(run.config), run.noise_spec)
+        expect = run_hash(run.run_id, run.base_sha256, run.base_name, canonical_json(run.config), run.noise_spec)
         if expect != run.hash:
             raise LedgerError(f"run {run_id}: the run row was edited (config or base model hash)")
         members = self._member_table(run_id) if self.has_members else None
@@ -723,7 +561,7 @@ class Ledger:
         for rec in self.steps(run_id):
             if rec.step != n:
                 raise LedgerError(f"run {run_id}: step {n} is missing")
-            if rec.prev_hash != prev or _h(bytes.fromhex(prev), rec.payload(run_id)) != rec.hash:
+            if rec.prev_hash != prev or chain_hash(bytes.fromhex(prev), rec.payload(run_id)) != rec.hash:
                 raise LedgerError(f"run {run_id}: step {rec.step} was edited or does not chain to step {rec.step - 1}")
             if members is not None:
                 self._check_members(run_id, rec, members.pop(rec.step, []))
@@ -752,7 +590,7 @@ class Ledger:
 
     def _check_members(self, run_id: str, rec: StepRecord, rows: list[tuple]) -> None:
         """The step's member rows must say what its blobs say (the blobs are what the chain covers)."""
-        want = [r[2:] for r in _member_rows(run_id, rec.step, *_blobs(rec))]
+        want = [r[2:] for r in member_rows(run_id, rec.step, *row_blobs(rec))]
         if rows == want:
             return
         where = (f"run {run_id}: step {rec.step}: its rows in the members table do not match the step row "
