@@ -14,8 +14,11 @@ stopped and started again (a run already there is not run again) and split betwe
 --list prints the table of what is there (and what is missing).
 
 The sweep: run seed 0 of every variant at the --alphas, then seeds 1 and 2 of each variant at its
-best alpha (--variants V --alphas BEST --seeds 1,2).  About 25 minutes a run at population 16,
-batch 24 on 2 threads of this 2-core machine (forward passes are 95% of it)."""
+best alpha (--variants V --alphas BEST --seeds 1,2).  A run at another --sigma, --population or
+--batch (calibrate's recommendation, for the check of issue 22 item 4) is kept under a key that
+names them.  At population 16, batch 24, --threads 1 two at a time on this 2-core machine: about
+20 minutes a sentiment run, 70 a continents run (five choices of several tokens each); forward
+passes are 95% of it."""
 
 from __future__ import annotations
 
@@ -41,8 +44,15 @@ VARIANTS = {"pairs": ["--coef-scheme", "pairs"], "zscore": ["--coef-scheme", "zs
 METRIC = {"sentiment": "balanced_accuracy", "continents": "accuracy", "capitals": "accuracy"}
 
 
+#: population, batch and sigma of the sweep; a run at other values has them in its key
+STANDARD = {"population": 16, "batch": 24, "sigma": 0.01}
+_ARGS = None  # the parsed arguments, for key()
+
+
 def key(task, variant, alpha, seed) -> str:
-    return f"{task}|{variant}|{alpha:g}|{seed}"
+    k = f"{task}|{variant}|{alpha:g}|{seed}"
+    other = {n: getattr(_ARGS, n) for n in STANDARD if _ARGS is not None and getattr(_ARGS, n) != STANDARD[n]}
+    return k + "".join(f"|{n}={v:g}" for n, v in sorted(other.items()))
 
 
 @contextmanager
@@ -108,13 +118,17 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", default="0.0005,0.001,0.002")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--population", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--sigma", type=float, default=0.01)
+    ap.add_argument("--population", type=int, default=STANDARD["population"])
+    ap.add_argument("--batch", type=int, default=STANDARD["batch"])
+    ap.add_argument("--sigma", type=float, default=STANDARD["sigma"],
+                    help="(with --population and --batch: a run at other values than the sweep's, such as what "
+                         "`qes-edge calibrate` recommends, is kept under a key that names them)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th of the missing runs, from the I-th")
     ap.add_argument("--list", action="store_true", help="print the table and exit")
     a = ap.parse_args(argv)
+    global _ARGS
+    _ARGS = a
     a.tasks, a.variants = a.tasks.split(","), a.variants.split(",")
     a.alphas, a.seeds = [float(x) for x in a.alphas.split(",")], [int(x) for x in a.seeds.split(",")]
     for t in a.tasks:
