@@ -337,7 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=None, help="backprop learning rate (default: LoRA 2e-4, full 2e-5)")
-    ap.add_argument("--qes", default="--population 16", help="more `qes-edge train` options for the qes row")
+    ap.add_argument("--qes", default="--population 16 --alpha 0.002",
+                    help="more `qes-edge train` options for the qes row (default: the A/B's best on continents so far, "
+                         "benchmarks/results/ab.json)")
     ap.add_argument("--out", type=Path, default=OUT, help="results file (default: %(default)s)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
