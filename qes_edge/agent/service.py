@@ -16,9 +16,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qes_edge.agent.manners import check_nice
 from qes_edge.atomic import atomic_output
 from qes_edge.home import ENV as HOME_ENV
-from qes_edge.agent.manners import check_nice
 
 UNIT_NAME = "qes-edge.service"
 LAUNCHD_LABEL = "org.qes-edge.daemon"

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from qes_edge.training.calibrate import DEFAULT_SIGMAS
 from qes_edge.cli import common
 from qes_edge.cli.common import ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _fail, _user_errors, app
+from qes_edge.training.calibrate import DEFAULT_SIGMAS
 
 
 def _sigmas(text: str) -> list[float]:

@@ -12,8 +12,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qes_edge.native.quant import QESError
 from qes_edge.cli import common
+from qes_edge.native.quant import QESError
 from qes_edge.cli.common import (JsonOpt, ThreadsOpt, _fail, _json_output, _one_line, _open_ledger_readonly, app)
 
 

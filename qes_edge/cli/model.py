@@ -12,10 +12,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qes_edge.native import binding as _native
-from qes_edge.native.quant import QESError
 from qes_edge.cli import common
 from qes_edge.cli.common import JsonOpt, ModelOpt, ThreadsOpt, _fail, app
+from qes_edge.native import binding as _native
+from qes_edge.native.quant import QESError
 
 
 def _open(model: Optional[str]):

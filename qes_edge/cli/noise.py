@@ -7,8 +7,8 @@ import json
 import numpy as np
 import typer
 
-from qes_edge.native.quant import QESError
 from qes_edge.cli.common import _fail, app
+from qes_edge.native.quant import QESError
 
 
 @app.command()

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qes_edge.training.config import TrainConfig
-from qes_edge.native.quant import QESError
 from qes_edge.cli import common
+from qes_edge.native.quant import QESError
+from qes_edge.training.config import TrainConfig
 from qes_edge.cli.common import (ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from qes_edge.atomic import atomic_output
-from qes_edge.native.engine import CodeTensor, digest_tensors
 from qes_edge.gguf.check import GGUFInvalid, TensorInfo, check_gguf
+from qes_edge.native.engine import CodeTensor, digest_tensors
 from qes_edge.native.quant import FLOAT_TYPES, QESError, is_trainable, type_name
 from qes_edge.native.types import DEFAULT_FROZEN  # noqa: F401 (the drivers and sessions read it from here)
 

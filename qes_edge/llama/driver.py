@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.native.engine import CodeTensor, digest_tensors, sigma_threshold
-from qes_edge.native.binding import ffi
 from qes_edge.gguf.check import prompt_byte_limit
 from qes_edge.gguf.model import DEFAULT_FROZEN, GGUFModel, trainable_infos
 from qes_edge.llama.chat import ChatTemplateError, load_template
 from qes_edge.llama.runtime import clear, decode_rows, forward, last_logits, load_llama
 from qes_edge.llama.weights import capture_model_weights, weight_code_tensors
+from qes_edge.native.binding import ffi
+from qes_edge.native.engine import CodeTensor, digest_tensors, sigma_threshold
 from qes_edge.native.quant import QESError
 
 SELF_CHECK_PROMPT = b"The quick brown fox jumps over the lazy dog. The capital of France is"

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from qes_edge.ledger.store import Ledger, LedgerError, check_not_directory
-from qes_edge.sync.defaults import RETRIES, TIMEOUT_S
 from qes_edge.sync import messages as M
+from qes_edge.sync.defaults import RETRIES, TIMEOUT_S
 from qes_edge.sync.frames import Decoder, Frame, encode
 from qes_edge.sync.link import Link, LinkClosed, LinkError
 from qes_edge.sync.messages import T, MessageError

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.sync.frames import HEADER_SIZE, Decoder, Frame, encode
 from qes_edge.sync.defaults import DEFAULT_BAUD
+from qes_edge.sync.frames import HEADER_SIZE, Decoder, Frame, encode
 from qes_edge.sync.link import FdLink, Link, LinkClosed, SocketLink
 
 REAL_TIMINGS = {"changed": 47549, "digest_s": 0.346605, "eval_s": 50.872957, "perturb_s": 0.241477,

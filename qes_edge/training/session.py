@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qes_edge.native import binding as _native
-from qes_edge.training.executors.local import StepAbandoned
 from qes_edge.ledger.store import Ledger, LedgerError, Run, StepRecord, check_not_directory
+from qes_edge.native import binding as _native
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
+from qes_edge.training.executors.local import StepAbandoned
 from qes_edge.training.trainer import Trainer, TrainingStopped
 from qes_edge.training.opening import (SessionError, check_prompts, check_recorded_data, differences, load_task,
                                        open_driver, trainable_model)

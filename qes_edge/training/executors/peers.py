@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
 from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import Link, LinkClosed
 from qes_edge.sync.messages import MessageError, T
+from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
 from qes_edge.training.replica import Replica
 
 
