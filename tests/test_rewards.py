@@ -7,6 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from qes_edge.llama.batched import EvalLayout
+from qes_edge.llama.driver import ModelDriver
 from qes_edge.training.coefficients import coefficients
 from qes_edge.tasks import load_task
 from qes_edge.tasks.base import RewardFailure
@@ -83,7 +85,12 @@ def test_jsonl_errors(tmp_path):
 
 
 class FakeModel:
-    """Renders an example as its prompt text and "generates" it in capitals."""
+    """Renders an example as its prompt text and "generates" it in capitals (one at a time, through
+    the driver's own generate_many)."""
+    layout = EvalLayout()
+    on_prompt = None
+    generate_many = ModelDriver.generate_many
+
     def prompt_tokens(self, ex):
         return ex.prompt
 
@@ -120,6 +127,9 @@ class LogitModel:
     other 0; after token 4 ("N") the next token is 5 ("Y") or 6 ("D") with log-probabilities
     log 0.9 / log 0.1 ("New York" vs "New Delhi": one shared first token)."""
     VOCAB = {"yes": [7], "no": [3], "NY": [4, 5], "ND": [4, 6], "NYC": [4, 5, 8]}
+    layout = EvalLayout()  # one at a time: the driver's own score() over the methods below
+    on_prompt = None
+    score = ModelDriver.score
 
     def tokenize(self, text, add_bos=True):
         return list(self.VOCAB[text.strip()])

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from qes_edge.cli import common
-from qes_edge.cli.common import ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _fail, _user_errors, app
+from qes_edge.cli.common import ChoiceNormOpt, EvalBatchOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _fail, _user_errors, app
 from qes_edge.training.calibrate import DEFAULT_SIGMAS
 
 
@@ -39,6 +39,7 @@ def calibrate(model: Optional[str] = ModelOpt,
               n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
               raw_prompt: bool = RawPromptOpt,
               choice_norm: str = ChoiceNormOpt,
+              eval_batch: int = EvalBatchOpt,
               as_json: bool = typer.Option(False, "--json", help="The measurements and the recommendation as JSON.")):
     """Measure, at a few sigmas, the held-out damage of perturbed members, the spread of mirrored-pair
     reward differences against the reward's resolution, and whether they agree between two
@@ -53,7 +54,7 @@ def calibrate(model: Optional[str] = ModelOpt,
     from qes_edge.training.calibrate import as_dict, probe_sigma, recommend
     from qes_edge.native.engine import sigma_threshold
     from qes_edge.native.quant import QESError
-    from qes_edge.training.opening import check_data_option, check_prompts, load_task, open_driver, trainable_model
+    from qes_edge.training.opening import check_data_option, load_task, open_driver, prepare_driver, trainable_model
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
     from qes_edge.training.config import TrainConfig
@@ -62,7 +63,7 @@ def calibrate(model: Optional[str] = ModelOpt,
     with _user_errors():
         data = check_data_option(data)
         cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                          choice_norm=choice_norm, batch=batch, population=2 * pairs)
+                          choice_norm=choice_norm, batch=batch, population=2 * pairs, eval_batch=eval_batch)
         try:
             cfg.validate()
             for s in values:
@@ -73,7 +74,7 @@ def calibrate(model: Optional[str] = ModelOpt,
         task_obj = load_task(cfg, path)
         n_threads = resolve_threads(threads)
         driver = open_driver(path, n_ctx, n_threads, cfg.frozen)
-        check_prompts(driver, task_obj)
+        prepare_driver(driver, task_obj, cfg)
     held = list(task_obj.heldout_examples())[:heldout]
     prompts = len(values) * (2 * pairs * (2 * batch + len(held)) + len(held))
     err = Console(stderr=True, emoji=False)

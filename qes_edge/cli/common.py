@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from qes_edge.native import binding as _native
+from qes_edge.training.config import TrainConfig
 
 try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
     from typer import _click as click  # noqa: F401 (main catches its exceptions)
@@ -49,6 +50,9 @@ ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and 
 RawPromptOpt = typer.Option(False, "--raw-prompt", help="Feed prompts to the model as written, without its chat template.")
 ChoiceNormOpt = typer.Option("mean", help="choice task: score each answer by the mean log-probability of its tokens "
                                           "(mean) or their sum (sum).")
+EvalBatchOpt = typer.Option(TrainConfig.eval_batch, "--eval-batch", min=1, max=64,
+                            help="Prompts evaluated as sequences of one llama.cpp decode (1: one at a time, "
+                                 "as runs before it). Recorded: it decides the rewards' last bits.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: JSON on stdout (human messages go to stderr).")
 
 

@@ -52,7 +52,8 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
                                "backends_compiled": [r["name"] for r in _native.backends() if r["compiled"]],
                                "backend_registry": _native.backends(),
                                "noise_spec": int(_native.lib.qes_noise_spec_version()),
-                               "threads": default_threads(), "wait_policy": wait_policy()}))
+                               "threads": default_threads(), "wait_policy": wait_policy(),
+                               "kv_bytes_per_token": _kv_cell_bytes(m)}))
         return
     table = Table(title=str(path))
     for col in ("type", "tensors", "elements", "MB", "trainable"):
@@ -76,6 +77,21 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
                                    + (" (device)" if r["device"] else "") for r in _native.backends()),
                          highlight=False)
     common.console.print(f"threads: {default_threads()} by default (--threads); llama.cpp's OpenMP threads wait: {wait_policy()}")
+    cell = _kv_cell_bytes(m)
+    if cell:
+        from qes_edge.training.config import TrainConfig
+        common.console.print(f"KV cache: {cell / 1024:.1f} KiB a token (f16); training evaluates {TrainConfig.eval_batch} "
+                             f"prompts a decode (--eval-batch), its cache sized at start from the task's "
+                             f"{TrainConfig.eval_batch} longest prompts (at least --n-ctx {TrainConfig.n_ctx} tokens: "
+                             f"{TrainConfig.n_ctx * cell / 2**20:.1f} MiB)")
+
+
+def _kv_cell_bytes(m) -> int | None:
+    from qes_edge.llama.batched import kv_bytes_per_cell
+    try:
+        return kv_bytes_per_cell(m.header.metadata)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _backend_source() -> str:

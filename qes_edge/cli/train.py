@@ -15,7 +15,7 @@ from rich.table import Table
 from qes_edge.cli import common
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
-from qes_edge.cli.common import (ChoiceNormOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
+from qes_edge.cli.common import (ChoiceNormOpt, EvalBatchOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
 
 
 @app.command()
@@ -45,6 +45,7 @@ def train(ctx: typer.Context,
           n_ctx: int = typer.Option(TrainConfig.n_ctx, help="llama.cpp context size in tokens (64 or more)."),
           raw_prompt: bool = RawPromptOpt,
           choice_norm: str = ChoiceNormOpt,
+          eval_batch: int = EvalBatchOpt,
           coef_scheme: str = typer.Option(TrainConfig.coef_scheme, "--coef-scheme",
                                           help="Member rewards to coefficients: pairs (the paper's mirrored "
                                                "pairs: z-scored pair differences), pairs-rank, zscore (member "
@@ -120,6 +121,7 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
                          f"population {cfg.population}, sigma {cfg.sigma}, alpha {cfg.alpha}, "
                          f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
                          f"{session.threads} threads; ledger {session.ledger_path}")
+    common.console.print(driver.describe_layout(), markup=False, highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=common.console)
     with progress:
@@ -183,6 +185,7 @@ def evaluate(model: Optional[str] = ModelOpt,
              n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
              raw_prompt: bool = RawPromptOpt,
              choice_norm: str = ChoiceNormOpt,
+             eval_batch: int = EvalBatchOpt,
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
     """Score a model (the base, or one written by replay) on a task's held-out examples: the same
     numbers train prints at its evaluations.
@@ -190,9 +193,9 @@ def evaluate(model: Optional[str] = ModelOpt,
     Example: qes-edge eval --model trained.gguf --json"""
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.opening import check_prompts, load_task, open_driver, trainable_model
+    from qes_edge.training.opening import load_task, open_driver, prepare_driver, trainable_model
     cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                      choice_norm=choice_norm)
+                      choice_norm=choice_norm, eval_batch=eval_batch)
     try:
         cfg.validate()
     except (ValueError, QESError) as e:
@@ -201,7 +204,7 @@ def evaluate(model: Optional[str] = ModelOpt,
         path = trainable_model(model, cfg.frozen)
         task_obj = load_task(cfg, path)
         driver = open_driver(path, n_ctx, resolve_threads(threads))
-        check_prompts(driver, task_obj)
+        prepare_driver(driver, task_obj, cfg)
     heldout = task_obj.heldout_examples()
     try:
         with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

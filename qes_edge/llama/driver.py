@@ -13,6 +13,8 @@ import numpy as np
 
 from qes_edge.gguf.check import prompt_byte_limit
 from qes_edge.gguf.model import DEFAULT_FROZEN, GGUFModel, trainable_infos
+from qes_edge.llama import batched
+from qes_edge.llama.batched import log_softmax
 from qes_edge.llama.chat import ChatTemplateError, load_template
 from qes_edge.llama.runtime import clear, decode_rows, forward, last_logits, load_llama
 from qes_edge.llama.weights import capture_model_weights, weight_code_tensors
@@ -41,16 +43,13 @@ def shared_prefix_len(token_lists) -> int:
     return n if n >= 2 else 0
 
 
-def log_softmax(logits) -> np.ndarray:
-    x = np.asarray(logits, np.float64)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
-
-
 class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
-                 frozen=DEFAULT_FROZEN, self_check: bool = True):
+                 frozen=DEFAULT_FROZEN, self_check: bool = True, layout: batched.EvalLayout | None = None):
         self.path = Path(path)
+        self.layout = layout or batched.EvalLayout()  # one at a time until use_layout sizes a batched cache
+        self.layout.check()
+        self.kv_cells = 0  # the batched evaluation's KV cache (use_layout); 0: one at a time
         self.on_prompt = None  # called once per prompt evaluated or generated from (progress bars)
         # our own validation of the file and of every trainable type, before llama.cpp sees it
         header = GGUFModel(self.path).header
@@ -58,6 +57,9 @@ class ModelDriver:
         # the weights are found on a throwaway context before llama-cpp-python makes its own:
         # its buffers are freed before the real context's are allocated (not held beside them)
         found: dict = {}
+        self.n_ctx = n_ctx
+        # bytes a KV cell takes for each KV type (the header itself is not kept: its vocabulary is MBs)
+        self._cell_bytes = {k: batched.kv_bytes_per_cell(header.metadata, k) for k in batched.KV_TYPES}
         self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads,
                               before_context=lambda model, n: found.update(capture_model_weights(model, n)))
         # the model's own chat template, with its vocabulary's BOS/EOS texts (None: it has none)
@@ -153,9 +155,9 @@ class ModelDriver:
             tokens = self._with_bos(self.tokenize(text, add_bos=False, special=True))
             if not tokens:
                 raise QESError(f"{example.where or 'an example'}: the prompt is empty (no tokens)")
-            if len(tokens) >= self.llm.n_ctx():
+            if len(tokens) >= self.n_ctx:
                 where = f"{example.where}: " if example.where else ""
-                raise QESError(f"{where}the prompt is {len(tokens)} tokens, the context holds {self.llm.n_ctx()} "
+                raise QESError(f"{where}the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} "
                                "(raise --n-ctx or shorten the prompt)")
             got = self._prompt_cache[key] = array("i", tokens)
         return list(got)
@@ -169,14 +171,83 @@ class ModelDriver:
         n = len(text.encode("utf-8", "surrogatepass"))
         if n > limit:
             where = f"{example.where}: " if example.where else ""
-            raise QESError(f"{where}the prompt is {n:,} bytes, more than {self.llm.n_ctx()} tokens of this model "
-                           f"can hold (at most {limit:,} bytes): the context holds {self.llm.n_ctx()} "
+            raise QESError(f"{where}the prompt is {n:,} bytes, more than {self.n_ctx} tokens of this model "
+                           f"can hold (at most {limit:,} bytes): the context holds {self.n_ctx} "
                            "(raise --n-ctx or shorten the prompt)")
 
     def check_prompts(self, examples) -> int:
         """Render and tokenize every example up front (a missing or failing template, a prompt too
         long for the context: refused before any work); returns the longest prompt in tokens."""
         return max((len(self.prompt_tokens(ex)) for ex in examples), default=0)
+
+    # -- the batched evaluation (llama/batched.py) -------------------------------------------
+    def use_layout(self, layout: batched.EvalLayout, examples=(), cells: int | None = None) -> int:
+        """Evaluate with `layout` from now on.  A batched layout replaces the context with one KV
+        cache shared by a round's sequences, sized from the examples' real token counts (the
+        layout.sequences longest prompts, a quarter more for their choice branches; at least
+        n_ctx), unless `cells` is given.  Returns the cache's cells.  Call it after the
+        self-check: one at a time is what the self-check proves."""
+        layout.check()
+        self.layout = layout
+        if not layout.batched:
+            if self.kv_cells:  # back to llama.cpp's own one-sequence context of n_ctx cells
+                batched.resize_context(self.llm, self.n_ctx, layout)
+                self.kv_cells = 0
+            return 0
+        if cells is None:
+            longest = sorted((len(self.prompt_tokens(ex)) for ex in examples), reverse=True)[:layout.sequences]
+            cells = max(self.n_ctx, -(-sum(longest) * 5 // 4))
+        cells = -(-int(cells) // 256) * 256  # llama.cpp pads the cache to 256 cells
+        batched.resize_context(self.llm, cells, layout)
+        self.kv_cells = self.llm._ctx.n_ctx()
+        return self.kv_cells
+
+    def describe_layout(self) -> str:
+        """One line on how the evaluation is laid out and what its KV cache costs (shown at start)."""
+        lay = self.layout
+        if not lay.batched:
+            return (f"evaluation: one prompt a decode (--eval-batch 1); KV cache {self.n_ctx} tokens, "
+                    f"{self.kv_bytes_for(self.n_ctx) / 2**20:.1f} MiB")
+        return (f"evaluation: up to {lay.sequences} prompts a decode (--eval-batch {lay.sequences}), n_batch {lay.n_batch}, "
+                f"n_ubatch {lay.n_ubatch}; KV cache {self.kv_cells} tokens ({lay.kv_type}), {self.kv_bytes / 2**20:.1f} MiB, "
+                f"against {self.kv_bytes_for(self.n_ctx, lay.kv_type) / 2**20:.1f} MiB one at a time")
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the batched evaluation's KV cache (0: one at a time, llama.cpp's own n_ctx cache)."""
+        return self.kv_cells * self._cell_bytes[self.layout.kv_type]
+
+    def kv_bytes_for(self, cells: int, kv_type: str = "f16") -> int:
+        return cells * self._cell_bytes[kv_type]
+
+    def score(self, examples, continuations=None):
+        """Yield (index, next-token logits after the prompt, [log-probabilities of each
+        continuation's tokens, float64]) for every example, in order.  continuations(i) lists the
+        token lists to score after example i's prompt (None: none).  One at a time, this is
+        prompt_logits and continuation_logprobs, bit for bit as before; batched, the rounds of
+        llama/batched.py.  The logits are valid until the next item (batched: a copy)."""
+        conts = [list(continuations(i)) if continuations else [] for i in range(len(examples))]
+        if not self.layout.batched:
+            for i, _, logits in self.prompt_logits(examples):
+                yield i, logits, [self.continuation_logprobs(logits, c) for c in conts[i]]
+            return
+        prompts = [self.prompt_tokens(ex) for ex in examples]
+        for i, logits, lps in batched.run_rounds(self.llm, self.layout, prompts, conts, self.kv_cells):
+            if self.on_prompt is not None:
+                self.on_prompt()
+            yield i, logits, lps
+
+    def generate_many(self, prompts, max_tokens: int) -> list[str]:
+        """Greedy completions of every prompt (token lists), in order: one at a time through
+        generate, or batched (llama/batched.generate_rounds)."""
+        if not self.layout.batched:
+            return [self.generate(p, max_tokens) for p in prompts]
+        prompts = [list(p) for p in prompts]
+        out = batched.generate_rounds(self.llm, self.layout, prompts, max_tokens, self.kv_cells)
+        if self.on_prompt is not None:
+            for _ in prompts:
+                self.on_prompt()
+        return out
 
     def prompt_logits(self, examples):
         """Yield (index, tokens, next-token logits) for each example's prompt.

@@ -5,11 +5,10 @@ renders them through its own chat template and tokenizes them (`driver.prompt_to
 model interface tasks use:
 
 - `prompt_tokens(example) -> list[int]`: the example's prompt as tokens (template, prefill, BOS);
-- `prompt_logits(examples)`: yields (index, tokens, next-token logits) per example, evaluating
-  the batch's shared token prefix once; the context is left at the end of that example's prompt;
-- `continuation_logprobs(logits, tokens)`: log-probabilities of tokens following the prompt just
-  yielded (one batched decode, then the context is rolled back to the prompt);
-- `generate(tokens, max_tokens) -> str`: greedy completion from an empty context;
+- `score(examples, continuations=None)`: yields (index, next-token logits, [log-probabilities of
+  each continuation's tokens]) per example, the batch laid out as the run's evaluation layout
+  says (one at a time, or many sequences a decode: llama/batched.py);
+- `generate_many(token_lists, max_tokens) -> list[str]`: greedy completions, laid out likewise;
 - `tokenize(text, add_bos=...)`."""
 
 from __future__ import annotations

@@ -92,5 +92,5 @@ class CountdownTask(Task):
         return self._heldout
 
     def rewards(self, model, batch):
-        return np.array([score(model.generate(model.prompt_tokens(ex), self.max_tokens), ex.meta["nums"], ex.answer)
-                         for ex in batch])
+        completions = model.generate_many([model.prompt_tokens(ex) for ex in batch], self.max_tokens)
+        return np.array([score(c, ex.meta["nums"], ex.answer) for ex, c in zip(batch, completions)])

@@ -167,8 +167,8 @@ class JsonlTask(Task):
         return 1.0 if completion.strip() == str(ex.answer).strip() else 0.0
 
     def rewards(self, model, batch):
-        return np.array([self.reward_one(ex, model.generate(model.prompt_tokens(ex), self.max_tokens))
-                         for ex in batch])
+        completions = model.generate_many([model.prompt_tokens(ex) for ex in batch], self.max_tokens)
+        return np.array([self.reward_one(ex, c) for ex, c in zip(batch, completions)])
 
     def describe(self):
         return {"name": self.name, "data": self.path}
@@ -210,9 +210,10 @@ class ChoiceTask(JsonlTask):
     Choices that share their first tokens ("New York" / "New Delhi") are told apart by the rest.
     Reward: the softmax of the scores over the choices, taken at the right one; evaluate adds
     accuracy (the right choice scores highest).
-    Cost per member: the prompt once (a prefix the batch shares once in all), then one batched
-    forward pass per choice of more than one token (its tokens but the last, logits at every
-    position; the context rolled back to the prompt after each)."""
+    Cost per member: the prompt once (a prefix the batch shares once in all), then each choice of
+    more than one token: its tokens but the last, logits at every position (one at a time: a
+    decode per choice, the context rolled back to the prompt after each; batched: a branch
+    sequence of the prompt in the same decodes, llama/batched.py)."""
 
     name = "choice"
 
@@ -252,15 +253,13 @@ class ChoiceTask(JsonlTask):
     def choice_scores(self, model, batch) -> list[np.ndarray]:
         """The normalised log-probability of every choice of every example in batch."""
         out = [None] * len(batch)
-        for i, _, logits in model.prompt_logits(batch):
-            scores = []
-            for c in batch[i].meta["choices"]:
-                toks = self.tokens_of(model, c)
-                if self.choice_norm == "first":  # the raw logit, exactly as before (softmax is shift-free)
-                    scores.append(float(logits[toks[0]]))
-                    continue
-                lp = model.continuation_logprobs(logits, toks)
-                scores.append(lp.mean() if self.choice_norm == "mean" else lp.sum())
+        first = self.choice_norm == "first"  # the raw logit, exactly as before (softmax is shift-free)
+        conts = None if first else (lambda i: [self.tokens_of(model, c) for c in batch[i].meta["choices"]])
+        for i, logits, lps in model.score(batch, conts):
+            if first:
+                scores = [float(logits[self.tokens_of(model, c)[0]]) for c in batch[i].meta["choices"]]
+            else:
+                scores = [lp.mean() if self.choice_norm == "mean" else lp.sum() for lp in lps]
             out[i] = np.array(scores, np.float64)
         return out
 

@@ -17,7 +17,7 @@ from qes_edge.tasks.base import Example, Task, auroc, fixed_permutation
 # a chat of a system turn and a user turn, rendered by the model's own template, then the
 # answer cue "Answer:" inside the assistant's turn.  The word comes last but for the template's
 # closing markers and the cue, so everything before it is a token prefix the batch shares:
-# evaluated once per member (driver.prompt_logits), then each example costs its ~12 own tokens.
+# evaluated once per member (driver.score), then each example costs its ~12 own tokens.
 # For SmolLM2 the rendered text is byte for byte the hand-written ChatML this task used before
 # (tests/test_chat.py), so the README's learning results stand.
 SYSTEM = "You classify the sentiment of single words."
@@ -90,7 +90,7 @@ class SentimentTask(Task):
         """p(correct class) per example, from one forward pass each (the shared prefix once)."""
         ids = self._ids(model)
         out = np.empty(len(batch))
-        for i, _, logits in model.prompt_logits(batch):
+        for i, logits, _ in model.score(batch):
             ex = batch[i]
             logits = logits.astype(np.float64)
             sel = {c: logits[v] for c, v in ids.items()}

@@ -41,12 +41,22 @@ class TrainConfig:
     derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
     raw_prompt: bool = False          # prompts as given, without the model's chat template
     choice_norm: str = "mean"         # choice task: "mean" or "sum" log-probability per choice ("first": old runs)
+    # the evaluation layout (llama/batched.py): llama.cpp's bits depend on it, so it is recorded
+    eval_batch: int = 8               # prompts per decode; 1: one at a time (runs before it)
+    n_batch: int = 512                # tokens per llama_decode
+    n_ubatch: int = 512               # tokens per compute graph
+    kv_type: str = "f16"              # KV cache element type
+
+    def eval_layout(self):
+        from qes_edge.llama.batched import EvalLayout
+        return EvalLayout(self.eval_batch, self.n_batch, self.n_ubatch, self.kv_type)
 
     def validate(self) -> None:
         """Every check that can be made before any work (model load, evaluation, forward passes),
         including the bound the C library enforces on a step's coefficients."""
         from qes_edge.native.engine import sigma_threshold
         from qes_edge.tasks.base import CHOICE_NORMS
+        self.eval_layout().check()
         if not isinstance(self.raw_prompt, bool):
             raise ValueError(f"raw_prompt must be true or false, got {self.raw_prompt!r}")
         if self.choice_norm not in CHOICE_NORMS:
@@ -112,5 +122,5 @@ class TrainConfig:
         old_raw = d.get("task") not in ("sentiment", "countdown")
         old_norm = "first" if d.get("task") == "choice" else "mean"
         d = {"balance": False, "derive": 1, "raw_prompt": old_raw, "choice_norm": old_norm, "coef_scheme": "zscore",
-             **d}  # and member z-scores, before pair differences
+             "eval_batch": 1, **d}  # and member z-scores, before pair differences; one prompt a decode
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

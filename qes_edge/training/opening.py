@@ -98,6 +98,16 @@ def check_prompts(driver, task) -> None:
         raise SessionError(f"{driver.path}: {e}") from None
 
 
+def prepare_driver(driver, task, cfg) -> None:
+    """check_prompts, then the run's evaluation layout (cfg.eval_batch...): a batched one sizes
+    the KV cache from the task's real prompts (driver.use_layout)."""
+    check_prompts(driver, task)
+    try:
+        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples()))
+    except (ValueError, RuntimeError) as e:
+        raise SessionError(f"{driver.path}: the evaluation layout: {e}") from None
+
+
 def check_data_option(data) -> Path | None:
     if data is None:
         return None
@@ -132,6 +142,6 @@ def model_opener(model: str | None, threads: int):
                              f"this worker's --model is {path.name} ({sha[:16]}…)")
         task = load_task(cfg, path)
         driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)  # a run starts from the base's codes
-        check_prompts(driver, task)
+        prepare_driver(driver, task, cfg)
         return driver, task, n_threads
     return opener

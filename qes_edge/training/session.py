@@ -26,12 +26,12 @@ from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
 from qes_edge.training.executors.local import StepAbandoned
 from qes_edge.training.trainer import Trainer, TrainingStopped
-from qes_edge.training.opening import (SessionError, check_prompts, check_recorded_data, differences, load_task,
+from qes_edge.training.opening import (SessionError, check_recorded_data, differences, load_task, prepare_driver,
                                        open_driver, trainable_model)
 
 #: the train options that make up a run's identity (its recorded config)
 RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm", "coef_scheme")
+               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm", "coef_scheme", "eval_batch")
 
 
 class RecordError(SessionError):
@@ -137,7 +137,7 @@ class Session:
             task = load_task(cfg, path)
             if driver is None:
                 driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)
-            check_prompts(driver, task)
+            prepare_driver(driver, task, cfg)
             # 3. only now does a new run exist
             resumed = run is not None
             if run is None:
