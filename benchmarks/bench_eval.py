@@ -8,7 +8,7 @@ Part 1, in this process, on one ModelDriver (the real model, --threads):
   llama.cpp's own throughput on as many tokens decoded as one sequence in n_batch decodes (the
   physical limit here); generation's against one create_completion per prompt (a plain
   llama-cpp-python loop).
-Part 2, fresh processes measured from outside (peak RSS from os.wait4):
+Part 2, fresh processes measured from outside (peak RSS from /usr/bin/time -v):
   `qes-edge train --task sentiment --steps 2 --population 4 --batch B --eval-batch N --json`
   for N = 1 and the default, their seconds per step (the steps' own timings), against plain
   inference of the same batch: a script that loads the model as llama-cpp-python does (no
@@ -124,18 +124,16 @@ else:
 """
 
 
-def _run(cmd, env=None):
-    """(stdout, stderr, peak RSS MiB, wall s) of cmd, measured from outside with os.wait4."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        out.seek(0), err.seek(0)
-        o, e = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{e[-2000:]}")
-    return o, e, usage.ru_maxrss / 1024, wall
+def _run(cmd, env):
+    """(stdout, stderr, peak RSS MiB, wall s) of cmd in a fresh process, measured from outside
+    (bench_memory.measure: /usr/bin/time -v; a child forked from this process would start
+    with this process's resident set as its peak)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_memory import measure
+    m = measure(cmd, env, ROOT)
+    if m["rc"] != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{m['stderr'][-2000:]}")
+    return m["stdout"], m["stderr"], m["peak_rss_mb"], m["wall_s"]
 
 
 def part2(args, model):
@@ -200,6 +198,8 @@ def main():
             print(f"{r['eval_batch']:>10} {r['train_peak_mib']:>10.1f} {r['inference_peak_mib']:>14.1f} "
                   f"{r['ratio']:>6.2f} {r['step_s']:>7.1f} {r['kv_cells']:>9}")
     out = ROOT / "benchmarks" / "results" / "eval.json"
+    if args.skip and out.exists():  # the part not run keeps its last figures
+        res = {**json.loads(out.read_text()), **res}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 
