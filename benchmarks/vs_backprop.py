@@ -366,7 +366,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.json"
-        tokenize(DATA[a.task], tokens)
+        # in a child: a process forked from one holding the model would start at its resident
+        # set, and os.wait4's peak of every row would be at least that
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import vs_backprop as v; "
+                        "from pathlib import Path; v.tokenize(Path(sys.argv[2]), Path(sys.argv[3]))",
+                        str(HERE), str(DATA[a.task]), str(tokens)], env=env_for(tmp), cwd=ROOT, check=True)
         data.update(task=a.task, base=qes_eval(default_model_path(), DATA[a.task], a.threads, tmp),
                     date=time.strftime("%Y-%m-%d"), cpu=os.cpu_count())
         for row in rows:
