@@ -44,8 +44,9 @@ VARIANTS = {"pairs": ["--coef-scheme", "pairs"], "zscore": ["--coef-scheme", "zs
 METRIC = {"sentiment": "balanced_accuracy", "continents": "accuracy", "capitals": "accuracy"}
 
 
-#: population, batch and sigma of the sweep; a run at other values has them in its key
-STANDARD = {"population": 16, "batch": 24, "sigma": 0.01}
+#: population, batch, sigma and evaluation layout of the sweep; a run at other values has them in
+#: its key (eval_batch 1: one prompt a decode, as every run of the sweep so far was made)
+STANDARD = {"population": 16, "batch": 24, "sigma": 0.01, "eval_batch": 1}
 _ARGS = None  # the parsed arguments, for key()
 
 
@@ -74,7 +75,8 @@ def run_one(task, variant, alpha, seed, a) -> dict:
         cmd = [sys.executable, "-m", "qes_edge", "train", *TASKS[task], *VARIANTS[variant], "--json",
                "--steps", str(a.steps), "--population", str(a.population), "--batch", str(a.batch),
                "--alpha", str(alpha), "--sigma", str(a.sigma), "--seed", str(seed), "--eval-every", "10",
-               "--threads", str(a.threads), "--ledger", str(Path(home) / "run.qes")]
+               "--threads", str(a.threads), "--eval-batch", str(a.eval_batch),
+               "--ledger", str(Path(home) / "run.qes")]
         env = {**os.environ, "QES_EDGE_HOME": home, "OMP_WAIT_POLICY": "PASSIVE"}
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -83,7 +85,7 @@ def run_one(task, variant, alpha, seed, a) -> dict:
         events = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     steps = [e for e in events if e["event"] == "step"]
     return {"task": task, "variant": variant, "alpha": alpha, "seed": seed, "sigma": a.sigma, "steps": a.steps,
-            "population": a.population, "batch": a.batch, "threads": a.threads,
+            "population": a.population, "batch": a.batch, "threads": a.threads, "eval_batch": a.eval_batch,
             "heldout": {e["step"]: {k: v for k, v in e.items() if k not in ("event", "step", "split")}
                         for e in events if e["event"] == "eval"},
             "changed": [s["changed"] for s in steps], "train_reward": [s["reward"] for s in steps],
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
                     help="(with --population and --batch: a run at other values than the sweep's, such as what "
                          "`qes-edge calibrate` recommends, is kept under a key that names them)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-batch", type=int, default=STANDARD["eval_batch"],
+                    help="prompts per llama.cpp decode (qes-edge train --eval-batch); 1, as the sweep so far")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th of the missing runs, from the I-th")
     ap.add_argument("--list", action="store_true", help="print the table and exit")
     a = ap.parse_args(argv)
