@@ -110,6 +110,33 @@ def exact_reward(prompt, completion, example):
     return float(completion == prompt.upper())
 
 
+def batch_reward(prompts, completions, examples):
+    batch_reward.calls += 1
+    return [float(c == p.upper()) for p, c in zip(prompts, completions)]
+
+
+batch_reward.batched = True
+batch_reward.calls = 0
+
+
+def short_batch_reward(prompts, completions, examples):
+    return [1.0]
+
+
+short_batch_reward.batched = True
+
+
+def test_a_batched_reward_is_called_once_per_batch(tmp_path):
+    data = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"P{i}"} for i in range(10)]))
+    t = load_task(f"{__name__}:batch_reward", data)
+    batch_reward.calls = 0
+    assert t.rewards(FakeModel(), t.train_examples()).tolist() == [1.0] * len(t.train_examples())
+    assert batch_reward.calls == 1
+    short = load_task(f"{__name__}:short_batch_reward", data)
+    with pytest.raises(RewardFailure, match="returned 1 rewards for a batch of 8"):
+        short.rewards(FakeModel(), short.train_examples())
+
+
 def test_callable_rewards_fail_loudly(tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"P{i}"} for i in range(10)]))
     ok = load_task(f"{__name__}:exact_reward", data)

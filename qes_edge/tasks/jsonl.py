@@ -189,6 +189,22 @@ class CallableRewardTask(JsonlTask):
             raise RewardFailure(f"{where} raised {type(e).__name__}: {e}") from None
         return checked_reward(value, where)
 
+    def rewards(self, model, batch):
+        """A reward marked `batched = True` takes the whole batch, once:
+        fn(prompts, completions, examples) -> one number per completion (TRL's reward functions
+        take lists likewise); any other is called once per completion."""
+        if not getattr(self.fn, "batched", False):
+            return super().rewards(model, batch)
+        completions = model.generate_many([model.prompt_tokens(ex) for ex in batch], self.max_tokens)
+        where = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__name__', '?')}"
+        try:
+            values = list(self.fn([ex.prompt for ex in batch], completions, [ex.meta for ex in batch]))
+        except Exception as e:  # the user's code: any failure is this member's failure
+            raise RewardFailure(f"{where} raised {type(e).__name__}: {e}") from None
+        if len(values) != len(batch):
+            raise RewardFailure(f"{where} returned {len(values)} rewards for a batch of {len(batch)} completions")
+        return np.array([checked_reward(v, where) for v in values])
+
     def describe(self):
         return {"name": f"{self.fn.__module__}:{self.fn.__name__}", "data": self.path}
 
