@@ -83,7 +83,7 @@ def part1(args, model):
         gen = name == "countdown"
         for n in [1] + args.layouts:
             lay = B.EvalLayout(sequences=n)
-            driver.use_layout(lay, ex)
+            driver.use_layout(lay, ex, generated=task.generated_tokens())
             if gen:
                 outs = []
                 s = _median_time(lambda: outs.append(driver.generate_many(prompts, args.max_tokens)), args.repeats)

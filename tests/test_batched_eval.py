@@ -174,3 +174,17 @@ def test_batched_generation_is_deterministic_and_stops_where_it_must(driver):
     short = driver.generate_many(prompts[:4], 200)
     assert all(len(t) < 2000 for t in short)
     driver.use_layout(EvalLayout())
+
+
+def test_the_cache_is_sized_from_the_prompts_and_their_completions(driver, choice_task):
+    ex = list(choice_task.train_examples())
+    lay = EvalLayout(sequences=8)
+    longest = sorted(len(driver.prompt_tokens(e)) for e in ex)[-8:]
+    pad = lambda n: -(-n // 256) * 256  # noqa: E731  (llama.cpp pads its cache to 256 cells)
+    assert driver.use_layout(lay, ex) == pad(max(driver.n_ctx, -(-sum(longest) * 5 // 4)))
+    cells = driver.use_layout(lay, ex, generated=300)  # a generation task: room for its completions
+    assert cells >= sum(n + 300 for n in longest) and cells == driver.kv_cells
+    assert driver.kv_bytes == cells * driver.kv_bytes_for(1)
+    assert "8 prompts a decode" in driver.describe_layout() and f"KV cache {cells} tokens" in driver.describe_layout()
+    driver.use_layout(EvalLayout())
+    assert "one prompt a decode" in driver.describe_layout()

@@ -181,11 +181,12 @@ class ModelDriver:
         return max((len(self.prompt_tokens(ex)) for ex in examples), default=0)
 
     # -- the batched evaluation (llama/batched.py) -------------------------------------------
-    def use_layout(self, layout: batched.EvalLayout, examples=(), cells: int | None = None) -> int:
+    def use_layout(self, layout: batched.EvalLayout, examples=(), cells: int | None = None,
+                   generated: int = 0) -> int:
         """Evaluate with `layout` from now on.  A batched layout replaces the context with one KV
         cache shared by a round's sequences, sized from the examples' real token counts (the
-        layout.sequences longest prompts, a quarter more for their choice branches; at least
-        n_ctx), unless `cells` is given.  Returns the cache's cells.  Call it after the
+        layout.sequences longest prompts, each with room for `generated` tokens of completion,
+        a quarter more for choice branches; at least n_ctx), unless `cells` is given.  Returns the cache's cells.  Call it after the
         self-check: one at a time is what the self-check proves."""
         layout.check()
         self.layout = layout
@@ -195,7 +196,8 @@ class ModelDriver:
                 self.kv_cells = 0
             return 0
         if cells is None:
-            longest = sorted((len(self.prompt_tokens(ex)) for ex in examples), reverse=True)[:layout.sequences]
+            longest = sorted((len(self.prompt_tokens(ex)) + generated for ex in examples),
+                             reverse=True)[:layout.sequences]
             cells = max(self.n_ctx, -(-sum(longest) * 5 // 4))
         cells = -(-int(cells) // 256) * 256  # llama.cpp pads the cache to 256 cells
         batched.resize_context(self.llm, cells, layout)

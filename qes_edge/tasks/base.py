@@ -160,6 +160,11 @@ class Task:
     def heldout_examples(self) -> Sequence[Example]:
         raise NotImplementedError
 
+    def generated_tokens(self) -> int:
+        """The most tokens a prompt's completion may take (0: the task scores logits, no generation):
+        the batched evaluation's KV cache makes room for them."""
+        return 0
+
     def strata(self) -> Sequence | None:
         """A class label per training example, for class-balanced batches; None: no classes."""
         return None

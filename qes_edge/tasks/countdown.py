@@ -91,6 +91,9 @@ class CountdownTask(Task):
     def heldout_examples(self):
         return self._heldout
 
+    def generated_tokens(self) -> int:
+        return self.max_tokens
+
     def rewards(self, model, batch):
         completions = model.generate_many([model.prompt_tokens(ex) for ex in batch], self.max_tokens)
         return np.array([score(c, ex.meta["nums"], ex.answer) for ex, c in zip(batch, completions)])

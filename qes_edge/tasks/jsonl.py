@@ -161,6 +161,9 @@ class JsonlTask(Task):
     def heldout_examples(self):
         return self._heldout
 
+    def generated_tokens(self) -> int:
+        return self.max_tokens
+
     def reward_one(self, ex: Example, completion: str) -> float:
         if "pattern" in ex.meta:
             return 1.0 if re.search(ex.meta["pattern"], completion) else 0.0
@@ -257,6 +260,9 @@ class ChoiceTask(JsonlTask):
     def answer_index(ex: Example) -> int:
         ans = ex.meta.get("answer")
         return ans if isinstance(ans, int) else ex.meta["choices"].index(ex.answer)
+
+    def generated_tokens(self) -> int:
+        return 0  # scored by log-probabilities: nothing is generated
 
     def tokens_of(self, model, choice: str) -> list[int]:
         got = self._choice_tokens.get(choice)

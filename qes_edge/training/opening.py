@@ -103,7 +103,8 @@ def prepare_driver(driver, task, cfg) -> None:
     the KV cache from the task's real prompts (driver.use_layout)."""
     check_prompts(driver, task)
     try:
-        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples()))
+        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples()),
+                          generated=task.generated_tokens())
     except (ValueError, RuntimeError) as e:
         raise SessionError(f"{driver.path}: the evaluation layout: {e}") from None
 
