@@ -57,7 +57,6 @@ class ModelDriver:
         # the weights are found on a throwaway context before llama-cpp-python makes its own:
         # its buffers are freed before the real context's are allocated (not held beside them)
         found: dict = {}
-        self.n_ctx = n_ctx
         # bytes a KV cell takes for each KV type (the header itself is not kept: its vocabulary is MBs)
         self._cell_bytes = {k: batched.kv_bytes_per_cell(header.metadata, k) for k in batched.KV_TYPES}
         self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads,
@@ -70,7 +69,9 @@ class ModelDriver:
         # Python ints costs 36, and check_prompts fills this with every example of the task)
         self._prompt_cache: dict[bytes, array] = {}
         # a prompt of more bytes than this cannot fit the context: refused before it is tokenized
-        self.max_prompt_bytes = prompt_byte_limit(header, self.llm.n_ctx())  # the context as llama.cpp made it
+        # a prompt's limit: the context as llama.cpp made it (padded to 256), whatever cache use_layout makes later
+        self.n_ctx = self.llm.n_ctx()
+        self.max_prompt_bytes = prompt_byte_limit(header, self.n_ctx)
         self.weights = found
         self.tensors: list[CodeTensor] = weight_code_tensors(self.weights, [t.name for t in planned])
         with open(self.path, "rb") as f:
