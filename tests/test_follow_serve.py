@@ -77,15 +77,38 @@ def test_a_read_only_server_refuses_a_push(tmp_path):
     assert srv.exit_code == 2 and src.read_bytes() == before and head(src)[0] == 2
 
 
-@pytest.mark.parametrize("what", ["none", "missing", "empty"])
+@pytest.mark.parametrize("what", ["none", "missing", "empty", "zero-bytes", "no-tables"])
 def test_nothing_to_offer_yet_is_unavailable(tmp_path, what):
+    """zero-bytes and no-tables: the instants while the daemon creates its job's ledger (SQLite has
+    made the file, the schema's transaction has not committed); a follower that asked then was
+    refused and exited (seen once under ASAN on a loaded machine)."""
+    import sqlite3
     path = tmp_path / "src.qes"
     if what == "empty":
         Ledger(path).close()  # created, no run yet
+    elif what == "zero-bytes":
+        path.touch()
+    elif what == "no-tables":
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA user_version=1")
+        con.commit()
+        con.close()
     server = (lambda: None) if what == "none" else path
     res, srv = session(tmp_path / "dst.qes", server)
     assert isinstance(res, PeerError) and res.code == "unavailable", res
     assert not (tmp_path / "dst.qes").exists()
+
+
+def test_a_served_file_with_other_tables_is_still_refused(tmp_path):
+    import sqlite3
+    path = tmp_path / "src.qes"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    res, srv = session(tmp_path / "dst.qes", path)
+    assert isinstance(res, PeerError) and res.code != "unavailable", res
 
 
 def test_training_time_is_the_sum_of_its_parts():

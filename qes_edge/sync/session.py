@@ -58,6 +58,23 @@ class Unavailable(Refused):
     error code `unavailable`; a follower waits and asks again."""
 
 
+def _being_created(path: Path) -> bool:
+    """A served ledger the daemon has created but not yet written its tables into: empty, or an
+    SQLite file without a table (its schema is written in one transaction, so a reader sees all
+    of it or none)."""
+    import sqlite3
+    try:
+        if path.stat().st_size == 0:
+            return True
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 0
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error):
+        return False
+
+
 class PeerError(SyncError):
     """The peer ended the session with an error (a refusal, a fork it found)."""
 
@@ -790,7 +807,12 @@ def serve_session(link: Link, ledger: str | Path | Callable[[], str | Path | Non
         try:
             if path is None or (readonly and not Path(path).exists()):
                 raise Unavailable("the peer has no run to offer yet (its daemon has not started a job's run)")
-            store = Store(path, run_id, prefer, readonly=readonly)
+            try:
+                store = Store(path, run_id, prefer, readonly=readonly)
+            except Refused:
+                if readonly and _being_created(Path(path)):
+                    raise Unavailable(f"the peer has no run to offer yet ({Path(path).name} is being created)") from None
+                raise
             if readonly and store.run_id is None:
                 raise Unavailable(f"the peer has no run to offer yet ({Path(path).name} holds "
                                   + (f"no run {run_id or prefer})" if run_id or prefer else "no run)"))
