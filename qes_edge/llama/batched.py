@@ -21,7 +21,7 @@ part of the run config (training/config.py: eval_batch, n_batch, n_ubatch, kv_ty
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,9 +58,6 @@ class EvalLayout:
         if self.kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {self.kv_type!r}")
 
-    def record(self) -> dict:
-        return asdict(self)
-
 
 def kv_bytes_per_cell(metadata: dict, kv_type: str = "f16") -> int:
     """Bytes one KV cell (one token of one sequence) takes over all layers, from the GGUF's
@@ -94,11 +91,11 @@ class _Token:
     out: tuple | None  # None: no logits; ("prompt", i) or ("branch", i, c, j)
 
 
-def shared_prefix(token_lists) -> int:
-    """Longest common token prefix of token_lists, leaving at least one token of each (its last
-    one gives the prompt's logits)."""
+def shared_prefix(token_lists, keep: int = 1) -> int:
+    """Longest common token prefix of token_lists, leaving at least `keep` tokens of each (the
+    last one gives the prompt's logits)."""
     first = token_lists[0]
-    n = min(len(t) for t in token_lists) - 1
+    n = min(len(t) for t in token_lists) - keep
     for t in token_lists[1:]:
         k = 0
         while k < n and t[k] == first[k]:
@@ -107,26 +104,29 @@ def shared_prefix(token_lists) -> int:
     return max(n, 0)
 
 
-def round_cells(prompts, branches, prefix: int) -> int:
-    """KV cells a round needs: the prefix once, each prompt's rest, each branch's tokens."""
-    return prefix + sum(len(p) - prefix for p in prompts) + sum(len(b) for bs in branches for b in bs)
+def round_cells(prompts, branches, prefix: int, extra: int = 0) -> int:
+    """KV cells a round needs: the prefix once, each prompt's rest and `extra` cells after it (a
+    completion's tokens), each branch's tokens."""
+    return (prefix + sum(len(p) - prefix + extra for p in prompts)
+            + sum(len(b) for bs in branches for b in bs))
 
 
-def plan_rounds(prompts, branches, layout: EvalLayout, cells: int) -> list[list[int]]:
+def plan_rounds(prompts, branches, layout: EvalLayout, cells: int, extra: int = 0) -> list[list[int]]:
     """The prompts' indices cut into rounds, in order: each at most layout.sequences prompts, at
     most n_seq_max sequences (prompts and branches) and at most `cells` KV cells (the prefix
-    counted as shared by the round's prompts).  A deterministic function of its arguments."""
+    counted as shared by the round's prompts, `extra` cells after each prompt for generation).
+    A deterministic function of its arguments."""
     rounds, cur = [], []
     for i in range(len(prompts)):
         trial = cur + [i]
         seqs = sum(1 + len(branches[j]) for j in trial)
         need = round_cells([prompts[j] for j in trial], [branches[j] for j in trial],
-                           shared_prefix([prompts[j] for j in trial]))
+                           shared_prefix([prompts[j] for j in trial]), extra)
         if cur and (len(trial) > layout.sequences or seqs > layout.n_seq_max or need > cells):
             rounds.append(cur)
             trial = [i]
             seqs = 1 + len(branches[i])
-            need = round_cells([prompts[i]], [branches[i]], 0)
+            need = round_cells([prompts[i]], [branches[i]], 0, extra)
         if seqs > layout.n_seq_max or need > cells:
             raise ValueError(f"prompt {i}: {need} tokens in {seqs} sequences do not fit the evaluation's "
                              f"KV cache ({cells} cells, {layout.n_seq_max} sequences)")
@@ -211,7 +211,7 @@ class SeqBatch:
     def __init__(self, n_tokens: int, n_seq: int):
         self.C = _C()
         self.batch = self.C.llama_batch_init(n_tokens, 0, n_seq)
-        self.cap, self.n_seq = n_tokens, n_seq
+        self.cap = n_tokens
 
     def fill(self, tokens) -> None:
         b = self.batch
@@ -257,8 +257,9 @@ def run_rounds(llm, layout: EvalLayout, prompts, conts, cells: int):
     (i, logits after the prompt (float32 copy), [float64 log-probabilities of each continuation's
     tokens]) once its round is decoded; at most one round's prompt logits are held at a time."""
     C = _C()
-    multi = [[list(c) for c in cs if len(c) > 1] for cs in conts]  # the continuations that branch
-    branches = [[c[:-1] for c in cs] for cs in multi]
+    # the continuations of more than one token branch: their tokens but the last, as sequences
+    multi = [[k for k, c in enumerate(cs) if len(c) > 1] for cs in conts]
+    branches = [[list(conts[i][k][:-1]) for k in ks] for i, ks in enumerate(multi)]
     rounds = plan_rounds(prompts, branches, layout, cells)
     n_vocab = llm.n_vocab()
     batch = SeqBatch(layout.n_batch, layout.n_seq_max)
@@ -266,34 +267,29 @@ def run_rounds(llm, layout: EvalLayout, prompts, conts, cells: int):
         for members in rounds:
             clear_memory(llm)
             logits = {}
-            rows = {}  # (i, c) -> {j: log p(cont[j+1] | prompt + cont[:j+1])}
+            lps = {i: [np.empty(len(c)) for c in conts[i]] for i in members}
             for piece in cut_decodes(round_tokens(prompts, branches, members), layout.n_batch, layout.n_seq_max):
                 batch.fill(piece)
                 decode(llm, batch)
                 for k, t in enumerate(piece):
                     if t.out is None:
                         continue
+                    # read now: the next decode overwrites the row
                     row = np.ctypeslib.as_array(C.llama_get_logits_ith(llm.ctx, k), shape=(n_vocab,))
                     if t.out[0] == "prompt":
-                        logits[t.out[1]] = row.copy()
-                    else:
+                        i = t.out[1]
+                        logits[i] = row.copy()
+                        if conts[i]:
+                            first = log_softmax(row)
+                            for lp, cont in zip(lps[i], conts[i]):
+                                if len(cont):
+                                    lp[0] = first[cont[0]]
+                    else:  # branch c of prompt i, its token j: the log-probability of token j + 1
                         _, i, c, j = t.out
-                        # scored now: the next decode overwrites the row
-                        rows.setdefault((i, c), {})[j] = float(log_softmax(row)[multi[i][c][j + 1]])
+                        cont = conts[i][multi[i][c]]
+                        lps[i][multi[i][c]][j + 1] = log_softmax(row)[cont[j + 1]]
             for i in members:
-                lg = logits.pop(i)
-                first = log_softmax(lg)
-                out, c = [], 0
-                for cont in conts[i]:
-                    lp = np.empty(len(cont))
-                    if len(cont):
-                        lp[0] = first[cont[0]]
-                    if len(cont) > 1:
-                        got = rows.pop((i, c))
-                        lp[1:] = [got[j] for j in range(len(cont) - 1)]
-                        c += 1
-                    out.append(lp)
-                yield i, lg, out
+                yield i, logits.pop(i), lps.pop(i)
     finally:
         batch.close()
         clear_memory(llm)
@@ -310,9 +306,8 @@ def generate_rounds(llm, layout: EvalLayout, prompts, max_tokens: int, cells: in
     C = _C()
     vocab = llm._model.vocab
     n_vocab = llm.n_vocab()
-    branches = [[[0] * max(0, max_tokens - 1)] for _ in prompts]  # room for the completion in the cache
-    rounds = plan_rounds(prompts, branches, EvalLayout(min(layout.sequences, layout.n_seq_max),
-                                                       layout.n_batch, layout.n_ubatch, layout.kv_type), cells)
+    none = [[] for _ in prompts]  # no branches
+    rounds = plan_rounds(prompts, none, layout, cells, extra=max(0, max_tokens - 1))  # room for each completion
     texts: list[str] = [""] * len(prompts)
     batch = SeqBatch(max(layout.n_batch, layout.sequences), layout.n_seq_max)
     try:
@@ -320,7 +315,7 @@ def generate_rounds(llm, layout: EvalLayout, prompts, max_tokens: int, cells: in
             clear_memory(llm)
             seq = {i: k for k, i in enumerate(members)}
             nxt: dict[int, int] = {}
-            toks = round_tokens(prompts, [[] for _ in prompts], members)
+            toks = round_tokens(prompts, none, members)
             for piece in cut_decodes(toks, layout.n_batch, layout.n_seq_max):
                 batch.fill(piece)
                 decode(llm, batch)

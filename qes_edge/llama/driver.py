@@ -33,22 +33,15 @@ def shared_prefix_len(token_lists) -> int:
     """Length of the longest common prefix of token_lists, leaving at least two tokens of each
     (llama.cpp computes a one-token batch on another path, whose last bits differ from a full
     evaluation's); 0 when that is shorter than two tokens (the same reason)."""
-    first = token_lists[0]
-    n = min(len(t) for t in token_lists) - 2
-    for t in token_lists[1:]:
-        k = 0
-        while k < n and t[k] == first[k]:
-            k += 1
-        n = k
+    n = batched.shared_prefix(token_lists, keep=2)
     return n if n >= 2 else 0
 
 
 class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
-                 frozen=DEFAULT_FROZEN, self_check: bool = True, layout: batched.EvalLayout | None = None):
+                 frozen=DEFAULT_FROZEN, self_check: bool = True):
         self.path = Path(path)
-        self.layout = layout or batched.EvalLayout()  # one at a time until use_layout sizes a batched cache
-        self.layout.check()
+        self.layout = batched.EvalLayout()  # one at a time until use_layout sizes a batched cache
         self.kv_cells = 0  # the batched evaluation's KV cache (use_layout); 0: one at a time
         self.on_prompt = None  # called once per prompt evaluated or generated from (progress bars)
         # our own validation of the file and of every trainable type, before llama.cpp sees it
@@ -187,8 +180,8 @@ class ModelDriver:
         """Evaluate with `layout` from now on.  A batched layout replaces the context with one KV
         cache shared by a round's sequences, sized from the examples' real token counts (the
         layout.sequences longest prompts, each with room for `generated` tokens of completion,
-        a quarter more for choice branches; at least n_ctx), unless `cells` is given.  Returns the cache's cells.  Call it after the
-        self-check: one at a time is what the self-check proves."""
+        a quarter more for choice branches; at least n_ctx), unless `cells` is given.  Returns the
+        cache's cells.  Call it after the self-check: one at a time is what the self-check proves."""
         layout.check()
         self.layout = layout
         if not layout.batched:
