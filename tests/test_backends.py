@@ -22,10 +22,11 @@ TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
 
 def test_the_registry_is_the_one_list():
     rows = _native.backends()
-    assert [r["name"] for r in rows] == list(_native.BACKENDS) == ["portable", "avx2", "neon", "cuda", "metal"]
+    assert [r["name"] for r in rows] == list(_native.BACKENDS) == ["portable", "avx2", "neon", "cuda", "metal",
+                                                                               "standin"]
     assert [r["id"] for r in rows] == list(range(len(rows)))
     assert all(r["compiled"] for r in rows if r["available"])
-    assert [r["name"] for r in rows if r["device"]] == ["cuda", "metal"]
+    assert [r["name"] for r in rows if r["device"]] == ["cuda", "metal", "standin"]
     assert "portable" in BACKENDS and _native.get_backend() in BACKENDS
     for r in rows:
         if not r["available"]:

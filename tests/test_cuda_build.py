@@ -2,7 +2,7 @@
 backend.c looks up, and reports itself honestly: compiled in, available only with a GPU.
 
 Its byte-identity with portable needs a GPU: there tests/test_backends.py and test_native run
-every available backend, cuda included (scripts/test_cuda.sh runs them in one go)."""
+every available backend, cuda included (scripts/test_gpu.sh runs them in one go on a GPU)."""
 
 from __future__ import annotations
 

@@ -313,3 +313,34 @@ def test_a_worker_refuses_what_a_sync_would_refuse(tmp_path):
     assert "the worker refuses" in ex.peers[0].why and "recorded with noise spec v99" in ex.peers[0].why
     assert out["why"].startswith("refused: the worker refuses: run ")
     assert not (tmp_path / "w0.qes").exists()
+
+
+def test_a_worker_placed_otherwise_than_the_coordinator_is_refused_at_the_handshake(tmp_path):
+    """--gpu-layers decides the rewards' last bits: a worker that offloads differently from its
+    coordinator is refused before its ledger is touched, and the run goes on without it."""
+    lg1, run1 = run_local(tmp_path, 2)
+    a, b = socket_pair()
+
+    def on_gpu(info):
+        raise AssertionError("a worker refused at the handshake never opens the run")
+    on_gpu.gpu_layers = -1  # the worker runs --gpu-layers all; the toy coordinator places nothing
+    w, th, out = start_worker(tmp_path, "w0", b, opener=on_gpu)
+    tr, lg2, run2, ex, said = coordinator(tmp_path, [a])
+    assert not ex.peers[0].alive
+    assert "coordinator runs --gpu-layers 0, this worker --gpu-layers all" in ex.peers[0].why
+    th.join(10)
+    assert out["why"].startswith("refused: the worker refuses: the coordinator runs --gpu-layers 0")
+    assert not (tmp_path / "w0.qes").exists()
+    for _ in range(2):
+        tr.step()
+    assert rows(lg2, run2) == rows(lg1, run1)
+
+
+def test_hello_carries_the_placement_and_reads_an_older_peer_s_as_unsaid():
+    h = M.Hello(M.PROTOCOL, "0.1", "ab" * 8, "client", 1, None, 0, None, gpu_layers=12)
+    assert M.decode_hello(M.encode_json(h.to_json())).gpu_layers == 12
+    old = h.to_json()
+    del old["gpu_layers"]  # a qes-edge from before placement was said
+    assert M.decode_hello(M.encode_json(old)).gpu_layers is None
+    with pytest.raises(M.MessageError, match="gpu_layers"):
+        M.decode_hello(M.encode_json({**h.to_json(), "gpu_layers": "all"}))

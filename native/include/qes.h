@@ -38,7 +38,7 @@ enum {
  * compiled in, what is available, the operations).  Callers enumerate it with
  * qes_backend_count/qes_backend_name rather than copying these numbers. */
 enum { QES_BACKEND_PORTABLE = 0, QES_BACKEND_AVX2 = 1, QES_BACKEND_NEON = 2, QES_BACKEND_CUDA = 3,
-       QES_BACKEND_METAL = 4, QES_BACKEND_AUTO = -1 };
+       QES_BACKEND_METAL = 4, QES_BACKEND_STANDIN = 5, QES_BACKEND_AUTO = -1 };
 
 enum { QES_UPDATE_ANTI_WINDUP = 1 };
 
@@ -92,6 +92,10 @@ int qes_backend_by_name(const char *name);   /* the id, or QES_ERR_BACKEND */
 int qes_backend_compiled(int backend);       /* built into this library */
 int qes_backend_available(int backend);      /* compiled and usable here (CPU feature, a device) */
 int qes_backend_is_device(int backend);      /* 1: tensor data must be in the backend's memory */
+/* "standin": a device backend over host memory (malloc, memcpy, the portable kernels behind the
+ * device interface), so that the placement of tensors on a device and the split of a step
+ * between host and device tensors are tested where no GPU is.  Available only while the
+ * environment has QES_EDGE_STANDIN_DEVICE=1; never picked by auto. */
 int qes_set_backend(int backend);      /* QES_BACKEND_AUTO picks the best available host backend */
 int qes_get_backend(void);
 int qes_default_threads(void);

@@ -15,6 +15,34 @@ static int always(void) { return 1; }
 static int avx2_cpu(void) { return __builtin_cpu_supports("avx2") ? 1 : 0; }
 #endif
 
+/* the stand-in device (qes.h): host memory behind the device interface */
+static int standin_available(void) {
+    const char *v = getenv("QES_EDGE_STANDIN_DEVICE");
+    return v && strcmp(v, "1") == 0;
+}
+static int standin_perturb_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                                const uint64_t *mask_bytes, int32_t n_threads, uint64_t *applied_out,
+                                uint32_t *failed_out) {
+    return qes_host_perturb_many(&qes_kernels_ref, ts, n, seed, p32, masks, mask_bytes, n_threads, applied_out,
+                                 failed_out);
+}
+static int standin_restore_many(qes_tensor **ts, uint32_t n, int64_t seed, uint32_t p32, uint8_t **masks,
+                                const uint64_t *mask_bytes, int32_t n_threads, uint32_t *failed_out) {
+    return qes_host_restore_many(&qes_kernels_ref, ts, n, seed, p32, masks, mask_bytes, n_threads, failed_out);
+}
+static int standin_update(qes_tensor *t, const qes_step *steps, uint32_t n_steps, int32_t *residual,
+                          const qes_update_params *params, qes_update_stats *stats) {
+    return qes_host_update(&qes_kernels_ref, t, steps, n_steps, residual, params, stats);
+}
+static void *standin_alloc(uint64_t n_bytes) { return malloc(n_bytes ? (size_t)n_bytes : 1); }
+static void standin_free(void *p) { free(p); }
+static int standin_copy(void *dst, const void *src, uint64_t n_bytes) {
+    memcpy(dst, src, (size_t)n_bytes);
+    return QES_OK;
+}
+static const qes_device_ops standin_ops = {standin_perturb_many, standin_restore_many, standin_update,
+                                           standin_alloc, standin_free, standin_copy, standin_copy};
+
 static const qes_backend_desc registry[] = {
     [QES_BACKEND_PORTABLE] = {"portable", 0, always, &qes_kernels_ref, NULL},
 #if defined(QES_HAVE_AVX2)
@@ -35,9 +63,10 @@ static const qes_backend_desc registry[] = {
 #else
     [QES_BACKEND_METAL] = {"metal", 1, NULL, NULL, NULL},
 #endif
+    [QES_BACKEND_STANDIN] = {"standin", 1, standin_available, NULL, &standin_ops},
 };
 #define N_BACKENDS ((int)(sizeof registry / sizeof registry[0]))
-_Static_assert(sizeof registry / sizeof registry[0] == QES_BACKEND_METAL + 1, "one registry row per backend id");
+_Static_assert(sizeof registry / sizeof registry[0] == QES_BACKEND_STANDIN + 1, "one registry row per backend id");
 
 /* auto: the fastest available host backend (a device backend needs the weights in its memory,
  * which the caller arranges and asks for by name) */

@@ -181,7 +181,7 @@ static void test_backends_agree(void) {
 
 /* the registry: names and ids agree, unknown ids and names are refused, auto is a host backend */
 static void test_registry(void) {
-    CHECK(qes_backend_count() == QES_BACKEND_METAL + 1, "count %d", qes_backend_count());
+    CHECK(qes_backend_count() == QES_BACKEND_STANDIN + 1, "count %d", qes_backend_count());
     for (int b = 0; b < qes_backend_count(); ++b) {
         CHECK(qes_backend_name(b) && qes_backend_by_name(qes_backend_name(b)) == b, "name of %d", b);
         CHECK(!qes_backend_available(b) || qes_backend_compiled(b), "%s available but not compiled", qes_backend_name(b));
@@ -191,7 +191,9 @@ static void test_registry(void) {
     CHECK(qes_backend_name(-1) == NULL && qes_backend_name(qes_backend_count()) == NULL, "unknown ids");
     CHECK(qes_backend_by_name("tpu") == QES_ERR_BACKEND, "unknown name");
     CHECK(qes_backend_available(QES_BACKEND_PORTABLE) && !qes_backend_is_device(QES_BACKEND_PORTABLE), "portable");
-    CHECK(qes_backend_is_device(QES_BACKEND_CUDA) && qes_backend_is_device(QES_BACKEND_METAL), "device backends");
+    CHECK(qes_backend_is_device(QES_BACKEND_CUDA) && qes_backend_is_device(QES_BACKEND_METAL) &&
+          qes_backend_is_device(QES_BACKEND_STANDIN), "device backends");
+    CHECK(qes_backend_available(QES_BACKEND_STANDIN), "the stand-in device with QES_EDGE_STANDIN_DEVICE=1");
     qes_set_backend(QES_BACKEND_AUTO);
     CHECK(!qes_backend_is_device(qes_get_backend()), "auto picked a device backend");
 }
@@ -336,6 +338,9 @@ static void test_perturb_many(void) {
 }
 
 int main(void) {
+    /* the stand-in device (host memory behind the device interface) joins every comparison of
+       the backends, so the device path of the dispatch is exercised on a machine without a GPU */
+    setenv("QES_EDGE_STANDIN_DEVICE", "1", 1);
     test_codecs();
     test_perturb_restore();
     test_perturb_many();

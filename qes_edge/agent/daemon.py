@@ -364,7 +364,7 @@ class Daemon:
         opts = SessionOptions(TrainConfig(**o["cfg"]), model=job.model, ledger=Path(job.ledger),
                               explicit=o.get("explicit", ()), resume=o.get("resume", False),
                               new_run=o.get("new_run", False) and job.run_id is None,
-                              threads=self.cfg.threads or o.get("threads", 0))
+                              threads=self.cfg.threads or o.get("threads", 0), gpu_layers=o.get("gpu_layers", 0))
 
         def stop_check():
             if self.stop.is_set():

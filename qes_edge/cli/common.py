@@ -53,6 +53,24 @@ ChoiceNormOpt = typer.Option("mean", help="choice task: score each answer by the
 EvalBatchOpt = typer.Option(TrainConfig.eval_batch, "--eval-batch", min=1, max=64,
                             help="Prompts evaluated as sequences of one llama.cpp decode (1: one at a time, "
                                  "as runs before it). Recorded: it decides the rewards' last bits.")
+
+
+def _gpu_layers(value: str) -> int:
+    """--gpu-layers N|all as llama.cpp's n_gpu_layers (-1: all), refused in one line (exit 2)
+    where this llama.cpp cannot offload, before any work."""
+    from qes_edge.llama.placement import GpuOffloadUnavailable, check_offload, parse_gpu_layers
+    try:
+        n = parse_gpu_layers(value)
+        check_offload(n)
+    except (ValueError, GpuOffloadUnavailable) as e:
+        _fail(str(e))
+    return n
+
+
+GpuLayersOpt = typer.Option("0", "--gpu-layers", callback=_gpu_layers, metavar="N|all",
+                            help="Layers llama.cpp runs on the GPU (all: every one; 0: none). Their weights are "
+                                 "edited where they live, in GPU memory, by libqes's CUDA backend. Rewards "
+                                 "depend on it in their last bits: --peers workers must give the same.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: JSON on stdout (human messages go to stderr).")
 
 

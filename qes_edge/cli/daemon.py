@@ -100,7 +100,7 @@ def queue_add(ctx: typer.Context):
                 _fail(f"job {j.id} ({j.state}) already trains {ledger}: remove it (qes-edge queue remove {j.id}) "
                       "or give another --ledger")
         options = {"cfg": asdict(cfg), "explicit": explicit, "resume": p["resume"], "new_run": p["new_run"],
-                   "threads": p["threads"], "peers": peers, "ray": p["ray"], "args": list(ctx.args)}
+                   "threads": p["threads"], "gpu_layers": p["gpu_layers"], "peers": peers, "ray": p["ray"], "args": list(ctx.args)}
         job_id = db.add_job(options, p["steps"], p["eval_every"], str(ledger), str(model), cfg.task)
         db.event("queue", f"job {job_id} queued: {model.name} task {cfg.task} to step {p['steps']}", job_id)
     finally:

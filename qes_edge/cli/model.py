@@ -29,7 +29,11 @@ def _open(model: Optional[str]):
 
 
 @app.command()
-def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
+def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt,
+         gpu_layers: Optional[str] = typer.Option(None, "--gpu-layers", metavar="N|all",
+                                                  help="Also show which trainable tensors llama.cpp would put on "
+                                                       "the GPU with train's --gpu-layers N, and whether this "
+                                                       "llama.cpp can offload.")):
     """Show a model's tensor types, what qes-edge would train, the native backend, the threads and
     llama.cpp's wait policy.
 
@@ -39,6 +43,7 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
 
     Example: qes-edge info --model smollm2:135m"""
     path, m = _open(model)
+    placement = _placement(m, gpu_layers)
     if as_json:
         from qes_edge.gguf.model import trainable_infos
         from qes_edge.threads import default_threads, wait_policy
@@ -53,7 +58,8 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
                                "backend_registry": _native.backends(),
                                "noise_spec": int(_native.lib.qes_noise_spec_version()),
                                "threads": default_threads(), "wait_policy": wait_policy(),
-                               "kv_bytes_per_token": _kv_cell_bytes(m)}))
+                               "kv_bytes_per_token": _kv_cell_bytes(m),
+                               **({"placement": placement} if placement else {})}))
         return
     table = Table(title=str(path))
     for col in ("type", "tensors", "elements", "MB", "trainable"):
@@ -74,9 +80,18 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
                          f"noise spec v{_native.lib.qes_noise_spec_version()}")
     common.console.print("  " + "; ".join(f"{r['name']}: " + ("available" if r["available"] else "compiled in, not usable here"
                                                        if r["compiled"] else "not compiled in")
-                                   + (" (device)" if r["device"] else "") for r in _native.backends()),
+                                   + (" (device)" if r["device"] else "") for r in _native.backends()
+                                   if r["name"] != "standin" or r["available"]),  # the tests' stand-in device
                          highlight=False)
     common.console.print(f"threads: {default_threads()} by default (--threads); llama.cpp's OpenMP threads wait: {wait_policy()}")
+    if placement:
+        where = (f"{placement['gpu']} trainable tensors in GPU memory (layers {placement['gpu_from']}.."
+                 f"{placement['n_layer'] - 1}), {placement['host']} in host memory" if placement["gpu"]
+                 else f"all {placement['host']} trainable tensors in host memory")
+        common.console.print(f"--gpu-layers {gpu_layers}: {where}; this llama.cpp "
+                             + ("can offload" if placement["offload_supported"] else
+                                "is a CPU-only build (QES_EDGE_GPU=cuda bash scripts/install.sh builds one that offloads)"),
+                             highlight=False)
     cell = _kv_cell_bytes(m)
     if cell:
         from qes_edge.training.config import TrainConfig
@@ -84,6 +99,25 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt):
                              f"prompts a decode (--eval-batch), its cache sized at start from the task's "
                              f"{TrainConfig.eval_batch} longest prompts (at least --n-ctx {TrainConfig.n_ctx} tokens: "
                              f"{TrainConfig.n_ctx * cell / 2**20:.1f} MiB)")
+
+
+def _placement(m, gpu_layers: Optional[str]) -> dict | None:
+    """Where --gpu-layers would put the trainable tensors (llama.cpp's rule: placement.planned_on_gpu)."""
+    if gpu_layers is None:
+        return None
+    from qes_edge.gguf.model import trainable_infos
+    from qes_edge.llama.placement import block_count, offload_supported, parse_gpu_layers, planned_on_gpu
+    try:
+        n = parse_gpu_layers(gpu_layers)
+        planned = trainable_infos(m.header.tensors)
+    except (ValueError, QESError) as e:
+        _fail(str(e))
+    n_layer = block_count(m.header.metadata)
+    if n_layer is None:
+        _fail(f"{m.path}: the header has no block_count: where layers go cannot be told")
+    on_gpu = [t.name for t in planned if planned_on_gpu(t.name, n_layer, n)]
+    return {"gpu_layers": n, "n_layer": n_layer, "gpu": len(on_gpu), "host": len(planned) - len(on_gpu),
+            "gpu_from": max(n_layer - ((1 << 31) - 1 if n < 0 else n), 0), "offload_supported": offload_supported()}
 
 
 def _kv_cell_bytes(m) -> int | None:

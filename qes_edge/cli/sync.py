@@ -162,6 +162,21 @@ def serve_cmd(ledger: Optional[Path] = LedgerOpt,
         raise typer.Exit(last.exit_code)
 
 
+def _follow_gpu_layers(value: str) -> int:
+    """follow --gpu-layers: the layers' tensors go to libqes's CUDA backend (no llama.cpp here)."""
+    from qes_edge.llama.placement import parse_gpu_layers
+    from qes_edge.native import binding as _native
+    try:
+        n = parse_gpu_layers(value)
+    except ValueError as e:
+        _fail(str(e))
+    if n and not _native.lib.qes_backend_available(_native.BACKENDS["cuda"]):
+        why = "not compiled into this libqes" if not _native.lib.qes_backend_compiled(_native.BACKENDS["cuda"]) \
+            else "compiled in, but no CUDA device is usable here"
+        _fail(f"--gpu-layers {value}: libqes's CUDA backend is {why}; leave --gpu-layers out to follow on the CPU")
+    return n
+
+
 @app.command("follow")
 def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer serving the run: `qes-edge sync "
                                                                          "serve` or `qes-edge daemon run --serve` "
@@ -180,6 +195,10 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
                timeout: float = TimeoutOpt,
                retries: int = RetriesOpt,
                threads: int = typer.Option(0, "--threads", min=0, help="Threads for the replay (0: all cores)."),
+               gpu_layers: str = typer.Option("0", "--gpu-layers", metavar="N|all", callback=_follow_gpu_layers,
+                                              help="Hold and update the last N layers' tensors (all: every one) in "
+                                                   "GPU memory, with libqes's CUDA backend: the layers llama.cpp "
+                                                   "offloads with the same --gpu-layers. The GGUF written is the same."),
                as_json: bool = JsonOpt):
     """Keep a replayed copy of a peer's run current: sync its new steps into a local ledger
     (each checked against the hash chain), replay each onto the base model's codes in memory
@@ -251,8 +270,8 @@ def follow_cmd(peer: Optional[str] = typer.Option(None, "--peer", help="The peer
 
     f = None
     try:
-        f = follow(peer, ledger, out, base, run_id, interval, once, _opts(timeout, retries), baud, threads, stop,
-                   on_batch=on_batch, on_step=on_step, on_sync_error=on_sync_error)
+        f = follow(peer, ledger, out, base, run_id, interval, once, _opts(timeout, retries), baud, threads,
+                   gpu_layers, stop, on_batch=on_batch, on_step=on_step, on_sync_error=on_sync_error)
     except FollowError as e:
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(e.exit_code)

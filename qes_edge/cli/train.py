@@ -15,7 +15,7 @@ from rich.table import Table
 from qes_edge.cli import common
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
-from qes_edge.cli.common import (ChoiceNormOpt, EvalBatchOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
+from qes_edge.cli.common import (ChoiceNormOpt, EvalBatchOpt, GpuLayersOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
 
 
 @app.command()
@@ -42,6 +42,7 @@ def train(ctx: typer.Context,
                                                                  "stays: replay --run-id rebuilds it)."),
           eval_every: int = typer.Option(0, min=0, help="Held-out evaluation every N steps (0: at start and end only)."),
           threads: int = ThreadsOpt,
+          gpu_layers: str = GpuLayersOpt,
           n_ctx: int = typer.Option(TrainConfig.n_ctx, help="llama.cpp context size in tokens (64 or more)."),
           raw_prompt: bool = RawPromptOpt,
           choice_norm: str = ChoiceNormOpt,
@@ -55,8 +56,11 @@ def train(ctx: typer.Context,
           peers: Optional[str] = typer.Option(None, "--peers", help="Share each step's population with workers "
                                                                    "(`qes-edge worker`), comma-separated: "
                                                                    "socket://HOST:PORT or serial devices. With "
-                                                                   "the workers at this --threads, the ledger is "
-                                                                   "the one recorded without them."),
+                                                                   "the workers at this --threads and "
+                                                                   "--gpu-layers (a GPU's rewards differ from the "
+                                                                   "CPU's in their last bits: a worker placed "
+                                                                   "otherwise is refused), the ledger is the one "
+                                                                   "recorded without them."),
           ray: Optional[int] = typer.Option(None, "--ray", min=1, help="Evaluate each step's population on this "
                                                                       "many Ray actors, each with its own copy of "
                                                                       "the model (pip install 'qes-edge[ray]'; "
@@ -68,10 +72,10 @@ def train(ctx: typer.Context,
 
     Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
     with _json_output(as_json):
-        _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray)
+        _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray, gpu_layers)
 
 
-def _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray):
+def _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray, gpu_layers=0):
     """train's work; the run's config comes from its options (ctx.params) through TrainConfig.from_options."""
     from qes_edge.training.opening import check_data_option
     from qes_edge.training.session import RUN_OPTIONS, Session, SessionOptions
@@ -80,7 +84,7 @@ def _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads
         data = check_data_option(data)
         cfg = TrainConfig.from_options({**ctx.params, "data": data})
         opts = SessionOptions(cfg, model=model, ledger=ledger, explicit=_explicit(ctx, RUN_OPTIONS), resume=resume,
-                              new_run=new_run, threads=threads)
+                              new_run=new_run, threads=threads, gpu_layers=gpu_layers)
         check_executor_options(peers, ray)
         links = _peer_links(peers)  # reached before anything is written
         try:
@@ -122,6 +126,10 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
                          f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
                          f"{session.threads} threads; ledger {session.ledger_path}")
     common.console.print(driver.describe_layout(), markup=False, highlight=False)
+    if driver.gpu_layers:
+        from qes_edge.llama.placement import describe_gpu_layers, summary
+        common.console.print(f"--gpu-layers {describe_gpu_layers(driver.gpu_layers)}: trainable tensors "
+                             f"{summary(driver.tensors)}", markup=False, highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=common.console)
     with progress:
@@ -182,6 +190,7 @@ def evaluate(model: Optional[str] = ModelOpt,
              data: Optional[Path] = typer.Option(None, help="JSONL data for the jsonl, choice and module:function tasks."),
              seed: int = typer.Option(0, help="Task seed (as the run's, for generated tasks)."),
              threads: int = ThreadsOpt,
+             gpu_layers: str = GpuLayersOpt,
              n_ctx: int = typer.Option(512, help="llama.cpp context size in tokens (64 or more)."),
              raw_prompt: bool = RawPromptOpt,
              choice_norm: str = ChoiceNormOpt,
@@ -203,7 +212,7 @@ def evaluate(model: Optional[str] = ModelOpt,
     with _user_errors():
         path = trainable_model(model, cfg.frozen)
         task_obj = load_task(cfg, path)
-        driver = open_driver(path, n_ctx, resolve_threads(threads))
+        driver = open_driver(path, n_ctx, resolve_threads(threads), gpu_layers=gpu_layers)
         prepare_driver(driver, task_obj, cfg)
     heldout = task_obj.heldout_examples()
     try:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from qes_edge.cli.common import ModelOpt, _fail, _refuse_directory, app
+from qes_edge.cli.common import GpuLayersOpt, ModelOpt, _fail, _refuse_directory, app
 from qes_edge.sync.defaults import DEFAULT_BAUD
 
 
@@ -43,6 +43,7 @@ def worker_cmd(on: str = typer.Option(..., "--on", help="Where coordinators conn
                threads: int = typer.Option(0, "--threads", min=0, help="Threads for llama.cpp and libqes (0: every "
                                                                        "core). Give the coordinator's --threads: "
                                                                        "rewards are bit-identical only then."),
+               gpu_layers: str = GpuLayersOpt,
                baud: int = typer.Option(DEFAULT_BAUD, "--baud", min=1, help="Line speed of a serial device (ignored on "
                                                                       "TCP)."),
                once: bool = typer.Option(False, "--once", help="Serve one coordinator, then exit.")):
@@ -67,7 +68,7 @@ def worker_cmd(on: str = typer.Option(..., "--on", help="Where coordinators conn
     except LinkError as e:
         _fail(str(e))
     typer.echo(f"listening on {listener.url} (ledger {ledger}); Ctrl-C stops", err=True)
-    w = Worker(ledger, model_opener(model, threads), say=lambda m: typer.echo(m, err=True))
+    w = Worker(ledger, model_opener(model, threads, gpu_layers), say=lambda m: typer.echo(m, err=True))
     try:
         w.serve(listener, once=once)
     except KeyboardInterrupt:

@@ -87,4 +87,4 @@ class GGUFModel:
                 shutil.copyfileobj(src, f, 1 << 20)
             for t in tensors:
                 f.seek(offsets[t.name])
-                f.write(np.ascontiguousarray(t._array).tobytes())
+                f.write(t.read_bytes() if t._array is None else np.ascontiguousarray(t._array).tobytes())

@@ -17,8 +17,8 @@ from qes_edge.llama import batched
 from qes_edge.llama.batched import log_softmax
 from qes_edge.llama.chat import ChatTemplateError, load_template
 from qes_edge.llama.runtime import clear, decode_rows, forward, last_logits, load_llama
+from qes_edge.llama.placement import check_offload
 from qes_edge.llama.weights import capture_model_weights, weight_code_tensors
-from qes_edge.native.binding import ffi
 from qes_edge.native.engine import CodeTensor, digest_tensors, sigma_threshold
 from qes_edge.native.quant import QESError
 
@@ -39,8 +39,12 @@ def shared_prefix_len(token_lists) -> int:
 
 class ModelDriver:
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
-                 frozen=DEFAULT_FROZEN, self_check: bool = True):
+                 frozen=DEFAULT_FROZEN, self_check: bool = True, gpu_layers: int = 0):
+        """gpu_layers: layers llama.cpp offloads to the GPU (placement.ALL_LAYERS: every one; 0:
+        none); each trainable tensor is then edited where it lives (llama/placement.py)."""
         self.path = Path(path)
+        check_offload(gpu_layers)
+        self.gpu_layers = gpu_layers
         self.layout = batched.EvalLayout()  # one at a time until use_layout sizes a batched cache
         self.kv_cells = 0  # the batched evaluation's KV cache (use_layout); 0: one at a time
         self.on_prompt = None  # called once per prompt evaluated or generated from (progress bars)
@@ -52,7 +56,7 @@ class ModelDriver:
         found: dict = {}
         # bytes a KV cell takes for each KV type (the header itself is not kept: its vocabulary is MBs)
         self._cell_bytes = {k: batched.kv_bytes_per_cell(header.metadata, k) for k in batched.KV_TYPES}
-        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads,
+        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=gpu_layers,
                               before_context=lambda model, n: found.update(capture_model_weights(model, n)))
         # the model's own chat template, with its vocabulary's BOS/EOS texts (None: it has none)
         self.chat = load_template(self.path, header.metadata, self.llm._model.token_get_text)
@@ -74,7 +78,7 @@ class ModelDriver:
                                    f"in {live.n_bytes} bytes, the file says type {disk.ggml_type} x {disk.n_elements}")
                 f.seek(disk.offset)
                 head = min(4096, live.n_bytes)
-                if f.read(head) != bytes(ffi.buffer(live._ptr, head)):
+                if f.read(head) != live.read_bytes(0, head):
                     raise QESError(f"tensor {live.name!r}: llama.cpp's copy differs from the file (repacked?)")
         self.n_codes = sum(t.n_elements for t in self.tensors)
         if self_check:
@@ -312,14 +316,18 @@ class ModelDriver:
         if not np.array_equal(base, again):
             raise SelfCheckFailed("two evaluations of the same prompt gave different logits: "
                                   "evaluation is not deterministic, rewards would be noise")
-        target = max(self.tensors, key=lambda t: t.n_elements)
+        # the largest tensor of each memory (host, and a device's when layers are offloaded), one at a
+        # time: each placement in use is shown to reach the forward pass and to come back exactly
         digest = self.weights_digest()
-        p = target.perturb(1, sigma_threshold(0.05))
-        moved = self.logits(tokens)
-        p.restore()
-        back = self.logits(tokens)
-        if np.array_equal(moved, base):
-            raise SelfCheckFailed(f"perturbing {target.name} ({p.applied} codes) did not change the logits: "
-                                  "the forward pass does not read the tensors qes-edge edits")
-        if not np.array_equal(back, base) or self.weights_digest() != digest:
-            raise SelfCheckFailed(f"restoring {target.name} did not bring the logits back bit for bit")
+        for where in dict.fromkeys(t.resident for t in self.tensors):
+            target = max((t for t in self.tensors if t.resident == where), key=lambda t: t.n_elements)
+            p = target.perturb(1, sigma_threshold(0.05))
+            moved = self.logits(tokens)
+            p.restore()
+            back = self.logits(tokens)
+            place = f" (in {where} memory)" if where else ""
+            if np.array_equal(moved, base):
+                raise SelfCheckFailed(f"perturbing {target.name}{place} ({p.applied} codes) did not change the logits: "
+                                      "the forward pass does not read the tensors qes-edge edits")
+            if not np.array_equal(back, base) or self.weights_digest() != digest:
+                raise SelfCheckFailed(f"restoring {target.name}{place} did not bring the logits back bit for bit")

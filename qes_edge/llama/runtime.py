@@ -74,13 +74,16 @@ def _before_context(C, hook):
 
 
 def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, verbose: bool = False,
-               before_context=None):
+               before_context=None, n_gpu_layers: int = 0):
     """n_threads (None or 0: threads.default_threads()) is used for generation and for prompt
     processing alike: llama-cpp-python leaves n_threads_batch at every core otherwise.
 
     before_context(model, n_threads): called with the loaded llama_model pointer before the
     context is created (ModelDriver finds the weights there: llama_weights.capture_model_weights),
-    so that whatever it allocates and frees is not held beside the context's buffers."""
+    so that whatever it allocates and frees is not held beside the context's buffers.
+
+    n_gpu_layers: layers offloaded to the GPU (-1: all; 0: none); extra buffer types stay off,
+    so an offloaded weight is one plain device buffer that libqes's device backend edits."""
     from qes_edge.threads import resolve_threads, set_wait_policy
     set_wait_policy()  # before llama.cpp's OpenMP runtime is loaded (a no-op once qes_edge is imported)
     llama_cpp, C = _llama_cpp()
@@ -88,7 +91,7 @@ def load_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
     hook = (lambda model: before_context(model, n)) if before_context is not None else None
     with _no_extra_buffers(C), (_before_context(C, hook) if hook else contextlib.nullcontext()):
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
-                               use_mmap=False, verbose=verbose)
+                               use_mmap=False, verbose=verbose, n_gpu_layers=int(n_gpu_layers))
 
 
 def clear(llm) -> None:

@@ -120,8 +120,12 @@ def capture_model_weights(model, n_threads: int | None = None) -> dict[str, Weig
     return found
 
 
-def weight_code_tensors(weights: dict[str, Weight], names: list[str]) -> list[CodeTensor]:
-    """CodeTensors over the live llama.cpp buffers of the named weights."""
+def weight_code_tensors(weights: dict[str, Weight], names: list[str], device_of=None) -> list[CodeTensor]:
+    """CodeTensors over the live llama.cpp buffers of the named weights, each where it lives:
+    host memory, or the device memory llama.cpp offloaded it to (placement.device_of decides;
+    device_of(weight) -> a device backend name or None may replace it)."""
+    from qes_edge.llama.placement import device_of as placement_of
+    device_of = device_of or placement_of
     out = []
     for name in names:
         w = weights.get(name)
@@ -129,8 +133,6 @@ def weight_code_tensors(weights: dict[str, Weight], names: list[str]) -> list[Co
             raise QESError(f"tensor {name!r} is in the file but the forward pass never reads it")
         if not is_trainable(w.ggml_type):
             raise QESError(f"tensor {name!r}: {type_name(w.ggml_type)} has no ordered integer code")
-        if not w.host:
-            raise QESError(f"tensor {name!r} lives in a {w.buffer} buffer that is not host memory: "
-                           "device buffers are not supported by this build")
-        out.append(CodeTensor(name, w.ggml_type, w.n_elements, address=w.data, n_bytes=w.n_bytes, keepalive=w))
+        out.append(CodeTensor(name, w.ggml_type, w.n_elements, address=w.data, n_bytes=w.n_bytes, keepalive=w,
+                              device=device_of(w)))
     return out

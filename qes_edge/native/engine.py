@@ -62,23 +62,58 @@ def _check_threshold(threshold, tensor: str) -> int:
 
 def digest_tensors(tensors, native: bool = False) -> str:
     """sha256 over (name, bytes) of each tensor in order: the weights hash the ledger records.
-    Host bytes go through hashlib; tensors in a device backend's memory (or native=True) through
-    libqes's qes_digest, which reads them where they are."""
+    Host bytes go through hashlib (or libqes's qes_digest with native=True); the bytes of a
+    tensor in a device backend's memory are read where they are, a megabyte at a time through
+    a host buffer (SHA-256 is serial), as qes_digest does on a device backend: the same hash
+    whichever memory holds which tensor."""
     tensors = list(tensors)
-    if native or any(t._device is not None for t in tensors):
+    places = {t._device for t in tensors}
+    if native and len(places) <= 1:  # one memory: qes_digest on its backend
         names = [t.name.encode() for t in tensors]
         cnames = [ffi.new("char[]", n) for n in names]
         out = ffi.new("uint8_t[32]")
-        err = lib.qes_digest([t._c for t in tensors], len(tensors), cnames, [len(n) for n in names], out)
+        with _backend_of(next(iter(places), None)):
+            err = lib.qes_digest([t._c for t in tensors], len(tensors), cnames, [len(n) for n in names], out)
         if err:
             raise QESError(f"weights digest: {ffi.string(lib.qes_strerror(err)).decode()}")
         return bytes(ffi.buffer(out, 32)).hex()
     import hashlib
     h = hashlib.sha256()
+    stage = None
     for t in tensors:
         h.update(t.name.encode())
-        h.update(ffi.buffer(t._ptr, t.n_bytes))
+        if t._device is None:
+            h.update(ffi.buffer(t._ptr, t.n_bytes))
+            continue
+        if stage is None:
+            stage = ffi.new("uint8_t[]", _DIGEST_STAGE)
+        for at in range(0, t.n_bytes, _DIGEST_STAGE):
+            n = min(_DIGEST_STAGE, t.n_bytes - at)
+            err = lib.qes_backend_download(t._device, stage, t._c.data + at, n)
+            if err:
+                raise QESError(f"weights digest: tensor {t.name!r}: reading it from the device: "
+                               f"{ffi.string(lib.qes_strerror(err)).decode()}")
+            h.update(ffi.buffer(stage, n))
     return h.hexdigest()
+
+
+_DIGEST_STAGE = 1 << 20
+
+
+@contextlib.contextmanager
+def _backend_of(device: int | None):
+    """The tensor's operations run on the backend whose memory holds it: a device backend for a
+    tensor that lives there (llama.cpp's offloaded weights), the process's host backend else."""
+    if device is None or lib.qes_get_backend() == device:
+        yield
+        return
+    before = lib.qes_get_backend()
+    if lib.qes_set_backend(device) != lib.QES_OK:
+        raise QESError(f"backend {ffi.string(lib.qes_backend_name(device)).decode()} is not usable here")
+    try:
+        yield
+    finally:
+        lib.qes_set_backend(before)
 
 
 def _copy_in(bid: int, src, n_bytes: int, what: str):
@@ -114,6 +149,9 @@ def on_backend(name: str, tensors, copy: bool | None = None):
     _native.set_backend(name)
     bid = _native.BACKENDS[name]
     held = []
+    for t in tensors:
+        if t.resident:
+            raise QESError(f"tensor {t.name!r} lives in {t.resident} memory: it runs there, not on {name}")
     try:
         if copy:
             for t in tensors:
@@ -131,6 +169,33 @@ def on_backend(name: str, tensors, copy: bool | None = None):
         _native.set_backend(before)
         if failed:
             raise failed
+
+
+class _DeviceMemory:
+    """Memory of a device backend that a CodeTensor owns (to_device): freed with the tensor."""
+
+    def __init__(self, backend: int, n_bytes: int, what: str, src):
+        self.backend = backend
+        self.p = _copy_in(backend, src, n_bytes, what)
+
+    def __del__(self):
+        if self.p is not None:
+            lib.qes_backend_free(self.backend, self.p)
+            self.p = None
+
+
+def to_device(t: CodeTensor, device: str) -> CodeTensor:
+    """A copy of host tensor t that lives in device backend `device`'s memory (its own, freed
+    with it): what follow --gpu-layers holds instead of the host bytes."""
+    from qes_edge.native import binding as _native
+    if t._device is not None:
+        raise QESError(f"tensor {t.name!r} is already in a device's memory")
+    bid = _native.BACKENDS.get(device)
+    if bid is None or not _native.is_device(device) or not lib.qes_backend_available(bid):
+        raise QESError(f"tensor {t.name!r}: libqes's {device} backend is not usable here")
+    mem = _DeviceMemory(bid, t.n_bytes, f"tensor {t.name!r} to {device}", t._ptr)
+    return CodeTensor(t.name, t.qtype, t.n_elements, address=int(ffi.cast("uintptr_t", mem.p)), n_bytes=t.n_bytes,
+                      keepalive=mem, device=device)
 
 
 def mirrored(bases) -> np.ndarray:
@@ -192,7 +257,10 @@ class CodeTensor:
     """A quantized tensor's raw blocks, edited in place."""
 
     def __init__(self, name: str, qtype, n_elements: int, data=None, *, address: int | None = None,
-                 n_bytes: int | None = None, keepalive=None):
+                 n_bytes: int | None = None, keepalive=None, device: str | None = None):
+        """device: the name of the device backend whose memory holds `address` (a weight that
+        llama.cpp offloaded: "cuda"); None: host memory.  A device tensor's perturb, restore,
+        update and digest run on that backend, where its bytes are; its codes are not read."""
         self.name = name
         self.info: TypeInfo = type_info(qtype, name)
         self.qtype = self.info.qtype
@@ -213,7 +281,20 @@ class CodeTensor:
             self._ptr = ffi.cast("uint8_t *", address)
             self.writable = True
         self._keepalive = keepalive
-        self._device = None  # a backend id while on_backend holds the bytes in its memory
+        self._device = None  # a backend id: its memory holds the bytes (resident, or for on_backend)
+        self.resident = None  # the device backend's name when the tensor lives there (device=)
+        if device is not None:
+            from qes_edge.native import binding as _native
+            if data is not None:
+                raise QESError(f"tensor {name!r}: a device tensor is given by its device address, not host data")
+            if device not in _native.BACKENDS or not _native.is_device(device):
+                raise QESError(f"tensor {name!r}: {device!r} is not a device backend of libqes")
+            if not lib.qes_backend_available(_native.BACKENDS[device]):
+                raise QESError(f"tensor {name!r} lives in {device} memory, but libqes's {device} backend is not "
+                               "usable here (not compiled in, or no device): rebuild qes-edge where the "
+                               "toolkit is present, or load the model without --gpu-layers")
+            self._device = _native.BACKENDS[device]
+            self.resident = device
         self.id = tensor_id(name)
         self._c = ffi.new("qes_tensor *", {"type": int(self.qtype), "n_elements": self.n_elements,
                                           "data": self._ptr, "n_bytes": self.n_bytes, "id": self.id})
@@ -224,7 +305,21 @@ class CodeTensor:
                         f"{self.n_elements} elements (blocks of {blocks}) in {self.n_bytes} bytes")
 
     def __repr__(self):
-        return f"CodeTensor({self.name!r}, {self.qtype.name}, n={self.n_elements})"
+        where = f", on {self.resident}" if self.resident else ""
+        return f"CodeTensor({self.name!r}, {self.qtype.name}, n={self.n_elements}{where})"
+
+    def read_bytes(self, start: int = 0, count: int | None = None) -> bytes:
+        """The tensor's raw bytes [start, start+count), read where they are (host or device)."""
+        count = self.n_bytes - start if count is None else count
+        if start < 0 or count < 0 or start + count > self.n_bytes:
+            raise QESError(f"tensor {self.name!r}: bytes [{start}, {start + count}) are outside [0, {self.n_bytes})")
+        if self._device is None:
+            return bytes(ffi.buffer(self._ptr + start, count))
+        out = ffi.new("uint8_t[]", max(1, count))
+        err = lib.qes_backend_download(self._device, out, self._c.data + start, count)
+        if err:
+            raise QESError(f"tensor {self.name!r}: reading it from the device: {ffi.string(lib.qes_strerror(err)).decode()}")
+        return bytes(ffi.buffer(out, count))
 
     def _need_host(self, what: str):
         if self._device is not None:
@@ -299,7 +394,9 @@ class CodeTensor:
         threshold = _check_threshold(threshold, self.name)
         mask = np.empty(max(1, lib.qes_mask_bytes(self.n_elements, threshold)), dtype=np.uint8)
         applied = ffi.new("uint64_t *")
-        err = lib.qes_perturb(self._c, seed, threshold, ffi.cast("uint8_t *", mask.ctypes.data), mask.nbytes, applied)
+        with _backend_of(self._device):
+            err = lib.qes_perturb(self._c, seed, threshold, ffi.cast("uint8_t *", mask.ctypes.data), mask.nbytes,
+                                  applied)
         if err:
             raise _fail(self.name, self.qtype, err, f"perturb(seed={seed})")
         return Perturbation(self, seed, int(threshold), mask, int(applied[0]))
@@ -309,7 +406,9 @@ class CodeTensor:
             raise QESError(f"tensor {self.name!r}: this perturbation belongs to {p.tensor.name!r}")
         if p.restored:
             raise QESError(f"tensor {self.name!r}: perturbation seed {p.seed} was already restored")
-        err = lib.qes_restore(self._c, p.seed, p.threshold, ffi.cast("uint8_t *", p.mask.ctypes.data), p.mask.nbytes)
+        with _backend_of(self._device):
+            err = lib.qes_restore(self._c, p.seed, p.threshold, ffi.cast("uint8_t *", p.mask.ctypes.data),
+                                  p.mask.nbytes)
         if err:
             raise _fail(self.name, self.qtype, err, f"restore(seed={p.seed})")
         p.restored = True
@@ -345,10 +444,12 @@ class CodeTensor:
                                                  "n_threads": threads})
         stats = ffi.new("qes_update_stats *")
         if dev is None:
-            err = lib.qes_update(self._c, cs, len(steps), rptr, params, stats)
+            with _backend_of(self._device):
+                err = lib.qes_update(self._c, cs, len(steps), rptr, params, stats)
         else:
             try:
-                err = lib.qes_update(self._c, cs, len(steps), ffi.cast("int32_t *", dev), params, stats)
+                with _backend_of(self._device):
+                    err = lib.qes_update(self._c, cs, len(steps), ffi.cast("int32_t *", dev), params, stats)
             finally:
                 back = _copy_out(self._device, rptr, dev, residual.nbytes, f"tensor {self.name!r}: residual")
             if back and not err:
@@ -374,8 +475,10 @@ class GroupPerturbation:
 
 
 class TensorGroup:
-    """Tensors perturbed and restored together: one call into libqes for all of them, spread
-    over the cores in groups of chunks.  The bytes are those of perturbing them one by one."""
+    """Tensors perturbed and restored together: one call into libqes for the tensors of each
+    memory (the host's, each device's), the host's spread over the cores in groups of chunks.
+    The bytes are those of perturbing them one by one: a tensor's noise depends on its name and
+    the seed only, so the split between memories changes nothing."""
 
     def __init__(self, tensors: Sequence[CodeTensor], threads: int = 0):
         self.tensors = list(tensors)
@@ -385,15 +488,30 @@ class TensorGroup:
         for t in self.tensors:
             t._need_writable("perturb")
         self.threads = int(threads)
-        self._cts = ffi.new("qes_tensor *[]", [t._c for t in self.tensors])
+        # (device id or None, indices into tensors, their qes_tensor pointers): host first
+        order = sorted({t._device for t in self.tensors}, key=lambda d: -1 if d is None else d)
+        self._parts = []
+        for d in order:
+            idx = [i for i, t in enumerate(self.tensors) if t._device == d]
+            self._parts.append((d, idx, ffi.new("qes_tensor *[]", [self.tensors[i]._c for i in idx])))
+
+    def placement(self) -> dict[str, int]:
+        """How many tensors each memory holds: {"host": n, "cuda": m, ...}."""
+        out = {}
+        for t in self.tensors:
+            out[t.resident or "host"] = out.get(t.resident or "host", 0) + 1
+        return out
 
     def _masks(self, threshold: int, masks=None):
         if masks is None:
             masks = [np.empty(max(1, lib.qes_mask_bytes(t.n_elements, threshold)), dtype=np.uint8)
                      for t in self.tensors]
-        ptrs = ffi.new("uint8_t *[]", [ffi.cast("uint8_t *", m.ctypes.data) for m in masks])
-        sizes = np.array([m.nbytes for m in masks], dtype=np.uint64)
-        return masks, ptrs, sizes
+        return masks
+
+    def _part_masks(self, masks, idx):
+        ptrs = ffi.new("uint8_t *[]", [ffi.cast("uint8_t *", masks[i].ctypes.data) for i in idx])
+        sizes = np.array([masks[i].nbytes for i in idx], dtype=np.uint64)
+        return ptrs, sizes
 
     def _fail(self, err: int, failed: int, what: str) -> QESError:
         t = self.tensors[failed] if 0 <= failed < len(self.tensors) else self.tensors[0]
@@ -402,25 +520,39 @@ class TensorGroup:
     def perturb(self, seed: int, threshold: int) -> GroupPerturbation:
         where = self.tensors[0].name if self.tensors else "group"
         seed, threshold = _check_seed(seed, where), _check_threshold(threshold, where)
-        masks, ptrs, sizes = self._masks(threshold)
+        masks = self._masks(threshold)
         applied = np.zeros(len(self.tensors), dtype=np.uint64)
         failed = ffi.new("uint32_t *")
-        err = lib.qes_perturb_many(self._cts, len(self.tensors), seed, threshold, ptrs,
-                                   ffi.cast("uint64_t *", sizes.ctypes.data), self.threads,
-                                   ffi.cast("uint64_t *", applied.ctypes.data), failed)
-        if err:
-            raise self._fail(err, failed[0], f"perturb(seed={seed})")
+        done = []
+        for d, idx, cts in self._parts:
+            ptrs, sizes = self._part_masks(masks, idx)
+            got = np.zeros(len(idx), dtype=np.uint64)
+            with _backend_of(d):
+                err = lib.qes_perturb_many(cts, len(idx), seed, threshold, ptrs,
+                                           ffi.cast("uint64_t *", sizes.ctypes.data), self.threads,
+                                           ffi.cast("uint64_t *", got.ctypes.data), failed)
+            if err:  # the memories done so far go back as they were: nothing half-applied is left
+                for dd, ii, cc in done:
+                    self._restore_part(dd, ii, cc, seed, threshold, masks)
+                raise self._fail(err, idx[failed[0]] if failed[0] < len(idx) else -1, f"perturb(seed={seed})")
+            applied[idx] = got
+            done.append((d, idx, cts))
         return GroupPerturbation(self, seed, threshold, masks, applied)
+
+    def _restore_part(self, d, idx, cts, seed, threshold, masks) -> None:
+        ptrs, sizes = self._part_masks(masks, idx)
+        failed = ffi.new("uint32_t *")
+        with _backend_of(d):
+            err = lib.qes_restore_many(cts, len(idx), seed, threshold, ptrs,
+                                       ffi.cast("uint64_t *", sizes.ctypes.data), self.threads, failed)
+        if err:
+            raise self._fail(err, idx[failed[0]] if failed[0] < len(idx) else -1, f"restore(seed={seed})")
 
     def restore(self, p: GroupPerturbation) -> None:
         if p.group is not self:
             raise QESError("this perturbation belongs to another tensor group")
         if p.restored:
             raise QESError(f"perturbation seed {p.seed} was already restored")
-        _, ptrs, sizes = self._masks(p.threshold, p.masks)
-        failed = ffi.new("uint32_t *")
-        err = lib.qes_restore_many(self._cts, len(self.tensors), p.seed, p.threshold, ptrs,
-                                   ffi.cast("uint64_t *", sizes.ctypes.data), self.threads, failed)
-        if err:
-            raise self._fail(err, failed[0], f"restore(seed={p.seed})")
+        for d, idx, cts in self._parts:
+            self._restore_part(d, idx, cts, p.seed, p.threshold, p.masks)
         p.restored = True

@@ -104,11 +104,14 @@ class Hello:
     n_steps: int
     head: str | None           # hash of the last step (the run's hash with no step); None without a run
     want_run: str | None = None  # the run the client asks for when it holds none
+    # a population's coordinator and workers: the layers each offloads to a GPU (-1: all), which
+    # decides the rewards' last bits (llama/placement.py); None: not said (a sync, an older peer)
+    gpu_layers: int | None = None
 
     def to_json(self) -> dict:
         return {"protocol": self.protocol, "software": self.software, "node": self.node, "role": self.role,
                 "engine_noise_spec": self.engine_noise_spec, "run": self.run, "n_steps": self.n_steps,
-                "head": self.head, "want_run": self.want_run}
+                "head": self.head, "want_run": self.want_run, "gpu_layers": self.gpu_layers}
 
 
 def decode_hello(payload: bytes) -> Hello:
@@ -142,7 +145,8 @@ def decode_hello(payload: bytes) -> Hello:
         raise MessageError("hello: a head without a run, or a run without a head")
     return Hello(proto, _str(obj["software"], "hello: software", 64), _hex(obj["node"], 16, "hello: node"), role,
                  _int(obj["engine_noise_spec"], 0, 2**31, "hello: engine_noise_spec"), run, n, head,
-                 _hex(obj["want_run"], 32, "hello: want_run", null=True))
+                 _hex(obj["want_run"], 32, "hello: want_run", null=True),
+                 None if obj.get("gpu_layers") is None else _int(obj["gpu_layers"], -1, 2**31, "hello: gpu_layers"))
 
 
 # -- the small control messages -------------------------------------------------------------

@@ -89,9 +89,12 @@ class Follower:
     """A run's weights, replayed from a local ledger onto the base model's codes in memory."""
 
     def __init__(self, ledger: Path, out: Path, base: str | None = None, run_id: str | None = None,
-                 threads: int = 0):
+                 threads: int = 0, gpu_layers: int = 0, device: str = "cuda"):
+        """gpu_layers: the layers whose tensors are held and updated in `device` memory (the ones
+        llama.cpp would offload: placement.planned_on_gpu), the others on the host."""
         self.ledger, self.out, self.base, self.run_id = Path(ledger), Path(out), base, run_id
         self.threads = threads
+        self.gpu_layers, self.device = gpu_layers, device
         self.run = None
         self.model = None
         self.tensors = None
@@ -121,11 +124,22 @@ class Follower:
         try:
             cfg.validate()
             self.model = GGUFModel(base_path)
-            self.tensors = self.model.code_tensors(tuple(cfg.frozen))
+            self.tensors = self._placed(self.model.code_tensors(tuple(cfg.frozen)))
         except Exception as e:  # noqa: BLE001 - one line, whatever the reader says
             raise FollowError(f"{self.ledger}: the recorded config is not usable with {base_path}: {e}") from None
         self.replica = Replica(self.tensors, cfg, self.threads)
         self.run, self.run_id = run, run.run_id
+
+    def _placed(self, tensors):
+        """The tensors of the offloaded layers moved to the device (each its own device memory)."""
+        if not self.gpu_layers:
+            return tensors
+        from qes_edge.llama.placement import block_count, planned_on_gpu
+        from qes_edge.native.engine import to_device
+        n_layer = block_count(self.model.header.metadata)
+        if n_layer is None:
+            raise QESError("the header has no block_count: where layers go cannot be told")
+        return [to_device(t, self.device) if planned_on_gpu(t.name, n_layer, self.gpu_layers) else t for t in tensors]
 
     def advance(self, on_step: Callable[[StepTime], None] | None = None,
                 stop: Callable[[], bool] | None = None) -> Batch:
@@ -189,7 +203,7 @@ class Follower:
 
 def follow(peer: str | Callable, ledger: Path, out: Path, base: str | None = None, run_id: str | None = None,
            interval: float = 5.0, once: bool = False, opts: Options | None = None, baudrate: int = DEFAULT_BAUD,
-           threads: int = 0, stop: threading.Event | None = None,
+           threads: int = 0, gpu_layers: int = 0, stop: threading.Event | None = None,
            on_batch: Callable[[Batch], None] | None = None,
            on_step: Callable[[StepTime], None] | None = None,
            on_sync_error: Callable[[SyncError], None] | None = None) -> Follower:
@@ -199,7 +213,7 @@ def follow(peer: str | Callable, ledger: Path, out: Path, base: str | None = Non
     fork raises SyncError; a step that does not replay raises FollowError."""
     opts = opts or Options()
     stop = stop or threading.Event()
-    f = Follower(ledger, out, base, run_id, threads)
+    f = Follower(ledger, out, base, run_id, threads, gpu_layers)
     while not stop.is_set():
         t0 = time.monotonic()
         failed = None

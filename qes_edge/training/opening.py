@@ -80,11 +80,13 @@ def load_task(cfg: TrainConfig, model_path: Path | None = None):
         raise SessionError(str(e)) from None
 
 
-def open_driver(path: Path, n_ctx: int, threads: int, frozen=None):
+def open_driver(path: Path, n_ctx: int, threads: int, frozen=None, gpu_layers: int = 0):
+    """gpu_layers: layers llama.cpp offloads (-1: all), each weight edited where it lives."""
     from qes_edge.llama.driver import ModelDriver, SelfCheckFailed
     from qes_edge.gguf.model import DEFAULT_FROZEN
     try:
-        return ModelDriver(path, n_ctx=n_ctx, n_threads=threads, frozen=tuple(frozen or DEFAULT_FROZEN))
+        return ModelDriver(path, n_ctx=n_ctx, n_threads=threads, frozen=tuple(frozen or DEFAULT_FROZEN),
+                           gpu_layers=gpu_layers)
     except (ValueError, QESError, RuntimeError, SelfCheckFailed) as e:
         raise SessionError(f"{path}: {e}") from None
 
@@ -124,9 +126,10 @@ def differences(asked: dict, recorded: dict, names) -> list[str]:
     return [f"{k} {asked.get(k)!r} (the run has {recorded.get(k)!r})" for k in names if asked.get(k) != recorded.get(k)]
 
 
-def model_opener(model: str | None, threads: int):
+def model_opener(model: str | None, threads: int, gpu_layers: int = 0):
     """How a worker opens a run: the model checked against the run's base sha256, the task from
-    the run's recorded config, every prompt tokenized."""
+    the run's recorded config, every prompt tokenized; gpu_layers: the layers it offloads (the
+    opener carries it: the handshake compares it with the coordinator's)."""
     from qes_edge.gguf.model import file_sha256
     from qes_edge.threads import resolve_threads
     from qes_edge.training.config import TrainConfig
@@ -142,7 +145,8 @@ def model_opener(model: str | None, threads: int):
             raise ValueError(f"the run's base model is {info['base_name']} (sha256 {info['base_sha256'][:16]}…), "
                              f"this worker's --model is {path.name} ({sha[:16]}…)")
         task = load_task(cfg, path)
-        driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)  # a run starts from the base's codes
+        driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen, gpu_layers)  # a run starts from the base's codes
         prepare_driver(driver, task, cfg)
         return driver, task, n_threads
+    opener.gpu_layers = gpu_layers
     return opener

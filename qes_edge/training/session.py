@@ -66,6 +66,7 @@ class SessionOptions:
     resume: bool = False           # continue with the recorded config even where `explicit` differ
     new_run: bool = False          # start a new run beside the ledger's
     threads: int = 0               # 0: every core this process may use
+    gpu_layers: int = 0            # layers llama.cpp offloads to the GPU (-1: all)
 
 
 def say_nothing(msg: str) -> None:
@@ -136,7 +137,7 @@ class Session:
                                    f"not {path.name} ({sha[:16]}…): refusing to mix them")
             task = load_task(cfg, path)
             if driver is None:
-                driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen)
+                driver = open_driver(path, cfg.n_ctx, n_threads, cfg.frozen, opts.gpu_layers)
             prepare_driver(driver, task, cfg)
             # 3. only now does a new run exist
             resumed = run is not None

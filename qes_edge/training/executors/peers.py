@@ -35,6 +35,15 @@ from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalEx
 from qes_edge.training.replica import Replica
 
 
+def placement_mismatch(coordinator: int, worker: int, who: str) -> str:
+    """The refusal of a worker whose --gpu-layers differs from the coordinator's: a GPU's rewards
+    differ from the CPU's in their last bits, so the ledger would depend on who scored which member."""
+    from qes_edge.llama.placement import describe_gpu_layers as d
+    return (f"the coordinator runs --gpu-layers {d(coordinator)}, {who} --gpu-layers {d(worker)}: rewards computed "
+            "on a GPU differ from the CPU's in their last bits, so every process of a population must place the "
+            "model alike (give the worker the coordinator's --gpu-layers)")
+
+
 def split_members(n: int, parts: int) -> list[np.ndarray]:
     """Member indices 0..n-1 in `parts` contiguous shares of whole mirrored pairs, the first shares
     one pair larger when the pairs do not divide evenly (a share may be empty)."""
@@ -115,7 +124,7 @@ class PeerExecutor:
         n, head = self._head()
         opts = Options()
         mine = M.Hello(M.PROTOCOL, opts.version(), self.node, "client", opts.noise_spec(), ledger.export_run(run_id),
-                       n, head)
+                       n, head, gpu_layers=getattr(self.local.driver, "gpu_layers", 0))
         for p in self.peers:
             p.chan = _channel(p.link, random.getrandbits(32), "client")
             try:
@@ -127,6 +136,8 @@ class PeerExecutor:
                     compare(mine, peer)
                 except Refused as e:
                     raise PeerRefused(str(e)) from None
+                if peer.gpu_layers is not None and peer.gpu_layers != mine.gpu_layers:
+                    raise PeerRefused(placement_mismatch(mine.gpu_layers, peer.gpu_layers, "it"))
                 if peer.n_steps > n or (peer.n_steps and ledger.step_hashes(run_id, [peer.n_steps - 1]).get(
                         peer.n_steps - 1) != peer.head):
                     raise PeerRefused(f"its ledger holds {peer.n_steps} steps of the run ending in "
@@ -366,6 +377,9 @@ class Worker:
             compare(M.Hello(M.PROTOCOL, opts.version(), self.node, "server", opts.noise_spec(), None, 0, None), hello)
         except Refused as e:
             return refuse("refused", f"the worker refuses: {e}")
+        mine = getattr(self.opener, "gpu_layers", 0)
+        if hello.gpu_layers is not None and hello.gpu_layers != mine:
+            return refuse("placement", "the worker refuses: " + placement_mismatch(hello.gpu_layers, mine, "this worker"))
         try:
             wr = self._open(hello.run)
         except Exception as e:  # a foreign base, a ledger of another chain, a model that will not load
@@ -374,7 +388,8 @@ class Worker:
             return refuse("worker", f"the worker cannot take run {hello.run['run_id'][:8]}: {msg}")
         n, head = wr.head()
         chan.send(T.HELLO, M.encode_json(M.Hello(M.PROTOCOL, opts.version(), self.node, "server", opts.noise_spec(),
-                                                 wr.ledger.export_run(wr.run_id), n, head).to_json()))
+                                                 wr.ledger.export_run(wr.run_id), n, head,
+                                                 gpu_layers=mine).to_json()))
         self.say(f"coordinator {link.name}: run {wr.run_id[:8]}, this worker at step {n}")
         while True:
             try:
