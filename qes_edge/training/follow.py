@@ -138,7 +138,7 @@ class Follower:
         from qes_edge.native.engine import to_device
         n_layer = block_count(self.model.header.metadata)
         if n_layer is None:
-            raise QESError("the header has no block_count: where layers go cannot be told")
+            raise ValueError("the header has no block_count: where layers go cannot be told")
         return [to_device(t, self.device) if planned_on_gpu(t.name, n_layer, self.gpu_layers) else t for t in tensors]
 
     def advance(self, on_step: Callable[[StepTime], None] | None = None,
