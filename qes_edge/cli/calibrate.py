@@ -48,7 +48,6 @@ def calibrate(model: Optional[str] = ModelOpt,
     sigmas x (2 x pairs x (2 x batch + heldout) + heldout) prompts.
 
     Example: qes-edge calibrate --task choice --data capitals.jsonl --hours 8"""
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qes_edge.training.calibrate import as_dict, probe_sigma, recommend
@@ -77,7 +76,7 @@ def calibrate(model: Optional[str] = ModelOpt,
         prepare_driver(driver, task_obj, cfg)
     held = list(task_obj.heldout_examples())[:heldout]
     prompts = len(values) * (2 * pairs * (2 * batch + len(held)) + len(held))
-    err = Console(stderr=True, emoji=False)
+    err = common.make_console(stderr=True)
     err.print(f"calibrating {path.name} on task {task}: {len(values)} sigmas x {pairs} mirrored pairs, two batches of "
               f"{batch} and {len(held)} held-out examples each: {prompts:,} prompts scored", highlight=False,
               soft_wrap=True)

@@ -22,9 +22,19 @@ try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer over the click package
     import click  # noqa: F401
 
-app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies.",
+app = typer.Typer(help="Fine-tune GGUF-quantized LLMs in place with Quantized Evolution Strategies.", rich_markup_mode=None,
                   no_args_is_help=True, add_completion=True)
-console = Console(emoji=False)  # no :emoji: codes in our text; its table costs ~0.8 MB resident
+def make_console(stderr: bool = False) -> Console:
+    """A rich console (no :emoji: codes in our text; its table costs ~0.8 MB resident).  Where the
+    stream is not a terminal (a script, a pipe, a log file) nothing is wrapped at 80 columns: a
+    path or a message stays on one line, and tables take the width their content needs."""
+    c = Console(emoji=False, stderr=stderr)
+    if not c.is_terminal:
+        c = Console(emoji=False, stderr=stderr, soft_wrap=True, width=max(c.width, 240))
+    return c
+
+
+console = make_console()
 
 
 def _version(value: bool) -> None:
@@ -81,7 +91,7 @@ def _json_output(enabled: bool):
     if not enabled:
         yield
         return
-    saved, console = console, Console(stderr=True, emoji=False)
+    saved, console = console, make_console(stderr=True)
     try:
         yield
     finally:

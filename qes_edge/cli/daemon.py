@@ -12,9 +12,9 @@ import typer
 from qes_edge.cli import common
 from qes_edge.cli.common import JsonOpt, ThreadsOpt, _explicit, _fail, _refuse_directory, _user_errors, app
 
-queue_app = typer.Typer(help="The daemon's queue of runs: add takes train's options.\n\n"
+queue_app = typer.Typer(rich_markup_mode=None, help="The daemon's queue of runs: add takes train's options.\n\n"
                         "Example: qes-edge queue add --task choice --data quiz.jsonl --steps 200", no_args_is_help=True)
-daemon_app = typer.Typer(help="The overnight agent: trains the queued runs in the background, pausing on battery or "
+daemon_app = typer.Typer(rich_markup_mode=None, help="The overnight agent: trains the queued runs in the background, pausing on battery or "
                          "heat, resuming after a crash or a reboot.\n\nExample: qes-edge daemon start --stop-at 07:00",
                          no_args_is_help=True)
 app.add_typer(queue_app, name="queue")

@@ -9,10 +9,11 @@ from typing import Optional
 
 import typer
 
+from qes_edge.cli import common
 from qes_edge.cli.common import _fail, _one_line, _refuse_directory, app
 from qes_edge.sync.defaults import DEFAULT_BAUD, RETRIES, TIMEOUT_S
 
-sync_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+sync_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, rich_markup_mode=None)
 app.add_typer(sync_app, name="sync")
 
 LedgerOpt = typer.Option(None, "--ledger", help="This device's ledger (created when a run is received into it).")
@@ -91,10 +92,9 @@ def sync_cmd(ctx: typer.Context,
         _fail("sync needs --peer (socket://HOST:PORT or a serial device), or `qes-edge sync serve` to answer")
     _check_run_id(run_id)
     ledger = _check_ledger(ledger, run_id)
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("sync"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), console=Console(stderr=True, emoji=False), transient=True)
+                   TimeRemainingColumn(), console=common.make_console(stderr=True), transient=True)
     task = None
 
     def progress(n: int, total: int) -> None:  # a bar on stderr while steps come in

@@ -8,7 +8,6 @@ from typing import Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -217,7 +216,7 @@ def evaluate(model: Optional[str] = ModelOpt,
     heldout = task_obj.heldout_examples()
     try:
         with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeRemainingColumn(), console=Console(stderr=True, emoji=False), transient=True) as progress:
+                      TimeRemainingColumn(), console=common.make_console(stderr=True), transient=True) as progress:
             bar = progress.add_task("held-out", total=len(heldout))
             driver.on_prompt = lambda: progress.advance(bar)
             metrics = task_obj.evaluate(driver, heldout)
