@@ -38,7 +38,7 @@ def run_one(driver, cfg: TrainConfig, steps: int, eval_every: int, ledger_path: 
         rewards.append(float(np.nanmean(rec.rewards)))
         timings.append(rec.timings)
 
-    def on_eval(step, m, error):
+    def on_eval(step, m, error, split="heldout"):
         nonlocal t0
         if m is None:
             raise SystemExit(f"step {step}: held-out evaluation failed: {error}")

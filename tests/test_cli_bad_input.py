@@ -159,7 +159,7 @@ CASES = [
     ("train --population many", "'--population': 'many' is not a valid int"),
     # train: files
     ("train --task jsonl --data missing.jsonl", "data file not found"),
-    ("train --task jsonl --data adir", "adir: is not a file"),
+    ("train --task jsonl --data adir", "adir: a data folder needs train.jsonl"),
     ("train --task jsonl --data binary.jsonl", "binary.jsonl: is a binary file"),
     ("train --task jsonl --data latin1.jsonl", "latin1.jsonl: is not UTF-8 text"),
     ("train --task jsonl --data badregex.jsonl", "badregex.jsonl:1: 'pattern' is not a valid regular expression"),
@@ -199,7 +199,7 @@ CASES = [
     ("train --ledger other-base.qes --steps 5", "refusing to mix them"),
     # eval
     ("eval --task jsonl --data missing.jsonl", "data file not found"),
-    ("eval --task jsonl --data adir", "adir: is not a file"),
+    ("eval --task jsonl --data adir", "adir: a data folder needs train.jsonl"),
     ("eval --task choice --data binary.jsonl", "binary.jsonl: is a binary file"),
     ("eval --n-ctx 1", "n_ctx must be in [64"),
     ("eval --model junk.gguf", "not a GGUF file"),

@@ -406,11 +406,12 @@ class Daemon:
                     if n == STREAK:
                         self.note("no-signal", f"job {job.id}: {alarm(n, cause)}", job.id, step=rec.step)
 
-                def on_eval(step, m, failure):
+                def on_eval(step, m, failure, split="heldout"):
+                    what = "held-out" if split == "heldout" else split
                     if failure:
-                        self.note("eval", f"job {job.id}: held-out evaluation at step {step} failed: {failure}", job.id)
+                        self.note("eval", f"job {job.id}: {what} evaluation at step {step} failed: {failure}", job.id)
                     else:
-                        self.note("eval", f"job {job.id}: held-out at step {step}: "
+                        self.note("eval", f"job {job.id}: {what} at step {step}: "
                                   + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), job.id, step=step, **m)
 
                 reason = session.train(job.steps, eval_every=job.eval_every, gate=lambda: self.gate(job.id),

@@ -125,6 +125,8 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
                          f"error feedback {'on (' + cfg.residual + ')' if cfg.error_feedback else 'off'}; "
                          f"{session.threads} threads; ledger {session.ledger_path}")
     common.console.print(driver.describe_layout(), markup=False, highlight=False)
+    if session.task.describe_data():
+        common.console.print(session.task.describe_data(), markup=False, highlight=False)
     if driver.gpu_layers:
         from qes_edge.llama.placement import describe_gpu_layers, summary
         common.console.print(f"--gpu-layers {describe_gpu_layers(driver.gpu_layers)}: trainable tensors "
@@ -145,15 +147,16 @@ def _train_session(session, steps: int, eval_every: int, as_json: bool) -> None:
                 eval_bar.append(progress.add_task(f"held-out ({n_heldout})", total=n_heldout, info=""))
             progress.advance(eval_bar[0])
 
-        def on_eval(step, m, failure):
+        def on_eval(step, m, failure, split="heldout"):
             if eval_bar:
                 progress.remove_task(eval_bar.pop())
+            what = "held-out" if split == "heldout" else split
             if failure:
-                progress.console.print(f"[yellow]held-out evaluation failed:[/] {failure}")
+                progress.console.print(f"[yellow]{what} evaluation failed:[/] {failure}")
                 return
             if as_json:
-                typer.echo(json.dumps({"event": "eval", "step": step, "split": "heldout", **m}))
-            progress.console.print(f"step {step} held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+                typer.echo(json.dumps({"event": "eval", "step": step, "split": split, **m}))
+            progress.console.print(f"step {step} {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
         bar = progress.add_task("training", total=steps, completed=session.step, info="")
 
@@ -194,16 +197,26 @@ def evaluate(model: Optional[str] = ModelOpt,
              raw_prompt: bool = RawPromptOpt,
              choice_norm: str = ChoiceNormOpt,
              eval_batch: int = EvalBatchOpt,
+             split: str = typer.Option("heldout", "--split", help="Which examples: heldout (what a run holds out: "
+                                                                  "valid.jsonl of a data folder, else a fixed 20% "
+                                                                  "of the file), valid, test (a data folder's "
+                                                                  "test.jsonl), train, or all."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object.")):
-    """Score a model (the base, or one written by replay) on a task's held-out examples: the same
-    numbers train prints at its evaluations.
+    """Score a model (the base, or one written by replay) on a task's held-out examples (or
+    another --split): the same numbers train prints at its evaluations.
 
-    Example: qes-edge eval --model trained.gguf --json"""
+    Example: qes-edge eval --model trained.gguf --data my-data/ --split test --json"""
+    from qes_edge.tasks.data import EVAL_SPLITS
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
     from qes_edge.training.opening import load_task, open_driver, prepare_driver, trainable_model
-    cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                      choice_norm=choice_norm, eval_batch=eval_batch)
+    if split not in EVAL_SPLITS:
+        _fail(f"--split {split!r}: choose one of {', '.join(EVAL_SPLITS)}")
+    with _user_errors():
+        from qes_edge.training.opening import check_data_option
+        data = check_data_option(data)
+    cfg = TrainConfig.from_options(dict(task=task, data=data, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
+                                        choice_norm=choice_norm, eval_batch=eval_batch))
     try:
         cfg.validate()
     except (ValueError, QESError) as e:
@@ -213,9 +226,14 @@ def evaluate(model: Optional[str] = ModelOpt,
         task_obj = load_task(cfg, path)
         driver = open_driver(path, n_ctx, resolve_threads(threads), gpu_layers=gpu_layers)
         prepare_driver(driver, task_obj, cfg)
-    heldout = task_obj.heldout_examples()
     try:
-        with Progress(TextColumn("held-out"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        heldout = task_obj.examples_of(split)
+    except ValueError as e:
+        _fail(str(e))
+    if task_obj.describe_data():
+        typer.echo(task_obj.describe_data(), err=True)
+    try:
+        with Progress(TextColumn(split), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=common.make_console(stderr=True), transient=True) as progress:
             bar = progress.add_task("held-out", total=len(heldout))
             driver.on_prompt = lambda: progress.advance(bar)
@@ -227,7 +245,7 @@ def evaluate(model: Optional[str] = ModelOpt,
     if as_json:
         typer.echo(json.dumps(metrics))
         return
-    table = Table(title=f"{path.name}: {task}, {len(task_obj.heldout_examples())} held-out examples")
+    table = Table(title=f"{path.name}: {task}, {len(heldout)} {'held-out' if split == 'heldout' else split} examples")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():

@@ -160,6 +160,28 @@ class Task:
     def heldout_examples(self) -> Sequence[Example]:
         raise NotImplementedError
 
+    def test_examples(self) -> Sequence[Example]:
+        """Examples scored once at the end of training (a data folder's test.jsonl); none here."""
+        return []
+
+    def examples_of(self, split: str) -> Sequence[Example]:
+        """The examples `eval --split` scores: heldout (what the run holds out), test, train, or all
+        (every example); ValueError for a split this task does not have."""
+        if split == "heldout":
+            return self.heldout_examples()
+        if split == "train":
+            return self.train_examples()
+        if split == "all":
+            return list(self.train_examples()) + list(self.heldout_examples()) + list(self.test_examples())
+        if split == "test" and self.test_examples():
+            return self.test_examples()
+        raise ValueError(f"--split {split}: task {self.name} has no {split} examples (a data folder's "
+                         f"{split}.jsonl holds them)")
+
+    def describe_data(self) -> str | None:
+        """One line on what is trained on and held out (the data tasks), or None."""
+        return None
+
     def generated_tokens(self) -> int:
         """The most tokens a prompt's completion may take (0: the task scores logits, no generation):
         the batched evaluation's KV cache makes room for them."""

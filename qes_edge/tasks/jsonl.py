@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from qes_edge.tasks.base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward, fixed_permutation
+from qes_edge.tasks.data import HELDOUT_FRACTION, SPLITS, data_files
 
 
 MAX_DATA_BYTES = 1 << 30  # a JSONL of prompts larger than 1 GiB is a mistake, not a task
@@ -71,7 +72,8 @@ def parse_example(row, raw_prompt: bool = False, where: str = "") -> Example:
 
 
 def read_jsonl(path: str | Path, raw_prompt: bool = False,
-               check: Callable[[Example], None] | None = None, max_line_bytes: int | None = None) -> list[Example]:
+               check: Callable[[Example], None] | None = None, max_line_bytes: int | None = None,
+               min_examples: int = 4) -> list[Example]:
     """The examples of a JSONL file; ValueError names the file (and line) on any problem.
     check(example) may refuse an example with a ValueError (its message gets the file:line).
 
@@ -112,8 +114,8 @@ def read_jsonl(path: str | Path, raw_prompt: bool = False,
         raise ValueError(f"{p}: cannot read ({e.strerror})") from None
     if not any_text:
         raise ValueError(f"{p}: is empty (one JSON object a line is expected)")
-    if len(out) < 4:
-        raise ValueError(f"{p}: needs at least 4 examples, has {len(out)}")
+    if len(out) < min_examples:
+        raise ValueError(f"{p}: needs at least {min_examples} examples, has {len(out)}")
     return out
 
 
@@ -139,16 +141,34 @@ def _example_of_line(line: str, p: Path, i: int, raw_prompt: bool, check) -> Exa
 
 
 class JsonlTask(Task):
+    """The examples of `--data` (tasks/data.py): one file with a fixed 20% held out (split
+    "fixed"), or a folder's train.jsonl with valid.jsonl held out as it is (split "valid"); a
+    folder's test.jsonl is read too (test_examples)."""
+
     name = "jsonl"
 
-    def __init__(self, path, seed: int = 0, heldout_fraction: float = 0.2, max_tokens: int = 32,
-                 raw_prompt: bool = False, max_line_bytes: int | None = None):
+    def __init__(self, path, seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION, max_tokens: int = 32,
+                 raw_prompt: bool = False, max_line_bytes: int | None = None, split: str = "fixed"):
         self.raw_prompt = raw_prompt
-        ex = read_jsonl(path, raw_prompt, self.check_example, max_line_bytes)
-        order = fixed_permutation(999, len(ex))  # default_rng(999).permutation, without numpy.random
-        k = max(1, int(len(ex) * heldout_fraction))
-        self._heldout = [ex[i] for i in order[:k]]
-        self._train = [ex[i] for i in order[k:]]
+        self.files = data_files(path)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.split = split
+
+        def read(f, at_least=4):
+            return read_jsonl(f, raw_prompt, self.check_example, max_line_bytes, at_least)
+        ex = read(self.files.train)
+        if split == "valid":
+            if self.files.valid is None:
+                raise ValueError(f"{self.files.path}: the run holds out valid.jsonl, which is not there (it was when "
+                                 "the run was recorded)")
+            self._train, self._heldout = ex, read(self.files.valid, 1)
+        else:
+            order = fixed_permutation(999, len(ex))  # default_rng(999).permutation, without numpy.random
+            k = max(1, int(len(ex) * heldout_fraction))
+            self._heldout = [ex[i] for i in order[:k]]
+            self._train = [ex[i] for i in order[k:]]
+        self._test = read(self.files.test, 1) if self.files.test is not None else []
         self.max_tokens = max_tokens
         self.path = str(path)
 
@@ -160,6 +180,21 @@ class JsonlTask(Task):
 
     def heldout_examples(self):
         return self._heldout
+
+    def test_examples(self):
+        return self._test
+
+    def examples_of(self, split: str):
+        if split == "valid" and self.split != "valid":
+            raise ValueError(f"--split valid: {self.files.path} has no valid.jsonl" if self.files.valid is None else
+                             f"--split valid: this run holds out a fixed 20% of {self.files.train.name}, not valid.jsonl")
+        if split == "test" and not self._test:
+            raise ValueError(f"--split test: {self.files.path} has no test.jsonl (give --data DIR holding one)")
+        return super().examples_of("heldout" if split == "valid" else split)
+
+    def describe_data(self) -> str:
+        from qes_edge.tasks.data import describe
+        return describe(self.files, self.split, len(self._train), len(self._heldout), len(self._test))
 
     def generated_tokens(self) -> int:
         return self.max_tokens
@@ -174,7 +209,7 @@ class JsonlTask(Task):
         return np.array([self.reward_one(ex, c) for ex, c in zip(batch, completions)])
 
     def describe(self):
-        return {"name": self.name, "data": self.path}
+        return {"name": self.name, "data": self.path, "split": self.split}
 
 
 class CallableRewardTask(JsonlTask):

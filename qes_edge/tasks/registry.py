@@ -14,6 +14,8 @@ def task_from_config(cfg, max_line_bytes: int | None = None) -> Task:
         kw["max_line_bytes"] = max_line_bytes
     if cfg.task == "choice":
         kw["choice_norm"] = getattr(cfg, "choice_norm", "mean")
+    if cfg.data and cfg.task not in ("sentiment", "countdown"):
+        kw["split"] = getattr(cfg, "split", "fixed")
     return load_task(cfg.task, cfg.data, cfg.seed, **kw)
 
 

@@ -41,6 +41,7 @@ class TrainConfig:
     derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
     raw_prompt: bool = False          # prompts as given, without the model's chat template
     choice_norm: str = "mean"         # choice task: "mean" or "sum" log-probability per choice ("first": old runs)
+    split: str = "fixed"              # held out: "fixed" (20% of the data file) or "valid" (a data folder's valid.jsonl)
     # the evaluation layout (llama/batched.py): llama.cpp's bits depend on it, so it is recorded
     eval_batch: int = 8               # prompts per decode; 1: one at a time (runs before it)
     n_batch: int = 512                # tokens per llama_decode
@@ -57,6 +58,9 @@ class TrainConfig:
         from qes_edge.native.engine import sigma_threshold
         from qes_edge.tasks.base import CHOICE_NORMS
         self.eval_layout().check()
+        from qes_edge.tasks.data import SPLITS
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not isinstance(self.raw_prompt, bool):
             raise ValueError(f"raw_prompt must be true or false, got {self.raw_prompt!r}")
         if self.choice_norm not in CHOICE_NORMS:
@@ -111,6 +115,12 @@ class TrainConfig:
         d = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
         if d.get("data") is not None:
             d["data"] = str(d["data"])
+            if "split" not in d:  # a data folder with valid.jsonl holds it out; else a fixed 20%
+                from qes_edge.tasks.data import data_files
+                try:
+                    d["split"] = data_files(d["data"]).default_split()
+                except ValueError:
+                    pass  # the task says what is wrong with the data, where it is read
         return cls(**d)
 
     @classmethod

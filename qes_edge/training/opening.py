@@ -38,16 +38,21 @@ def trainable_model(model, frozen) -> Path:
 
 
 def check_recorded_data(recorded: dict, ledger_path: Path) -> None:
-    """The run's data file must still be there and hold the bytes it was recorded with."""
-    from qes_edge.gguf.model import file_sha256
+    """The run's data (a file, or a folder's train.jsonl and held-out valid.jsonl) must still be
+    there and hold the bytes it was recorded with."""
+    from qes_edge.tasks.data import data_sha256
     data, want = recorded.get("data"), recorded.get("data_sha256")
     if not data:
         return
     p = Path(data)
-    if not p.is_file():
+    if not p.exists():
         raise SessionError(f"{ledger_path}: the run's data file {p} is missing (it was recorded by absolute path)")
-    if want and file_sha256(p) != want:
-        raise SessionError(f"{ledger_path}: the run's data file {p} changed since the run was recorded (sha256 "
+    try:
+        got = data_sha256(p, recorded.get("split", "fixed"))
+    except ValueError as e:
+        raise SessionError(f"{ledger_path}: the run's data: {e}") from None
+    if want and got != want:
+        raise SessionError(f"{ledger_path}: the run's data {p} changed since the run was recorded (sha256 "
                            f"{want[:16]}… then): restore it, or start a new run with --new-run")
 
 
@@ -95,7 +100,7 @@ def check_prompts(driver, task) -> None:
     """Every prompt rendered through the model's template and tokenized before any ledger row: a
     missing or failing template, or a prompt longer than the context, is refused up front."""
     try:
-        driver.check_prompts(list(task.train_examples()) + list(task.heldout_examples()))
+        driver.check_prompts(list(task.train_examples()) + list(task.heldout_examples()) + list(task.test_examples()))
     except (ValueError, QESError, RuntimeError) as e:
         raise SessionError(f"{driver.path}: {e}") from None
 
@@ -105,7 +110,8 @@ def prepare_driver(driver, task, cfg) -> None:
     the KV cache from the task's real prompts (driver.use_layout)."""
     check_prompts(driver, task)
     try:
-        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples()),
+        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples())
+                          + list(task.test_examples()),
                           generated=task.generated_tokens())
     except (ValueError, RuntimeError) as e:
         raise SessionError(f"{driver.path}: the evaluation layout: {e}") from None
@@ -115,10 +121,11 @@ def check_data_option(data) -> Path | None:
     if data is None:
         return None
     data = Path(data).expanduser().absolute()  # stored in the run: resumable from any folder
-    if not data.exists():
-        raise SessionError(f"data file not found: {data}")
-    if not data.is_file():
-        raise SessionError(f"{data}: is not a file (a JSONL file of prompts is expected)")
+    from qes_edge.tasks.data import data_files
+    try:
+        data_files(data)  # a JSONL file, or a folder with train.jsonl (tasks/data.py)
+    except ValueError as e:
+        raise SessionError(str(e)) from None
     return data
 
 

@@ -190,15 +190,15 @@ class Session:
 
     @staticmethod
     def _new_run(lg, ledger_path: Path, cfg: TrainConfig, path: Path, sha: str):
-        from qes_edge.gguf.model import file_sha256
         created = not ledger_path.exists()
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if lg is None:
                 lg = Ledger(ledger_path)
             record = cfg.record()
-            if cfg.data:
-                record["data_sha256"] = file_sha256(cfg.data)  # a changed data file is refused on resume
+            if cfg.data:  # changed data is refused on resume
+                from qes_edge.tasks.data import data_sha256
+                record["data_sha256"] = data_sha256(cfg.data, cfg.split)
             return lg, lg.create_run(sha, path.name, record, _native.lib.qes_noise_spec_version())
         except LedgerError:
             if created:  # leave nothing behind: the file, its -wal and -shm
@@ -240,20 +240,20 @@ class Session:
             raise RecordError(str(e)) from None
         return m
 
-    def evaluated_at(self, step: int) -> bool:
-        return any(e["step"] == step and e.get("split", "heldout") == "heldout" for e in self.ledger.evals(self.run.run_id))
+    def evaluated_at(self, step: int, split: str = "heldout") -> bool:
+        return any(e["step"] == step and e.get("split", "heldout") == split for e in self.ledger.evals(self.run.run_id))
 
-    def evaluate(self, on_prompt: Callable[[], None] | None = None) -> dict:
-        """Score the held-out examples on the current weights and record them at this step.
-        Raises RewardFailure when the task cannot score them."""
-        heldout = self.task.heldout_examples()
+    def evaluate(self, on_prompt: Callable[[], None] | None = None, split: str = "heldout") -> dict:
+        """Score the held-out examples (split "test": a data folder's test.jsonl) on the current
+        weights and record them at this step.  Raises RewardFailure when the task cannot score them."""
+        examples = self.task.test_examples() if split == "test" else self.task.heldout_examples()
         self.driver.on_prompt = on_prompt
         try:
-            m = self.task.evaluate(self.driver, heldout)
+            m = self.task.evaluate(self.driver, examples)
         finally:
             self.driver.on_prompt = None
         try:
-            self.ledger.record_eval(self.run.run_id, self.step, "heldout", m)
+            self.ledger.record_eval(self.run.run_id, self.step, split, m)
         except LedgerError as e:
             raise RecordError(str(e)) from None
         return m
@@ -275,20 +275,21 @@ class Session:
         `gate` gave (asked before each step; it may block while the run is paused), or
         "abandoned: ..." when a stop request abandoned a step or an evaluation (`on_prompt` may
         raise StepAbandoned).  Held-out evaluation at the start (unless recorded at this step),
-        every `eval_every` steps, and at the end."""
+        every `eval_every` steps, and at the end; a data folder's test.jsonl once, at the end
+        (on_eval(step, metrics, failure, split) says which)."""
         from qes_edge.tasks.base import RewardFailure
 
-        def evaluate() -> str | None:
+        def evaluate(split: str = "heldout") -> str | None:
             try:
-                m = self.evaluate(on_prompt)
+                m = self.evaluate(on_prompt, split)
             except RewardFailure as e:
                 if on_eval:
-                    on_eval(self.step, None, str(e))
+                    on_eval(self.step, None, str(e), split)
                 return None
             except StepAbandoned as e:
-                return f"abandoned: held-out evaluation at step {self.step}: {e}"
+                return f"abandoned: {'held-out' if split == 'heldout' else split} evaluation at step {self.step}: {e}"
             if on_eval:
-                on_eval(self.step, m, None)
+                on_eval(self.step, m, None, split)
             return None
 
         if not self.evaluated_at(self.step):
@@ -308,6 +309,9 @@ class Session:
             if (eval_every and self.step % eval_every == 0) or self.step == steps:
                 if (stopped := evaluate()):
                     return stopped
+        if self.task.test_examples() and not self.evaluated_at(self.step, "test"):
+            if (stopped := evaluate("test")):
+                return stopped
         return "done"
 
     def head(self) -> str:
