@@ -81,6 +81,25 @@ GpuLayersOpt = typer.Option("0", "--gpu-layers", callback=_gpu_layers, metavar="
                             help="Layers llama.cpp runs on the GPU (all: every one; 0: none). Their weights are "
                                  "edited where they live, in GPU memory, by libqes's CUDA backend. Rewards "
                                  "depend on it in their last bits: --peers workers must give the same.")
+def _config(ctx: typer.Context, param, value: Optional[Path]):
+    """--config F.toml|F.yaml: the file's options become the command's defaults (config_file.py);
+    the command line overrides them."""
+    if value is None:
+        return None
+    from qes_edge.cli.config_file import default_map
+    try:
+        ctx.default_map = {**(ctx.default_map or {}), **default_map(ctx.command, Path(value).expanduser())}
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    return value
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", is_eager=True, callback=_config, metavar="F.toml|F.yaml",
+                         help="Options from a TOML (or YAML) file, each by its long name (population = 32, "
+                              "eval-batch = 8); options given here override it. Relative data and ledger "
+                              "paths are read from the file's folder.")
+PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved options as a TOML file that "
+                                                            "--config reads, and exit without training.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: JSON on stdout (human messages go to stderr).")
 
 
@@ -119,11 +138,12 @@ def _user_errors():
 
 
 def _explicit(ctx, names) -> list[str]:
-    """The options the user gave (on the command line or through the environment), not defaults."""
+    """The options the user gave (on the command line, in a --config file or through the
+    environment), not defaults."""
     out = []
     for n in names:
         src = ctx.get_parameter_source(n)
-        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
+        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP"):  # DEFAULT_MAP: --config
             out.append(n)
     return out
 

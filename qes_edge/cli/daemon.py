@@ -52,6 +52,10 @@ def queue_add(ctx: typer.Context):
     train_cmd = get_command(app).commands["train"]
     sub = train_cmd.make_context("qes-edge queue add", list(ctx.args))  # click's own checks and messages
     p = sub.params
+    if p["print_config"]:
+        from qes_edge.cli.train import _print_config
+        _print_config(sub)
+        return
     if p["as_json"]:
         _fail("--json is for the foreground train; the daemon's progress is `qes-edge status --json`")
     with _user_errors():

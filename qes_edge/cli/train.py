@@ -14,11 +14,12 @@ from rich.table import Table
 from qes_edge.cli import common
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
-from qes_edge.cli.common import (ChoiceNormOpt, EvalBatchOpt, GpuLayersOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
+from qes_edge.cli.common import (ChoiceNormOpt, ConfigOpt, EvalBatchOpt, PrintConfigOpt, GpuLayersOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
 
 
 @app.command()
 def train(ctx: typer.Context,
+          config: Optional[Path] = ConfigOpt,
           model: Optional[str] = ModelOpt,
           task: str = typer.Option(TrainConfig.task, help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
@@ -64,12 +65,16 @@ def train(ctx: typer.Context,
                                                                       "many Ray actors, each with its own copy of "
                                                                       "the model (pip install 'qes-edge[ray]'; "
                                                                       "the cluster in RAY_ADDRESS, else a local "
-                                                                      "Ray).")):
+                                                                      "Ray)."),
+          print_config: bool = PrintConfigOpt):
     """Fine-tune a GGUF model in place with QES; every step is recorded in the ledger and a
     re-run with the same ledger resumes where it stopped, with the config it recorded. Options
     that differ from that config are refused (--resume ignores them, --new-run starts a new run).
 
-    Example: qes-edge train --steps 50 --population 16 --alpha 0.00125"""
+    Example: qes-edge train --steps 50 --population 16 --alpha 0.00125  (or -c run.toml)"""
+    if print_config:
+        _print_config(ctx)
+        return
     with _json_output(as_json):
         _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads, as_json, peers, ray, gpu_layers)
 
@@ -98,6 +103,25 @@ def _train(ctx, model, data, steps, ledger, resume, new_run, eval_every, threads
         elif ray is not None:
             session.share_with_ray(ray)
         _train_session(session, steps, eval_every, as_json)
+
+
+def _print_config(ctx) -> None:
+    """--print-config: every option as resolved (file, command line, defaults), and what the run
+    would record, as TOML that --config reads back."""
+    from qes_edge.cli.config_file import to_toml
+    from qes_edge.training.opening import check_data_option
+    with _user_errors():
+        data = check_data_option(ctx.params.get("data"))
+    cfg = TrainConfig.from_options({**ctx.params, "data": data})
+    try:
+        cfg.validate()
+    except (ValueError, QESError) as e:
+        _fail(str(e))
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
+    params["data"] = str(data) if data else None
+    header = ("qes-edge train: the resolved options (qes-edge train -c this-file.toml runs them)\n"
+              f"recorded with them: split = {cfg.split}, frozen = {list(cfg.frozen)}, derive = {cfg.derive}")
+    typer.echo(to_toml(ctx.command, params, header), nl=False)
 
 
 def _peer_links(peers: Optional[str]) -> list:
