@@ -122,21 +122,24 @@ def qes(*args) -> list[str]:
     return [sys.executable, "-m", "qes_edge", *map(str, args)]
 
 
-def step_prompts(model: Path, batch: int, seed: int) -> dict:
+def step_prompts(model: Path, batch: int, seed: int, raw: bool = False) -> dict:
     """The texts of training step 0's batch of the sentiment task, rendered as the driver renders
-    them (the model's chat template, with the vocabulary's BOS/EOS texts, then the prefill), and
-    the texts of the answer tokens the task scores."""
+    them (the model's chat template, with the vocabulary's BOS/EOS texts, then the prefill; raw:
+    the plain text --raw-prompt gives), and the texts of the answer tokens the task scores."""
     from qes_edge.llama.chat import load_template
     from qes_edge.tasks.sentiment import CLASSES, SentimentTask
-    task = SentimentTask(seed=seed)
+    task = SentimentTask(seed=seed, raw_prompt=raw)
     train = list(task.train_examples())
     try:
         from qes_edge.training.derive import batch_indices
         idx = [int(i) for i in batch_indices(seed, 0, len(train), batch, task.strata())]
     except Exception:  # the derivation's signature moved: the first examples serve as well
         idx = list(range(min(batch, len(train))))
-    chat = load_template(model)  # gguf's reader for the BOS/EOS texts: this process only
-    prompts = [chat.render(train[i].chat()) + train[i].prefill for i in idx]
+    if raw:
+        prompts = [train[i].prompt for i in idx]
+    else:
+        chat = load_template(model)  # gguf's reader for the BOS/EOS texts: this process only
+        prompts = [chat.render(train[i].chat()) + train[i].prefill for i in idx]
     return {"prompts": prompts, "choice_texts": [v[0] for v in CLASSES.values()]}
 
 
@@ -185,6 +188,11 @@ def daemon_idle(env: dict, cwd: Path, wait_s: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="any name --model takes (default: the default model), e.g. "
+                                                  "pypi:gemma3-270m")
+    ap.add_argument("--raw-prompt", action="store_true", help="prompts as plain text (a base model without a "
+                                                               "chat template)")
+    ap.add_argument("--eval-batch", type=int, default=None, help="train's --eval-batch (default: train's own)")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2, help="training steps of the train and daemon rows")
     ap.add_argument("--population", type=int, default=4)
@@ -199,12 +207,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from qes_edge.gguf.models import default_model_path
+    from qes_edge.gguf.models import resolve_model
     from qes_edge.threads import resolve_threads
-    model = default_model_path()
+    model = resolve_model(a.model)
     threads = resolve_threads(a.threads)
-    train_opts = ["--task", "sentiment", "--steps", a.steps, "--population", a.population, "--batch", a.batch,
-                  "--seed", a.seed, "--n-ctx", a.n_ctx, "--threads", a.threads]
+    train_opts = ["--model", model, "--task", "sentiment", "--steps", a.steps, "--population", a.population,
+                  "--batch", a.batch, "--seed", a.seed, "--n-ctx", a.n_ctx, "--threads", a.threads] \
+        + (["--raw-prompt"] if a.raw_prompt else []) + (["--eval-batch", a.eval_batch] if a.eval_batch else [])
     rows: dict[str, dict] = {}
     notes: list[str] = []
 
@@ -218,7 +227,7 @@ def main(argv=None):
 
         # 1. the inference baseline
         d, env = fresh("inference")
-        job = step_prompts(model, a.batch, a.seed)
+        job = step_prompts(model, a.batch, a.seed, a.raw_prompt)
         (d / "prompts.json").write_text(json.dumps(job))
         repeat = a.steps * a.population
         r = measure([sys.executable, "-c", INFERENCE, str(model), str(a.n_ctx), str(threads),

@@ -21,6 +21,9 @@ def test_modelfile_by_chat_family():
     assert chat_family("<|start_header_id|>x") == "llama3" and chat_family("<start_of_turn>") == "gemma"
     unknown = modelfile_text("m.gguf", "[INST] {{ x }} [/INST]")
     assert not any(x.startswith("TEMPLATE") for x in unknown.splitlines()) and "FROM ./m.gguf" in unknown
+    none = modelfile_text("m.gguf", None)  # a base model: prompts as written, and the file says so
+    assert 'TEMPLATE """{{ .Prompt }}"""' in none.splitlines() and "has no chat template" in none
+    assert "not one qes-edge can translate" not in none
 
 
 def cli(args, cwd):

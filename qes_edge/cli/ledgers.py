@@ -25,7 +25,7 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
     from qes_edge.native.engine import digest_tensors
     from qes_edge.gguf.model import GGUFModel, file_sha256
     from qes_edge.ledger.store import LedgerError
-    from qes_edge.gguf.models import DEFAULT_FILE, ModelNotFound, resolve_model
+    from qes_edge.gguf.models import ModelNotFound, run_base_model
     from qes_edge.threads import resolve_threads
     from qes_edge.training.config import TrainConfig
     from qes_edge.training.replica import Replica
@@ -36,10 +36,8 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
         _fail(str(e))
     lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
-        if base is None and run.base_name != DEFAULT_FILE:
-            _fail(f"the ledger's base model is {run.base_name}: pass it with --base")
         try:
-            base_path = resolve_model(base)
+            base_path = run_base_model(run, base)
             check_output_path(out, {"ledger": ledger, "base model": base_path})
         except (ModelNotFound, ValueError) as e:
             _fail(str(e))

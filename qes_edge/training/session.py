@@ -142,7 +142,7 @@ class Session:
             # 3. only now does a new run exist
             resumed = run is not None
             if run is None:
-                lg, run = cls._new_run(lg, ledger_path, cfg, path, sha)
+                lg, run = cls._new_run(lg, ledger_path, cfg, path, sha, opts.model)
             trainer = Trainer(driver, task, lg, run, cfg, threads=n_threads, executor=executor)
         except LedgerError as e:
             if lg is not None:
@@ -189,13 +189,17 @@ class Session:
         return run, cfg
 
     @staticmethod
-    def _new_run(lg, ledger_path: Path, cfg: TrainConfig, path: Path, sha: str):
+    def _new_run(lg, ledger_path: Path, cfg: TrainConfig, path: Path, sha: str, given: str | None = None):
         created = not ledger_path.exists()
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if lg is None:
                 lg = Ledger(ledger_path)
             record = cfg.record()
+            # where the base model was and what it was called: replay, export and follow find it there
+            # without --base (checked against base_sha256 where they open it)
+            record["base_path"] = str(Path(path).resolve())
+            record["base_given"] = given
             if cfg.data:  # changed data is refused on resume
                 from qes_edge.tasks.data import data_sha256
                 record["data_sha256"] = data_sha256(cfg.data, cfg.split)
