@@ -55,6 +55,7 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
     r = cli(["export", "--ledger", str(ledger), "--out", str(out), "--name", "smol-trained"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"head {last.hash}" in r.stdout and (tmp_path / "exported.gguf.Modelfile").is_file()
+    assert "checked: the Modelfile matches the GGUF's chat template" in r.stdout and "a reply ended after" in r.stdout
     # the keys: every base key kept, general.name and qes.* new
     base, exp = GGUFReader(default_model), GGUFReader(out)
     meta = {k: exp.fields[k].contents() for k in exp.fields}
@@ -80,6 +81,41 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
     stock.eval(tokens)
     got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(stock.ctx, -1), shape=(stock.n_vocab(),)).copy()
     assert np.array_equal(got, want)
+    del stock, trained
+    # the check catches a broken export: bytes changed in a trained tensor, a wrong stop token
+    from qes_edge.gguf.export_check import ExportCheckFailed, check_export
+    truth = GGUFModel(out).code_tensors()
+    bad = tmp_path / "bad.gguf"
+    raw = bytearray(out.read_bytes())
+    q = next(t for t in m.header.tensors if t.name == "blk.3.attn_q.weight")
+    for k in range(0, 4096, 64):  # 64 code bytes of one tensor
+        raw[q.offset + 1000 + k] ^= 0x77
+    bad.write_bytes(bytes(raw))
+    modelfile = tmp_path / "exported.gguf.Modelfile"
+    with pytest.raises(ExportCheckFailed) as e:
+        check_export(bad, modelfile, default_model, truth, 2)
+    assert any("differ from the replayed codes in the file (blk.3.attn_q.weight" in p for p in e.value.problems)
+    assert any("logits on a fixed prompt differ from the trained weights'" in p for p in e.value.problems)
+    wrong = tmp_path / "wrong.Modelfile"
+    wrong.write_text(modelfile.read_text().replace('PARAMETER stop "<|im_end|>"', 'PARAMETER stop "</s>"'))
+    with pytest.raises(ExportCheckFailed) as e:
+        check_export(out, wrong, default_model, truth, 2)
+    assert e.value.problems == ["the Modelfile's stop tokens ['<|im_start|>', '</s>'] are not the chatml template's "
+                                "['<|im_start|>', '<|im_end|>']",
+                                "the Modelfile's stop '</s>' is not one token of the model's vocabulary (3)"]
+    assert check_export(out, modelfile, default_model, truth, 2)[0].startswith("checked:")
+
+
+def test_the_modelfile_check_names_what_does_not_match():
+    from qes_edge.gguf.export_check import check_modelfile
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}...{% endfor %}"
+    good = modelfile_text("m.gguf", chatml)
+    assert check_modelfile(good, chatml) == []
+    assert check_modelfile(good.replace("<|im_end|>\"", "</s>\""), chatml)[0].startswith("the Modelfile's stop tokens")
+    assert "not the chatml template" in check_modelfile(good.replace("assistant", "bot"), chatml)[0]
+    assert check_modelfile(good, None) == ["the GGUF has no chat template, the Modelfile sets one (or stop tokens)"]
+    assert check_modelfile(modelfile_text("m.gguf", None), None) == []
+    assert check_modelfile(modelfile_text("m.gguf", "[INST]"), "[INST]") == []
 
 
 def test_export_bad_input(tmp_path):

@@ -104,21 +104,28 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
            ollama: Optional[str] = typer.Option(None, "--ollama", help="Also register it with ollama under this name "
                                                                         "(runs `ollama create`; ollama must be on PATH)."),
            threads: int = ThreadsOpt,
+           no_check: bool = typer.Option(False, "--no-check", help="Do not check the export (by default it is "
+                                                                     "loaded in stock llama-cpp-python, its logits "
+                                                                     "compared bit for bit with the trained weights' "
+                                                                     "and one chat reply must end)."),
            as_json: bool = JsonOpt):
     """Write the trained model as a named GGUF that llama.cpp, ollama and LM Studio load: every key
     and tensor of the base, the trained codes, a new general.name and qes.* keys (run id, ledger
-    head, base sha256, steps), and an ollama Modelfile beside it; prints the head hash.
+    head, base sha256, steps), and an ollama Modelfile beside it, then check them before saying done
+    (gguf/export_check.py: the Modelfile against the GGUF's chat template, the trained bytes, the
+    logits bit for bit, stock llama-cpp-python loading it and ending a reply); a failed check
+    removes what was written and exits 1.  Prints the head hash.
 
     Example: qes-edge export --ledger run.qes --out smollm2-sentiment.gguf --ollama smollm2-sentiment"""
     with _json_output(as_json):
-        result = _export(ledger, out, base, run_id, name, ollama, threads)
+        result = _export(ledger, out, base, run_id, name, ollama, threads, check=not no_check)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"head {result['head']}")
 
 
-def _export(ledger, out, base, run_id, name, ollama, threads) -> dict:
+def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True) -> dict:
     import shutil
     import subprocess
 
@@ -151,8 +158,22 @@ def _export(ledger, out, base, run_id, name, ollama, threads) -> dict:
                          highlight=False)
     if not changed:
         common.console.print("note: no code differs from the base model: the export carries the base's weights")
+    checked = None
+    if check:
+        from qes_edge.gguf.export_check import ExportCheckFailed, check_export
+        from qes_edge.threads import resolve_threads
+        try:
+            checked = check_export(out, modelfile, base_path, tensors, resolve_threads(threads))
+        except ExportCheckFailed as e:
+            out.unlink(missing_ok=True)
+            modelfile.unlink(missing_ok=True)
+            typer.echo(f"error: the export failed its check: {_one_line(e)}; {out.name} and its Modelfile were removed "
+                       "(--no-check writes them unchecked)", err=True)
+            raise typer.Exit(1)
+        for line in checked:
+            common.console.print(line, highlight=False, markup=False)
     result = {"out": str(out), "modelfile": str(modelfile), "name": title, "run_id": run.run_id, "steps": n,
-              "head": head, "changed": changed, "ollama": None}
+              "head": head, "changed": changed, "ollama": None, "checked": checked}
     if ollama:
         exe = shutil.which("ollama")
         if exe is None:
