@@ -188,3 +188,27 @@ def test_the_cache_is_sized_from_the_prompts_and_their_completions(driver, choic
     assert "8 prompts a decode" in driver.describe_layout() and f"KV cache {cells} tokens" in driver.describe_layout()
     driver.use_layout(EvalLayout())
     assert "one prompt a decode" in driver.describe_layout()
+
+
+@pytest.mark.slow
+def test_a_task_without_branches_takes_one_sequence_a_prompt_with_the_same_bits(default_model):
+    """llama.cpp's output buffer holds n_seq_max rows of the vocabulary (1 MiB a row for Gemma's):
+    a task whose prompts have no branch sequences (sentiment, generation) is laid out with one
+    sequence a prompt, and its rewards and completions are those of the 4-a-prompt layout, bit
+    for bit; a choice task keeps its branches."""
+    import dataclasses
+    from qes_edge.llama.driver import ModelDriver
+    from qes_edge.tasks.sentiment import SentimentTask
+    from qes_edge.training.opening import prepare_driver
+    task = SentimentTask(seed=0)
+    ex = list(task.heldout_examples())[:24]
+    got = {}
+    for spp in (4, 1):
+        d = ModelDriver(default_model, n_ctx=512, n_threads=1)
+        d.use_layout(dataclasses.replace(TrainConfig().eval_layout(), seqs_per_prompt=spp), ex)
+        got[spp] = (task.rewards(d, ex).tobytes(), d.generate_many([d.prompt_tokens(e) for e in ex[:6]], 8))
+        if spp == 1:
+            prepare_driver(d, task, TrainConfig())
+            assert d.layout.n_seq_max == TrainConfig.eval_batch  # what a run of the task gets
+        del d
+    assert got[4] == got[1]

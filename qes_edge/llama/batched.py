@@ -40,6 +40,11 @@ class EvalLayout:
     n_batch: int = 512   # tokens per llama_decode
     n_ubatch: int = 512  # tokens per compute graph (llama.cpp splits a decode into these)
     kv_type: str = "f16"
+    #: seq ids per prompt: the prompt and its branches (a choice task's multi-token answers); 1
+    #: for a task without branches, whose output buffer then holds one row a prompt (Gemma's
+    #: 262k-token vocabulary: 1 MiB a row).  Derived from the task, not recorded: the rounds and
+    #: decodes of a task are the same whatever it is, as long as it covers the task's branches
+    seqs_per_prompt: int = SEQS_PER_PROMPT
 
     @property
     def batched(self) -> bool:
@@ -47,7 +52,7 @@ class EvalLayout:
 
     @property
     def n_seq_max(self) -> int:
-        return min(LLAMA_MAX_SEQ, max(1, self.sequences * SEQS_PER_PROMPT)) if self.batched else 1
+        return min(LLAMA_MAX_SEQ, max(1, self.sequences * self.seqs_per_prompt)) if self.batched else 1
 
     def check(self) -> None:
         if not 1 <= self.sequences <= LLAMA_MAX_SEQ // SEQS_PER_PROMPT:

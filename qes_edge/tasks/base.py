@@ -182,6 +182,11 @@ class Task:
         """One line on what is trained on and held out (the data tasks), or None."""
         return None
 
+    def branches_per_prompt(self) -> int:
+        """Most continuations a prompt's scoring decodes beside it as branch sequences (the choice
+        task's multi-token answers); 0: none, one sequence a prompt (llama/batched.py)."""
+        return 0
+
     def generated_tokens(self) -> int:
         """The most tokens a prompt's completion may take (0: the task scores logits, no generation):
         the batched evaluation's KV cache makes room for them."""

@@ -110,7 +110,9 @@ def prepare_driver(driver, task, cfg) -> None:
     the KV cache from the task's real prompts (driver.use_layout)."""
     check_prompts(driver, task)
     try:
-        driver.use_layout(cfg.eval_layout(), list(task.train_examples()) + list(task.heldout_examples())
+        import dataclasses  # one sequence a prompt for a task without branches: a smaller output buffer
+        layout = dataclasses.replace(cfg.eval_layout(), seqs_per_prompt=1 + task.branches_per_prompt())
+        driver.use_layout(layout, list(task.train_examples()) + list(task.heldout_examples())
                           + list(task.test_examples()),
                           generated=task.generated_tokens())
     except (ValueError, RuntimeError) as e:
