@@ -216,7 +216,7 @@ CASES = [
     ("replay --ledger foreign.db --out o.gguf", "not a qes-edge ledger"),
     ("replay --ledger tail.qes --out o.gguf", "ends at step 1 but its head records 3 steps"),
     ("replay --ledger null.qes --out o.gguf", "step 1 cannot be decoded: seeds is NULL"),
-    ("replay --ledger other-base.qes --out o.gguf", "the ledger's base model is other.gguf: pass it with --base"),
+    ("replay --ledger other-base.qes --out o.gguf", "the run's base model is other.gguf: pass it with --base"),
     ("replay --ledger good.qes --base junk.gguf --out o.gguf", "not this run's base model"),
     # verify and dump
     ("branch --ledger missing.qes", "ledger not found"),

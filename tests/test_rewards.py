@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qes_edge.llama.batched import EvalLayout
+from qes_edge.tasks.rewards import batch_reward as qes_batch_reward
 from qes_edge.llama.driver import ModelDriver
 from qes_edge.training.coefficients import coefficients
 from qes_edge.tasks import load_task
@@ -110,23 +111,31 @@ def exact_reward(prompt, completion, example):
     return float(completion == prompt.upper())
 
 
-def batch_reward(prompts, completions, examples):
+def batch_reward(completions, prompts, examples):  # TRL's form: detected from its first parameter's name
     batch_reward.calls += 1
     return [float(c == p.upper()) for p, c in zip(prompts, completions)]
 
 
-batch_reward.batched = True
 batch_reward.calls = 0
 
 
-def short_batch_reward(prompts, completions, examples):
+@qes_batch_reward
+def short_batch_reward(c, p, e):  # marked by the decorator instead
     return [1.0]
 
 
-short_batch_reward.batched = True
+def old_style_reward(prompts, completions, examples):
+    return [0.0] * len(prompts)
 
 
-def test_a_batched_reward_is_called_once_per_batch(tmp_path):
+old_style_reward.batched = True  # the order issue 24 shipped: refused, with the new one named
+
+
+def length_reward(prompt, completion, example):
+    return float(len(completion))
+
+
+def test_a_batch_reward_is_called_once_per_batch(tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"P{i}"} for i in range(10)]))
     t = load_task(f"{__name__}:batch_reward", data)
     batch_reward.calls = 0
@@ -135,6 +144,32 @@ def test_a_batched_reward_is_called_once_per_batch(tmp_path):
     short = load_task(f"{__name__}:short_batch_reward", data)
     with pytest.raises(RewardFailure, match="returned 1 rewards for a batch of 8"):
         short.rewards(FakeModel(), short.train_examples())
+    with pytest.raises(ValueError, match=r"replaced by TRL's order: write fn\(completions, prompts, examples\)"):
+        load_task(f"{__name__}:old_style_reward", data)
+
+
+def test_several_rewards_sum_with_their_weights_and_each_mean_is_kept(tmp_path):
+    from qes_edge.tasks import task_from_config
+    from qes_edge.training.config import TrainConfig
+    data = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": f"P{i}"} for i in range(10)]))
+    cfg = TrainConfig.from_options({"data": data, "rewards": [f"{__name__}:batch_reward",
+                                                              f"{__name__}:length_reward=0.5"]})
+    assert cfg.task == "reward" and cfg.rewards == [[f"{__name__}:batch_reward", 1.0],
+                                                    [f"{__name__}:length_reward", 0.5]]
+    cfg.validate()
+    t = task_from_config(cfg)
+    got = t.rewards(FakeModel(), t.train_examples())
+    assert got.tolist() == [1.0 + 0.5 * 2] * 8  # "P0".."P9": exact (1) + half the length (2)
+    assert t.last_parts == {f"{__name__}:batch_reward": 1.0, f"{__name__}:length_reward": 2.0}
+    m = t.evaluate(FakeModel(), t.heldout_examples())
+    assert m[f"reward {__name__}:length_reward"] == 2.0 and m["reward"] == 2.0
+    bad = TrainConfig.from_options({"data": data, "task": "choice", "rewards": [f"{__name__}:batch_reward"]})
+    with pytest.raises(ValueError, match="give it without --task"):
+        bad.validate()
+    nan = TrainConfig.from_options({"data": data, "rewards": [f"{__name__}:batch_reward", f"{__name__}:nan_reward"]})
+    t = task_from_config(nan)
+    with pytest.raises(RewardFailure, match="nan_reward: reward is nan"):
+        t.rewards(FakeModel(), t.train_examples())
 
 
 def test_callable_rewards_fail_loudly(tmp_path):

@@ -81,6 +81,23 @@ GpuLayersOpt = typer.Option("0", "--gpu-layers", callback=_gpu_layers, metavar="
                             help="Layers llama.cpp runs on the GPU (all: every one; 0: none). Their weights are "
                                  "edited where they live, in GPU memory, by libqes's CUDA backend. Rewards "
                                  "depend on it in their last bits: --peers workers must give the same.")
+def _rewards(values):
+    """--reward module:function[=weight], each checked for its form now (loaded with the task)."""
+    from qes_edge.tasks.rewards import parse_reward
+    for v in values or ():
+        try:
+            parse_reward(v)
+        except ValueError as e:
+            _fail(str(e))
+    return list(values or [])
+
+
+RewardOpt = typer.Option(None, "--reward", callback=_rewards, metavar="MODULE:FUNCTION[=WEIGHT]",
+                         help="A reward of the completions of --data's prompts (repeat it: the weighted sum is the "
+                              "reward, each one's mean is logged). fn(prompt, completion, example) -> float, or "
+                              "TRL's fn(completions, prompts, examples) -> list of floats.")
+
+
 def _config(ctx: typer.Context, param, value: Optional[Path]):
     """--config F.toml|F.yaml: the file's options become the command's defaults (config_file.py);
     the command line overrides them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import typer
@@ -14,7 +14,7 @@ from rich.table import Table
 from qes_edge.cli import common
 from qes_edge.native.quant import QESError
 from qes_edge.training.config import TrainConfig
-from qes_edge.cli.common import (ChoiceNormOpt, ConfigOpt, EvalBatchOpt, PrintConfigOpt, GpuLayersOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
+from qes_edge.cli.common import (ChoiceNormOpt, ConfigOpt, EvalBatchOpt, PrintConfigOpt, RewardOpt, GpuLayersOpt, ModelOpt, RawPromptOpt, ThreadsOpt, _explicit, _fail, _json_output, _user_errors, app, check_executor_options, peer_urls)
 
 
 @app.command()
@@ -23,6 +23,7 @@ def train(ctx: typer.Context,
           model: Optional[str] = ModelOpt,
           task: str = typer.Option(TrainConfig.task, help="sentiment | choice | countdown | jsonl | module:function (a reward)."),
           data: Optional[Path] = typer.Option(None, help="JSONL prompts for the jsonl task or a module:function reward."),
+          rewards: Optional[List[str]] = RewardOpt,
           steps: int = typer.Option(20, min=1, help="Steps to reach (counting those already in the ledger)."),
           population: int = typer.Option(TrainConfig.population, min=2, help="Members per step, as mirrored pairs (even)."),
           sigma: float = typer.Option(TrainConfig.sigma, help="Noise scale in code units (about 0.8*sigma of codes move)."),

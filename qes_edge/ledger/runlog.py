@@ -271,6 +271,10 @@ def step_line(row: dict) -> str:
             continue
         if k == "rss_mb" and isinstance(v, (int, float)):
             extra.append(f"rss {v:.1f} MB")
+        elif k == "reward_parts" and isinstance(v, dict):  # each reward's mean over the members
+            for name, xs in v.items():
+                ok = [x for x in xs if isinstance(x, (int, float))] if isinstance(xs, list) else []
+                extra.append(f"{name} {sum(ok) / len(ok):.3f}" if ok else f"{name} —")
         else:
             extra.append(f"{k} {fmt_value(v)}")
     return line + ("  " + ", ".join(extra) if extra else "")

@@ -604,14 +604,28 @@ class Ledger:
                 raise LedgerError(f"{where}: member {exp[0]}: {diff}")
 
     def members(self, run_id: str, step: int | None = None) -> list[dict]:
-        """One dict per member (step, member, seed, reward or None where it failed, coef_q16), in
-        step and member order: from the members table, or from the steps' blobs in a ledger
+        """One dict per member (step, member, seed, reward or None where it failed, coef_q16, and
+        with several --reward `rewards`: each one's batch mean), in step and member order: from the members table, or from the steps' blobs in a ledger
         written before it and opened read-only."""
         keys = ("step", "member", "seed", "reward", "coef_q16")
         where, args = ("run_id = ?", [run_id]) if step is None else ("run_id = ? and step = ?", [run_id, step])
         if self.has_members:
             rows = self.db.execute(f"select {', '.join(keys)} from members where {where} order by step, member", args)
-            return [dict(zip(keys, r)) for r in rows.fetchall()]
+            out = [dict(zip(keys, r)) for r in rows.fetchall()]
+            # several --reward: each one's batch mean per member, from the step row's reward_parts
+            parts = {}
+            for st, t in self.db.execute(f"select step, timings from steps where {where} and timings like "
+                                         "'%reward_parts%'", args).fetchall():
+                try:
+                    parts[st] = json.loads(t).get("reward_parts")
+                except (ValueError, AttributeError):
+                    continue
+            for m in out:
+                p = parts.get(m["step"])
+                if isinstance(p, dict):
+                    m["rewards"] = {k: v[m["member"]] for k, v in p.items()
+                                    if isinstance(v, list) and m["member"] < len(v)}
+            return out
         out = []
         for rec in self.steps(run_id, *(() if step is None else (step, step + 1))):
             for i, (seed, reward, coef) in enumerate(zip(rec.seeds.tolist(), rec.rewards.tolist(), rec.coefs_q16.tolist())):

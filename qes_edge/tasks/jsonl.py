@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from qes_edge.tasks.base import CHOICE_NORMS, Example, RewardFailure, Task, checked_reward, fixed_permutation
+from qes_edge.tasks.base import CHOICE_NORMS, Example, Task, fixed_permutation
 from qes_edge.tasks.data import HELDOUT_FRACTION, SPLITS, data_files
 
 
@@ -213,38 +213,45 @@ class JsonlTask(Task):
 
 
 class CallableRewardTask(JsonlTask):
+    """Completions of the data's prompts, scored by the user's reward functions (tasks/rewards.py):
+    one `module:function`, or several summed with their weights; per example or, in TRL's form,
+    per batch.  `last_parts`: each reward's mean over the last batch scored (the executor records
+    them per member)."""
+
     name = "callable"
 
-    def __init__(self, fn, path, seed: int = 0, **kw):
+    def __init__(self, fns, path, seed: int = 0, **kw):
+        from qes_edge.tasks.rewards import RewardFn, is_batch
         super().__init__(path, seed=seed, **kw)
-        self.fn = fn
-
-    def reward_one(self, ex, completion):
-        where = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__name__', '?')}"
-        try:
-            value = self.fn(ex.prompt, completion, ex.meta)
-        except Exception as e:  # the user's code: any failure is this member's failure
-            raise RewardFailure(f"{where} raised {type(e).__name__}: {e}") from None
-        return checked_reward(value, where)
+        if callable(fns):  # one function: --task module:function
+            spec = f"{getattr(fns, '__module__', '?')}:{getattr(fns, '__name__', '?')}"
+            if getattr(fns, "batched", False) and not is_batch(fns):
+                raise ValueError(f"{spec}: `batched = True` (prompts, completions, examples) is replaced by TRL's "
+                                 "order: write fn(completions, prompts, examples), or mark it with "
+                                 "@qes_edge.batch_reward")
+            fns = [RewardFn(spec, 1.0, fns, is_batch(fns))]
+        self.reward_fns = list(fns)
+        self.fn = self.reward_fns[0].fn
+        self.last_parts: dict[str, float] | None = None
 
     def rewards(self, model, batch):
-        """A reward marked `batched = True` takes the whole batch, once:
-        fn(prompts, completions, examples) -> one number per completion (TRL's reward functions
-        take lists likewise); any other is called once per completion."""
-        if not getattr(self.fn, "batched", False):
-            return super().rewards(model, batch)
+        from qes_edge.tasks.rewards import score
         completions = model.generate_many([model.prompt_tokens(ex) for ex in batch], self.max_tokens)
-        where = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__name__', '?')}"
-        try:
-            values = list(self.fn([ex.prompt for ex in batch], completions, [ex.meta for ex in batch]))
-        except Exception as e:  # the user's code: any failure is this member's failure
-            raise RewardFailure(f"{where} raised {type(e).__name__}: {e}") from None
-        if len(values) != len(batch):
-            raise RewardFailure(f"{where} returned {len(values)} rewards for a batch of {len(batch)} completions")
-        return np.array([checked_reward(v, where) for v in values])
+        self.last_parts = None
+        total, parts = score(self.reward_fns, [ex.prompt for ex in batch], completions, [ex.meta for ex in batch])
+        if len(self.reward_fns) > 1:
+            self.last_parts = parts
+        return total
+
+    def evaluate(self, model, examples):
+        r = self.rewards(model, examples)
+        out = {"reward": float(np.mean(r))}
+        for name, v in (self.last_parts or {}).items():
+            out[f"reward {name}"] = v
+        return out
 
     def describe(self):
-        return {"name": f"{self.fn.__module__}:{self.fn.__name__}", "data": self.path}
+        return {"name": ",".join(f"{r.spec}={r.weight:g}" for r in self.reward_fns), "data": self.path}
 
 
 class ChoiceTask(JsonlTask):

@@ -16,6 +16,12 @@ def task_from_config(cfg, max_line_bytes: int | None = None) -> Task:
         kw["choice_norm"] = getattr(cfg, "choice_norm", "mean")
     if cfg.data and cfg.task not in ("sentiment", "countdown"):
         kw["split"] = getattr(cfg, "split", "fixed")
+    if getattr(cfg, "rewards", None):  # --reward a:f --reward b:g=0.5 (tasks/rewards.py)
+        from qes_edge.tasks.jsonl import CallableRewardTask
+        from qes_edge.tasks.rewards import load_rewards
+        if not cfg.data:
+            raise ValueError("--reward needs --data with the prompts")
+        return CallableRewardTask(load_rewards(cfg.rewards), cfg.data, seed=cfg.seed, **kw)
     return load_task(cfg.task, cfg.data, cfg.seed, **kw)
 
 

@@ -41,6 +41,7 @@ class TrainConfig:
     derive: int = 2                   # member seeds and batches: 2 = derive.py (spec), 1 = NumPy (old ledgers)
     raw_prompt: bool = False          # prompts as given, without the model's chat template
     choice_norm: str = "mean"         # choice task: "mean" or "sum" log-probability per choice ("first": old runs)
+    rewards: list = field(default_factory=list)  # [[module:function, weight], ...]: --reward (task "reward")
     split: str = "fixed"              # held out: "fixed" (20% of the data file) or "valid" (a data folder's valid.jsonl)
     # the evaluation layout (llama/batched.py): llama.cpp's bits depend on it, so it is recorded
     eval_batch: int = 8               # prompts per decode; 1: one at a time (runs before it)
@@ -58,6 +59,9 @@ class TrainConfig:
         from qes_edge.native.engine import sigma_threshold
         from qes_edge.tasks.base import CHOICE_NORMS
         self.eval_layout().check()
+        if self.rewards and self.task != "reward":
+            raise ValueError(f"--reward scores the completions of --data's prompts: give it without --task "
+                             f"(it is task 'reward'), not with --task {self.task}")
         from qes_edge.tasks.data import SPLITS
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
@@ -113,6 +117,13 @@ class TrainConfig:
         in options, the others at their defaults; any other option (steps, ledger, threads...) is
         not the config's and is ignored."""
         d = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
+        if d.get("rewards"):  # --reward a:f[=w], repeated: the task is their weighted sum
+            from qes_edge.tasks.rewards import parse_reward
+            d["rewards"] = [list(parse_reward(x)) if isinstance(x, str) else list(x) for x in d["rewards"]]
+            if d.get("task", cls.task) == cls.task:
+                d["task"] = "reward"
+        elif "rewards" in d:
+            d["rewards"] = []
         if d.get("data") is not None:
             d["data"] = str(d["data"])
             if "split" not in d:  # a data folder with valid.jsonl holds it out; else a fixed 20%

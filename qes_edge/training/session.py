@@ -31,7 +31,8 @@ from qes_edge.training.opening import (SessionError, check_recorded_data, differ
 
 #: the train options that make up a run's identity (its recorded config)
 RUN_OPTIONS = ("task", "data", "population", "sigma", "alpha", "beta", "window", "error_feedback", "residual",
-               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm", "coef_scheme", "eval_batch")
+               "batch", "balance", "seed", "n_ctx", "raw_prompt", "choice_norm", "coef_scheme", "eval_batch",
+               "rewards")
 
 
 class RecordError(SessionError):

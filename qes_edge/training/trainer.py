@@ -119,6 +119,11 @@ class Trainer:
         cause = no_signal.diagnose(rewards, rec.coefs_q16, len(ids))
         if cause:
             t[no_signal.KEY] = cause
+        parts = getattr(ev, "parts", None)
+        if parts:  # several --reward: each one's batch mean per member (None: failed, or scored elsewhere)
+            names = list(dict.fromkeys(k for p in parts if p for k in p))
+            t["reward_parts"] = {n: [None if not p or n not in p else round(float(p[n]), 6) for p in parts]
+                                 for n in names}
         if extra_timings is not None:
             t.update(extra_timings())
         rec.timings = {k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}

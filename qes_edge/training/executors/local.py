@@ -40,6 +40,7 @@ class Members:
     rewards: list[float]
     failures: dict[int, str]
     timings: dict[str, float]
+    parts: list | None = None  # per member: each reward's mean over the batch (several --reward), or None
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Evaluation:
     rewards: np.ndarray                                   # float64 per member, NaN where it failed
     failures: list[str] = field(default_factory=list)    # "member i (seed s): why", one per NaN
     timings: dict[str, float] = field(default_factory=dict)  # perturb_s, eval_s, restore_s (summed)
+    parts: list | None = None  # per member: {reward: its batch mean} (several --reward), None where not known
 
 
 class Executor(Protocol):
@@ -92,18 +94,20 @@ class LocalExecutor:
         """The member loop every executor runs where the model is (this process, a peer worker, a
         Ray actor): members[k] with seeds[k], one after another, on batch (examples).  stop(k), if
         given, is called before the k-th and may raise StepAbandoned."""
-        rewards, failures = [], {}
+        rewards, failures, parts = [], {}, []
         t = dict.fromkeys(MEMBER_PHASES, 0.0)
         for k, (i, s) in enumerate(zip(members, seeds)):
             if stop is not None:
                 stop(k)
             r, fail, *phases = self.evaluate_member(int(s), batch)
             rewards.append(r)
+            got = getattr(self.task, "last_parts", None)
+            parts.append(None if fail or got is None else dict(got))
             for name, dt in zip(MEMBER_PHASES, phases):
                 t[name] += dt
             if fail:
                 failures[int(i)] = f"member {i} (seed {s}): {fail}"
-        return Members(rewards, failures, t)
+        return Members(rewards, failures, t, parts if any(p is not None for p in parts) else None)
 
     def stop_check(self, step: int, total: int) -> Callable[[int], None] | None:
         """For evaluate_members: StepAbandoned before the k-th of total members once should_stop()."""
@@ -118,7 +122,7 @@ class LocalExecutor:
     def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
         batch = [self.examples[i] for i in batch_ids]
         m = self.evaluate_members(range(len(seeds)), seeds, batch, self.stop_check(step, len(seeds)))
-        return Evaluation(np.asarray(m.rewards, np.float64), list(m.failures.values()), m.timings)
+        return Evaluation(np.asarray(m.rewards, np.float64), list(m.failures.values()), m.timings, m.parts)
 
     def close(self) -> None:
         pass
