@@ -104,6 +104,41 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
                                 "['<|im_start|>', '<|im_end|>']",
                                 "the Modelfile's stop '</s>' is not one token of the model's vocabulary (3)"]
     assert check_export(out, modelfile, default_model, truth, 2)[0].startswith("checked:")
+    _served_through_the_openai_api(out, tmp_path)
+
+
+def _served_through_the_openai_api(out, tmp_path):
+    """The export served by llama-cpp-python's OpenAI-compatible server answers one chat question
+    asked with the OpenAI client, and the answer ends (finish_reason stop)."""
+    import importlib.util
+    import socket
+    import time
+    if importlib.util.find_spec("openai") is None or importlib.util.find_spec("uvicorn") is None:
+        pytest.skip("the OpenAI client or llama-cpp-python's server extras are not installed (pip install '.[test]')")
+    import openai
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(out), "--host", "127.0.0.1",
+                               "--port", str(port), "--n_ctx", "512", "--n_threads", "2"], stdout=log, stderr=log,
+                              env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for _ in range(600):  # until it listens (or it exits): not a time limit on the answer
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        r = client.chat.completions.create(model=str(out), max_tokens=96, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hello in one short sentence."}])
+        assert r.choices[0].message.content.strip() and r.choices[0].finish_reason == "stop", r
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
 
 
 def test_the_modelfile_check_names_what_does_not_match():
