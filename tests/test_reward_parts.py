@@ -53,3 +53,8 @@ def test_two_rewards_are_summed_with_weights_and_each_is_recorded(tmp_path):
     assert len(members) == 4 and all(set(m["rewards"]) == {"myrewards:short", "myrewards:has_digit"} for m in members)
     log = subprocess.run([sys.executable, "-m", "qes_edge", "log", str(ledger)], capture_output=True, text=True, env=env)
     assert log.returncode == 0 and "myrewards:short 0." in log.stdout and "myrewards:has_digit " in log.stdout, log.stdout
+    rep = subprocess.run([sys.executable, "-m", "qes_edge", "report", str(ledger), "--out", str(tmp_path / "r.html")],
+                         capture_output=True, text=True, env=env)
+    assert rep.returncode == 0, rep.stderr
+    html = (tmp_path / "r.html").read_text()
+    assert "<th class=n>myrewards:short</th>" in html and "<th class=n>myrewards:has_digit</th>" in html

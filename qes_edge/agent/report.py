@@ -310,16 +310,28 @@ def page(record: RunRecord, s: dict, png: bytes) -> str:
         ["peak RSS / inference RSS", peak],
         ["steps without signal (all coefficients 0)", _quiet(s)],
     ]
-    step_header = ["step", "reward", "min", "max", "failed", "q16 min", "q16 max", *[PHASE_LABELS[k] for k in PHASES],
-                   "total s", "changed", "RSS MB"]
+    # several --reward: a column each, its mean over the step's members (reward_parts)
+    part_names = list(dict.fromkeys(n for ev in record.events() if ev["event"] == "step"
+                                    for n in (ev["timings"].get("reward_parts") or {})))
+    step_header = ["step", "reward", *part_names, "min", "max", "failed", "q16 min", "q16 max",
+                   *[PHASE_LABELS[k] for k in PHASES], "total s", "changed", "RSS MB"]
     numeric = set(range(len(step_header)))
     rows = []
+
+    def part_means(ev) -> list[str]:
+        parts = ev["timings"].get("reward_parts") or {}
+        out = []
+        for n in part_names:
+            xs = [x for x in parts.get(n) or [] if isinstance(x, (int, float))]
+            out.append(_num(sum(xs) / len(xs)) if xs else "—")
+        return out
     for ev in record.events():
         if ev["event"] == "eval":
             rows.append(eval_text(ev))
             continue
         t = step_seconds(ev)
-        rows.append([ev["step"], _num(ev["reward"]), _num(ev["min_reward"]), _num(ev["max_reward"]), ev["failures"],
+        rows.append([ev["step"], _num(ev["reward"]), *part_means(ev), _num(ev["min_reward"]), _num(ev["max_reward"]),
+                     ev["failures"],
                      ev["coef_q16_min"], ev["coef_q16_max"], *[_num(_t(ev, k), "{:.2f}") for k in PHASES],
                      _num(t, "{:.2f}"), fmt_value(ev["timings"].get("changed")), _num(_t(ev, "rss_mb"), "{:.1f}")])
     step_table = _table(rows, step_header, numeric)
