@@ -50,6 +50,16 @@ def test_the_file_sets_options_and_the_command_line_overrides_it(folder, tmp_pat
     assert r2.returncode == 0 and r2.stdout == r.stdout  # what it prints is a config it reads back
 
 
+def test_a_repeated_option_is_a_list(folder, tmp_path):
+    cfg = folder / "r.toml"
+    cfg.write_text('data = "d.jsonl"\nreward = ["m:f", "m:g=0.5"]\n')
+    r = qes("train", "-c", str(cfg), "--print-config", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert printed(r.stdout)["reward"] == ["m:f", "m:g=0.5"]
+    cfg.write_text('data = "d.jsonl"\nreward = "m:f"\n')
+    assert printed(qes("train", "-c", str(cfg), "--print-config", home=tmp_path).stdout)["reward"] == ["m:f"]
+
+
 def test_yaml_reads_the_same(folder, tmp_path):
     (folder / "run.yaml").write_text("task: choice\ndata: d.jsonl\npopulation: 12\nsigma: 0.02\n")
     r = qes("train", "--config", str(folder / "run.yaml"), "--print-config", home=tmp_path)

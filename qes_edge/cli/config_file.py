@@ -70,8 +70,11 @@ def default_map(command, path: Path) -> dict:
         if name is None:
             known = sorted({k for k in names if "_" not in k})
             raise ValueError(f"--config {path}: {key!r} is not an option of this command (options: {', '.join(known)})")
-        if isinstance(value, (dict, list)) and name != "frozen":
+        multiple = any(getattr(p, "multiple", False) for p in command.params if p.name == name)
+        if isinstance(value, dict) or (isinstance(value, list) and not multiple):
             raise ValueError(f"--config {path}: {key} must be a single value, got {type(value).__name__}")
+        if multiple and not isinstance(value, list):
+            value = [value]  # reward = "m:f" for one
         if name in PATH_KEYS and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             value = str((path.parent / value).resolve())
         out[name] = value
@@ -99,7 +102,7 @@ def to_toml(command, options: dict, header: str) -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     for k in long:  # in the command's order, whatever order they were resolved in
         v = options.get(k)
-        if v is None or k in NOT_IN_FILE:
+        if v is None or k in NOT_IN_FILE or v == []:
             continue
         lines.append(f"{long[k]} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
