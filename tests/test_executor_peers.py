@@ -3,6 +3,8 @@ workers over socket pairs on a toy model (no llama.cpp) give exactly the ledger 
 a worker that drops mid-step has its members evaluated by the coordinator; a worker that cannot
 hold the run is left out.  The slow test runs the real model in two processes over TCP."""
 
+import json
+import math
 import threading
 
 import numpy as np
@@ -344,3 +346,40 @@ def test_hello_carries_the_placement_and_reads_an_older_peer_s_as_unsaid():
     assert M.decode_hello(M.encode_json(old)).gpu_layers is None
     with pytest.raises(M.MessageError, match="gpu_layers"):
         M.decode_hello(M.encode_json({**h.to_json(), "gpu_layers": "all"}))
+
+
+class PartsTask(ToyTask):
+    """The toy reward as two named parts (as several --reward give): `last_parts` after each batch."""
+
+    def rewards(self, model, batch):
+        r = super().rewards(model, batch)
+        self.last_parts = {"m:close": float(r.mean()), "m:const": 1.0}
+        return r
+
+
+def test_each_reward_s_part_comes_back_from_a_worker_and_is_recorded_for_every_member(tmp_path):
+    a, b = socket_pair()
+    start_worker(tmp_path, "w0", b, opener=lambda info: (ToyDriver(0), PartsTask(), 0))
+    cfg = TrainConfig(**CFG)
+    lg = Ledger(tmp_path / "two.qes")
+    run = lg.create_run("00" * 32, "toy.gguf", cfg.record(), 1)
+    tr = Trainer(ToyDriver(0), PartsTask(), lg, run, cfg)
+    ex = PeerExecutor(tr.executor, [a], timeout=30.0)
+    ex.bind(lg, run.run_id)
+    tr.executor = ex
+    rec = tr.step()
+    assert rec.timings["remote_members"] > 0
+    parts = rec.timings["reward_parts"]
+    assert parts["m:const"] == [1.0] * CFG["population"]  # the worker's members' parts too
+    assert parts["m:close"] == pytest.approx(rec.rewards.tolist())
+
+
+def test_rewards_messages_carry_parts_and_refuse_bad_ones():
+    r = M.Rewards(1, 0, [0, 1], [0.5, math.nan], ["member 1 (seed 3): x"], {"eval_s": 0.1}, 0, "ab" * 32,
+                  parts=[{"m:f": 0.5}, None])
+    assert M.decode_rewards(M.rewards(r)).parts == [{"m:f": 0.5}, None]
+    assert M.decode_rewards(M.rewards(M.Rewards(1, 0, [0], [0.5], [], {}, 0, "ab" * 32))).parts is None
+    obj = json.loads(M.rewards(r))
+    for bad in ([{"m:f": "x"}, None], [{"m:f": 1.0}], "no"):
+        with pytest.raises(M.MessageError, match="parts"):
+            M.decode_rewards(M.encode_json({**obj, "parts": bad}))

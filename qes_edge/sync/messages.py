@@ -369,13 +369,36 @@ class Rewards:
     n_steps: int               # the worker's step count and head after this request
     head: str
     behind: bool = False       # the worker lacked steps: nothing evaluated, rewards empty
+    parts: list | None = None  # several --reward: per member {reward: batch mean} or null; absent: none
 
 
 def rewards(r: Rewards) -> bytes:
-    return encode_json({"req": r.req, "step": r.step, "members": r.members,
-                        "rewards": [None if math.isnan(x) else float(x) for x in r.rewards],
-                        "failures": r.failures, "timings": {k: float(v) for k, v in r.timings.items()},
-                        "n_steps": r.n_steps, "head": r.head, "behind": r.behind})
+    obj = {"req": r.req, "step": r.step, "members": r.members,
+           "rewards": [None if math.isnan(x) else float(x) for x in r.rewards],
+           "failures": r.failures, "timings": {k: float(v) for k, v in r.timings.items()},
+           "n_steps": r.n_steps, "head": r.head, "behind": r.behind}
+    if r.parts is not None:
+        obj["parts"] = r.parts
+    return encode_json(obj)
+
+
+def _parts(value, n: int) -> list | None:
+    """A rewards message's parts: one {name: finite number} or null per member."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n:
+        raise MessageError("rewards: parts is not a list of one entry per member")
+    out = []
+    for p in value:
+        if p is None:
+            out.append(None)
+            continue
+        if not isinstance(p, dict) or len(p) > 64 or not all(
+                isinstance(k, str) and len(k) <= 512 and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) for k, v in p.items()):
+            raise MessageError("rewards: a member's parts are not an object of finite numbers")
+        out.append({k: float(v) for k, v in p.items()})
+    return out
 
 
 def decode_rewards(payload: bytes) -> Rewards:
@@ -405,7 +428,7 @@ def decode_rewards(payload: bytes) -> Rewards:
                 _int_list(obj["members"], 0, MAX_MEMBERS, "rewards: members"), out,
                 [_str(f, "rewards: failure") for f in fails], {str(k): float(v) for k, v in timings.items()},
                 _int(obj["n_steps"], 0, I64, "rewards: n_steps"), _hex(obj["head"], 64, "rewards: head"),
-                obj["behind"])
+                obj["behind"], _parts(obj.get("parts"), len(out)))
     if not r.behind and len(r.rewards) != len(r.members):
         raise MessageError("rewards: not one reward per member")
     return r

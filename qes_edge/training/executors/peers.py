@@ -221,6 +221,7 @@ class PeerExecutor:
                 self._drop(p, str(e))
                 here.append(idx)
         rewards = np.full(len(seeds), np.nan)
+        parts: list = [None] * len(seeds)
         failures: dict[int, str] = {}
         t = dict.fromkeys(MEMBER_PHASES, 0.0)
         batch = [self.local.examples[i] for i in batch_ids]
@@ -231,6 +232,8 @@ class PeerExecutor:
         def run_here(idx):
             m = self.local.evaluate_members(idx, seeds[idx], batch, stop)
             rewards[idx] = m.rewards
+            for i, p_ in zip(idx, m.parts or ()):
+                parts[int(i)] = p_
             failures.update(m.failures)
             for k in MEMBER_PHASES:
                 t[k] += m.timings[k]
@@ -252,6 +255,8 @@ class PeerExecutor:
                 run_here(idx)
                 continue
             rewards[idx] = r.rewards
+            for i, p_ in zip(idx, r.parts or ()):
+                parts[int(i)] = p_
             for line in r.failures:
                 i = int(line.split()[1]) if line.startswith("member ") else None
                 failures[i if i is not None else -1 - len(failures)] = line
@@ -261,7 +266,8 @@ class PeerExecutor:
             p.members += len(idx)
         t["peer_wait_s"] = time.perf_counter() - t0
         t["remote_members"] = remote
-        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t)
+        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t,
+                          parts if any(x is not None for x in parts) else None)
 
     def _late(self, p: Peer, e: Exception) -> None:
         # a peer that is only slow keeps its place: its late answer is dropped by the request number
@@ -433,7 +439,7 @@ class Worker:
         m = ex.evaluate_members(e.members, e.seeds, [ex.examples[i] for i in e.batch])
         wr.evaluated += len(m.rewards)
         return M.Rewards(e.req, e.step, e.members, m.rewards, list(m.failures.values()), m.timings,
-                         n, head)
+                         n, head, parts=m.parts)
 
     def serve(self, listener, once: bool = False, stop: Callable[[], bool] = lambda: False) -> None:
         """Accept coordinators one after another (until stop(); after the first with `once`)."""

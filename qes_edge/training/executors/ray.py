@@ -68,7 +68,7 @@ class MemberActor:
         if self.replica.steps != step:
             raise RuntimeError(f"step {step} asked of an actor that holds {self.replica.steps} steps")
         m = self.local.evaluate_members(members, seeds, [self.local.examples[i] for i in batch_ids])
-        return m.rewards, m.failures, m.timings, self.replica.steps
+        return m.rewards, m.failures, {**m.timings, "parts": m.parts}, self.replica.steps
 
 
 class RayExecutor:
@@ -141,6 +141,7 @@ class RayExecutor:
             futures.append(actor.evaluate.remote(mine, step, [int(i) for i in idx], [int(seeds[i]) for i in idx],
                                                  batch))
         rewards = np.full(len(seeds), np.nan)
+        parts: list = [None] * len(seeds)
         failures: dict[int, str] = {}
         t = dict.fromkeys(MEMBER_PHASES, 0.0)
         t0 = time.perf_counter()
@@ -161,16 +162,19 @@ class RayExecutor:
                 self.replaced += 1
                 m = self.local.evaluate_members(idx, seeds[idx], [self.local.examples[i] for i in batch_ids],
                                                 self.local.stop_check(step, len(idx)))
-                r, fails, tt, n = m.rewards, m.failures, m.timings, None
+                r, fails, tt, n = m.rewards, m.failures, {**m.timings, "parts": m.parts}, None
             else:
                 self.sent[a] = n
             rewards[idx] = r
+            for i, p_ in zip(idx, tt.get("parts") or ()):
+                parts[int(i)] = p_
             failures.update(fails)
             for k in t:
                 t[k] += tt.get(k, 0.0)
         t["ray_wait_s"] = time.perf_counter() - t0
         t["actors"] = self.n_actors
-        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t)
+        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t,
+                          parts if any(x is not None for x in parts) else None)
 
     def _kill_actors(self) -> None:
         for actor in self.actors:
