@@ -82,7 +82,7 @@ def part1(args, model):
         n_tok = len(B.round_tokens(prompts, branches, list(range(len(prompts)))))
         gen = name == "countdown"
         for n in [1] + args.layouts:
-            lay = B.EvalLayout(sequences=n)
+            lay = B.EvalLayout(sequences=n, seqs_per_prompt=1 + task.branches_per_prompt())  # as training lays it out
             driver.use_layout(lay, ex, generated=task.generated_tokens())
             if gen:
                 outs = []
@@ -111,7 +111,7 @@ from qes_edge.llama.runtime import load_llama
 from qes_edge.llama import batched as B
 spec = json.load(open(sys.argv[1]))
 llm = load_llama(spec["model"], n_ctx=512, n_threads=spec["threads"])
-lay = B.EvalLayout(sequences=spec["eval_batch"])
+lay = B.EvalLayout(sequences=spec["eval_batch"], seqs_per_prompt=1)  # sentiment: no branches, as training
 if lay.batched:
     B.resize_context(llm, spec["cells"], lay)
     for _ in range(spec["passes"]):
