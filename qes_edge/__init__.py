@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 from qes_edge import threads as _threads  # noqa: E402,F401
 
 
-def __getattr__(name):
-    """`from qes_edge import batch_reward` (tasks/rewards.py), loaded when asked for."""
-    if name == "batch_reward":
-        from qes_edge.tasks.rewards import batch_reward
-        return batch_reward
-    raise AttributeError(f"module 'qes_edge' has no attribute {name!r}")
+
+def batch_reward(fn):
+    """Mark a reward function as TRL's batch form, fn(completions, prompts, examples) -> one number
+    per completion (tasks/rewards.py; a first parameter named `completions` is detected as well)."""
+    fn.qes_batch_reward = True
+    return fn

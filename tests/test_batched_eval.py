@@ -212,3 +212,6 @@ def test_a_task_without_branches_takes_one_sequence_a_prompt_with_the_same_bits(
             assert d.layout.n_seq_max == TrainConfig.eval_batch  # what a run of the task gets
         del d
     assert got[4] == got[1]
+    from qes_edge.llama.batched import SEQS_PER_PROMPT
+    from qes_edge.tasks.jsonl import ChoiceTask
+    assert ChoiceTask.branches_per_prompt(type("T", (), {"choice_norm": "mean"})()) == SEQS_PER_PROMPT - 1

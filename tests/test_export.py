@@ -83,7 +83,7 @@ def test_export_loads_in_stock_llama_cpp_with_the_trained_logits(tmp_path, defau
     assert np.array_equal(got, want)
     del stock, trained
     # the check catches a broken export: bytes changed in a trained tensor, a wrong stop token
-    from qes_edge.gguf.export_check import ExportCheckFailed, check_export
+    from qes_edge.llama.export_check import ExportCheckFailed, check_export
     truth = GGUFModel(out).code_tensors()
     bad = tmp_path / "bad.gguf"
     raw = bytearray(out.read_bytes())
@@ -142,7 +142,7 @@ def _served_through_the_openai_api(out, tmp_path):
 
 
 def test_the_modelfile_check_names_what_does_not_match():
-    from qes_edge.gguf.export_check import check_modelfile
+    from qes_edge.llama.export_check import check_modelfile
     chatml = "{% for m in messages %}<|im_start|>{{ m.role }}...{% endfor %}"
     good = modelfile_text("m.gguf", chatml)
     assert check_modelfile(good, chatml) == []

@@ -160,7 +160,7 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
         common.console.print("note: no code differs from the base model: the export carries the base's weights")
     checked = None
     if check:
-        from qes_edge.gguf.export_check import ExportCheckFailed, check_export
+        from qes_edge.llama.export_check import ExportCheckFailed, check_export
         from qes_edge.threads import resolve_threads
         try:
             checked = check_export(out, modelfile, base_path, tensors, resolve_threads(threads))

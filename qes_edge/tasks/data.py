@@ -55,7 +55,12 @@ def data_files(path: str | Path) -> DataFiles:
 def data_sha256(path: str | Path, split: str) -> str:
     """What a run's data is recorded by: the file's sha256, or for a folder the sha256 of the files
     training reads (train.jsonl, and valid.jsonl when the run holds it out), by name."""
-    from qes_edge.gguf.model import file_sha256
+    def file_sha256(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     files = data_files(path)
     if not files.folder:
         return file_sha256(files.train)

@@ -307,8 +307,8 @@ class ChoiceTask(JsonlTask):
         return 0  # scored by log-probabilities: nothing is generated
 
     def branches_per_prompt(self) -> int:
-        from qes_edge.llama.batched import SEQS_PER_PROMPT
-        return 0 if self.choice_norm == "first" else SEQS_PER_PROMPT - 1  # as many as a round gives a prompt
+        # as many as a round gives a prompt: llama/batched.SEQS_PER_PROMPT - 1 (test_batched_eval checks it)
+        return 0 if self.choice_norm == "first" else 3
 
     def tokens_of(self, model, choice: str) -> list[int]:
         got = self._choice_tokens.get(choice)

@@ -6,7 +6,7 @@ is called in one of two ways:
 - per example: `fn(prompt, completion, example) -> float`;
 - per batch, as TRL's reward functions are: `fn(completions, prompts, examples) -> list[float]`,
   once per member's batch.  Detected from the signature (a first parameter named `completions`)
-  or marked with the `@batch_reward` decorator from this module (`from qes_edge import
+  or marked with the `@batch_reward` decorator (`from qes_edge import
   batch_reward`).
 
 `--reward a:f --reward b:g=0.5` sums the rewards with their weights (1 where none is given);
@@ -23,13 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qes_edge import batch_reward  # noqa: F401 (the decorator users import: from qes_edge import batch_reward)
 from qes_edge.tasks.base import RewardFailure, checked_reward, load_callable
-
-
-def batch_reward(fn: Callable) -> Callable:
-    """Mark fn as a batch reward: fn(completions, prompts, examples) -> one number per completion."""
-    fn.qes_batch_reward = True
-    return fn
 
 
 def is_batch(fn: Callable) -> bool:
