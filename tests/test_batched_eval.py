@@ -85,6 +85,13 @@ def test_layout_checks_and_the_config_records_it():
     old = {k: v for k, v in rec.items() if k not in ("eval_batch", "n_batch", "n_ubatch", "kv_type")}
     assert TrainConfig.from_record(old).eval_batch == 1
     assert TrainConfig.from_record(rec).eval_batch == 8
+    # the command line's default is by task: batched where it generates, one at a time where it scores
+    assert TrainConfig.from_options({"task": "sentiment", "eval_batch": None}).eval_batch == 1
+    assert TrainConfig.from_options({"task": "choice"}).eval_batch == 1
+    assert TrainConfig.from_options({"task": "countdown", "eval_batch": None}).eval_batch == 8
+    assert TrainConfig.from_options({"task": "mymod:fn"}).eval_batch == 8
+    assert TrainConfig.from_options({"rewards": ["m:f"]}).eval_batch == 8
+    assert TrainConfig.from_options({"task": "countdown", "eval_batch": 2}).eval_batch == 2
 
 
 # -- on the real model -------------------------------------------------------------------------

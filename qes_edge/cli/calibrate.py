@@ -56,13 +56,14 @@ def calibrate(model: Optional[str] = ModelOpt,
     from qes_edge.training.opening import check_data_option, load_task, open_driver, prepare_driver, trainable_model
     from qes_edge.tasks.base import RewardFailure
     from qes_edge.threads import resolve_threads
-    from qes_edge.training.config import TrainConfig
+    from qes_edge.training.config import TrainConfig, default_eval_batch
 
     values = _sigmas(sigmas)
     with _user_errors():
         data = check_data_option(data)
         cfg = TrainConfig(task=task, data=str(data) if data else None, seed=seed, n_ctx=n_ctx, raw_prompt=raw_prompt,
-                          choice_norm=choice_norm, batch=batch, population=2 * pairs, eval_batch=eval_batch)
+                          choice_norm=choice_norm, batch=batch, population=2 * pairs,
+                          eval_batch=eval_batch if eval_batch is not None else default_eval_batch(task))
         try:
             cfg.validate()
             for s in values:

@@ -60,9 +60,10 @@ ThreadsOpt = typer.Option(0, min=0, help="Threads for llama.cpp (generation and 
 RawPromptOpt = typer.Option(False, "--raw-prompt", help="Feed prompts to the model as written, without its chat template.")
 ChoiceNormOpt = typer.Option("mean", help="choice task: score each answer by the mean log-probability of its tokens "
                                           "(mean) or their sum (sum).")
-EvalBatchOpt = typer.Option(TrainConfig.eval_batch, "--eval-batch", min=1, max=64,
-                            help="Prompts evaluated as sequences of one llama.cpp decode (1: one at a time, "
-                                 "as runs before it). Recorded: it decides the rewards' last bits.")
+EvalBatchOpt = typer.Option(None, "--eval-batch", min=1, max=64,
+                            help="Prompts evaluated as sequences of one llama.cpp decode (1: one at a time). "
+                                 "Default: 8 for the tasks that generate (jsonl, countdown, rewards), 1 for "
+                                 "sentiment and choice. Recorded: it decides the rewards' last bits.")
 
 
 def _gpu_layers(value: str) -> int:

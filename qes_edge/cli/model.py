@@ -95,10 +95,10 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = JsonOpt,
     cell = _kv_cell_bytes(m)
     if cell:
         from qes_edge.training.config import TrainConfig
-        common.console.print(f"KV cache: {cell / 1024:.1f} KiB a token (f16); training evaluates {TrainConfig.eval_batch} "
-                             f"prompts a decode (--eval-batch), its cache sized at start from the task's "
-                             f"{TrainConfig.eval_batch} longest prompts (at least --n-ctx {TrainConfig.n_ctx} tokens: "
-                             f"{TrainConfig.n_ctx * cell / 2**20:.1f} MiB)")
+        common.console.print(f"KV cache: {cell / 1024:.1f} KiB a token (f16); training evaluates 8 prompts a decode "
+                             "for the tasks that generate, one for sentiment and choice (--eval-batch), its cache "
+                             f"sized at start from the task's longest prompts (at least --n-ctx {TrainConfig.n_ctx} "
+                             f"tokens: {TrainConfig.n_ctx * cell / 2**20:.1f} MiB)")
 
 
 def _placement(m, gpu_layers: Optional[str]) -> dict | None:

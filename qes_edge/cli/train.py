@@ -120,6 +120,7 @@ def _print_config(ctx) -> None:
         _fail(str(e))
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
     params["data"] = str(data) if data else None
+    params["eval_batch"] = cfg.eval_batch  # resolved by task where not given
     header = ("qes-edge train: the resolved options (qes-edge train -c this-file.toml runs them)\n"
               f"recorded with them: split = {cfg.split}, frozen = {list(cfg.frozen)}, derive = {cfg.derive}")
     typer.echo(to_toml(ctx.command, params, header), nl=False)
