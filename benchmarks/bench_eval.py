@@ -179,7 +179,7 @@ def main():
     args.layouts = [int(x) for x in args.layouts.split(",") if x]
     from qes_edge.gguf.models import default_model_path
     from qes_edge.training.config import TrainConfig
-    args.default = args.default or TrainConfig.eval_batch
+    args.default = args.default or 8  # the generation tasks' default (TrainConfig: by task)
     model = default_model_path()
     res = {"threads": args.threads, "batch": args.batch, "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])}

@@ -79,8 +79,9 @@ def test_layout_checks_and_the_config_records_it():
         EvalLayout(sequences=4, n_batch=64, n_ubatch=128).check()
     with pytest.raises(ValueError, match="kv_type"):
         EvalLayout(kv_type="q4").check()
-    rec = TrainConfig().record()
+    rec = TrainConfig(eval_batch=8).record()
     assert (rec["eval_batch"], rec["n_batch"], rec["n_ubatch"], rec["kv_type"]) == (8, 512, 512, "f16")
+    assert TrainConfig().record()["eval_batch"] == 1 and TrainConfig(task="countdown").eval_batch == 8
     # a run recorded before the layout existed resumes one prompt a decode
     old = {k: v for k, v in rec.items() if k not in ("eval_batch", "n_batch", "n_ubatch", "kv_type")}
     assert TrainConfig.from_record(old).eval_batch == 1
@@ -212,11 +213,11 @@ def test_a_task_without_branches_takes_one_sequence_a_prompt_with_the_same_bits(
     got = {}
     for spp in (4, 1):
         d = ModelDriver(default_model, n_ctx=512, n_threads=1)
-        d.use_layout(dataclasses.replace(TrainConfig().eval_layout(), seqs_per_prompt=spp), ex)
+        d.use_layout(dataclasses.replace(TrainConfig(eval_batch=8).eval_layout(), seqs_per_prompt=spp), ex)
         got[spp] = (task.rewards(d, ex).tobytes(), d.generate_many([d.prompt_tokens(e) for e in ex[:6]], 8))
         if spp == 1:
-            prepare_driver(d, task, TrainConfig())
-            assert d.layout.n_seq_max == TrainConfig.eval_batch  # what a run of the task gets
+            prepare_driver(d, task, TrainConfig(eval_batch=8))
+            assert d.layout.n_seq_max == 8  # what a run of the task at --eval-batch 8 gets
         del d
     assert got[4] == got[1]
     from qes_edge.llama.batched import SEQS_PER_PROMPT

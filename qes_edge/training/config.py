@@ -56,11 +56,15 @@ class TrainConfig:
     rewards: list = field(default_factory=list)  # [[module:function, weight], ...]: --reward (task "reward")
     split: str = "fixed"              # held out: "fixed" (20% of the data file) or "valid" (a data folder's valid.jsonl)
     # the evaluation layout (llama/batched.py): llama.cpp's bits depend on it, so it is recorded
-    eval_batch: int = 8               # prompts per decode; 1: one at a time (runs before it); the
-                                      # command line's default is by task: default_eval_batch
+    eval_batch: int = 0               # prompts per decode; 1: one at a time (runs before it); 0 (not
+                                      # given): by task, default_eval_batch (recorded resolved)
     n_batch: int = 512                # tokens per llama_decode
     n_ubatch: int = 512               # tokens per compute graph
     kv_type: str = "f16"              # KV cache element type
+
+    def __post_init__(self):
+        if not self.eval_batch:
+            self.eval_batch = default_eval_batch("reward" if self.rewards else self.task)
 
     def eval_layout(self):
         from qes_edge.llama.batched import EvalLayout
@@ -137,8 +141,8 @@ class TrainConfig:
                 d["task"] = "reward"
         elif "rewards" in d:
             d["rewards"] = []
-        if d.get("eval_batch") is None:  # not given: by task (default_eval_batch)
-            d["eval_batch"] = default_eval_batch(d.get("task", cls.task))
+        if d.get("eval_batch") is None:  # not given: by task (__post_init__, default_eval_batch)
+            d.pop("eval_batch", None)
         if d.get("data") is not None:
             d["data"] = str(d["data"])
             if "split" not in d:  # a data folder with valid.jsonl holds it out; else a fixed 20%
