@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from qes_edge.tasks.data import data_files, data_sha256
+from qes_edge.tasks.data import data_files
 from qes_edge.tasks.jsonl import ChoiceTask, JsonlTask
 from qes_edge.training.config import TrainConfig
+from qes_edge.training.opening import data_sha256
 
 
 def rows(n, tag):

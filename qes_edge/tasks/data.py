@@ -9,7 +9,6 @@ the split it recorded, whatever files appear beside it later."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,24 +49,6 @@ def data_files(path: str | Path) -> DataFiles:
         raise ValueError(f"{p}: a data folder needs train.jsonl (and may hold valid.jsonl and test.jsonl); it holds "
                          + (", ".join(present) if present else "no .jsonl file"))
     return DataFiles(p, found["train"], found.get("valid"), found.get("test"))
-
-
-def data_sha256(path: str | Path, split: str) -> str:
-    """What a run's data is recorded by: the file's sha256, or for a folder the sha256 of the files
-    training reads (train.jsonl, and valid.jsonl when the run holds it out), by name."""
-    def file_sha256(f: Path) -> str:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    files = data_files(path)
-    if not files.folder:
-        return file_sha256(files.train)
-    h = hashlib.sha256()
-    for f in [files.train] + ([files.valid] if split == "valid" and files.valid else []):
-        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
-    return h.hexdigest()
 
 
 def describe(files: DataFiles, split: str, n_train: int, n_heldout: int, n_test: int) -> str:

@@ -37,10 +37,25 @@ def trainable_model(model, frozen) -> Path:
     return path
 
 
+def data_sha256(path: str | Path, split: str) -> str:
+    """What a run's data is recorded by (`data_sha256` in its config): the file's sha256, or for a
+    data folder (tasks/data.py) the sha256 of the files training reads, by name: train.jsonl, and
+    valid.jsonl when the run holds it out."""
+    import hashlib
+    from qes_edge.gguf.model import file_sha256
+    from qes_edge.tasks.data import data_files
+    files = data_files(path)
+    if not files.folder:
+        return file_sha256(files.train)
+    h = hashlib.sha256()
+    for f in [files.train] + ([files.valid] if split == "valid" and files.valid else []):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def check_recorded_data(recorded: dict, ledger_path: Path) -> None:
     """The run's data (a file, or a folder's train.jsonl and held-out valid.jsonl) must still be
     there and hold the bytes it was recorded with."""
-    from qes_edge.tasks.data import data_sha256
     data, want = recorded.get("data"), recorded.get("data_sha256")
     if not data:
         return

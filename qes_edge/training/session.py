@@ -202,7 +202,7 @@ class Session:
             record["base_path"] = str(Path(path).resolve())
             record["base_given"] = given
             if cfg.data:  # changed data is refused on resume
-                from qes_edge.tasks.data import data_sha256
+                from qes_edge.training.opening import data_sha256
                 record["data_sha256"] = data_sha256(cfg.data, cfg.split)
             return lg, lg.create_run(sha, path.name, record, _native.lib.qes_noise_spec_version())
         except LedgerError:
