@@ -106,7 +106,8 @@ def _placement(m, gpu_layers: Optional[str]) -> dict | None:
     if gpu_layers is None:
         return None
     from qes_edge.gguf.model import trainable_infos
-    from qes_edge.llama.placement import block_count, offload_supported, parse_gpu_layers, planned_on_gpu
+    from qes_edge.llama.placement import (block_count, first_gpu_layer, offload_supported, parse_gpu_layers,
+                                          planned_on_gpu)
     try:
         n = parse_gpu_layers(gpu_layers)
         planned = trainable_infos(m.header.tensors)
@@ -117,7 +118,7 @@ def _placement(m, gpu_layers: Optional[str]) -> dict | None:
         _fail(f"{m.path}: the header has no block_count: where layers go cannot be told")
     on_gpu = [t.name for t in planned if planned_on_gpu(t.name, n_layer, n)]
     return {"gpu_layers": n, "n_layer": n_layer, "gpu": len(on_gpu), "host": len(planned) - len(on_gpu),
-            "gpu_from": max(n_layer - ((1 << 31) - 1 if n < 0 else n), 0), "offload_supported": offload_supported()}
+            "gpu_from": first_gpu_layer(n_layer, n), "offload_supported": offload_supported()}
 
 
 def _kv_cell_bytes(m) -> int | None:

@@ -203,6 +203,13 @@ class _Reader:
                     self.fail(f"{what}[{first + i}] is not UTF-8")
 
 
+def arch_value(metadata: dict, key: str, default=None):
+    """The architecture's hyperparameter `{general.architecture}.{key}` from a header's metadata
+    (a per-layer array read as its first element), or default."""
+    v = metadata.get(f"{metadata.get('general.architecture', 'llama')}.{key}", default)
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
 def prompt_byte_limit(header: Header, n_ctx: int) -> int | None:
     """The most bytes of text that can fit in n_ctx tokens of this model's vocabulary (None when
     the file has no token list): no token decodes to more bytes than the longest entry of

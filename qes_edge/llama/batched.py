@@ -67,11 +67,10 @@ class EvalLayout:
 def kv_bytes_per_cell(metadata: dict, kv_type: str = "f16") -> int:
     """Bytes one KV cell (one token of one sequence) takes over all layers, from the GGUF's
     hyperparameters: layers x (K + V) x kv heads x head size x bytes per element."""
-    arch = metadata.get("general.architecture", "llama")
+    from qes_edge.gguf.check import arch_value
 
     def get(key, default=None):
-        v = metadata.get(f"{arch}.{key}", default)
-        return v[0] if isinstance(v, (list, tuple)) and v else v
+        return arch_value(metadata, key, default)
     n_layer = int(get("block_count"))
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     n_head_kv = int(get("attention.head_count_kv", n_head))

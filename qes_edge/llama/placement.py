@@ -88,24 +88,27 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def first_gpu_layer(n_layer: int, gpu_layers: int) -> int:
+    """The first layer llama.cpp offloads for --gpu-layers (n_layer: none)."""
+    n = (1 << 31) - 1 if gpu_layers == ALL_LAYERS else gpu_layers
+    return max(n_layer - n, 0)
+
+
 def planned_on_gpu(name: str, n_layer: int, gpu_layers: int) -> bool:
     """Whether llama.cpp puts tensor `name` on the GPU for --gpu-layers (its rule, in
     llama-model.cpp's load_tensors): the last gpu_layers layers; the output head too once every
     layer is (gpu_layers > n_layer); the token embeddings never (they are looked up on the CPU)."""
-    n = (1 << 31) - 1 if gpu_layers == ALL_LAYERS else gpu_layers
-    first = max(n_layer - n, 0)
     layer = layer_of(name)
     if layer is not None:
-        return layer >= first
+        return layer >= first_gpu_layer(n_layer, gpu_layers)
     if name.startswith("output.") or name.startswith("output_norm."):
-        return n > n_layer
+        return gpu_layers == ALL_LAYERS or gpu_layers > n_layer
     return False
 
 
 def block_count(metadata: dict) -> int | None:
-    arch = metadata.get("general.architecture", "llama")
-    v = metadata.get(f"{arch}.block_count")
-    v = v[0] if isinstance(v, (list, tuple)) and v else v
+    from qes_edge.gguf.check import arch_value
+    v = arch_value(metadata, "block_count")
     try:
         return int(v)
     except (TypeError, ValueError):
