@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from qes_edge.ledger.runlog import PHASES, RunRecord, after, eval_text, fmt_value, metrics_text
+from qes_edge.ledger.runlog import PHASES, RunRecord, after, eval_text, fmt_value, metrics_text, part_means
 
 PHASE_LABELS = {"perturb_s": "perturb", "eval_s": "eval", "restore_s": "restore", "update_s": "update",
                 "digest_s": "digest"}
@@ -318,19 +318,15 @@ def page(record: RunRecord, s: dict, png: bytes) -> str:
     numeric = set(range(len(step_header)))
     rows = []
 
-    def part_means(ev) -> list[str]:
-        parts = ev["timings"].get("reward_parts") or {}
-        out = []
-        for n in part_names:
-            xs = [x for x in parts.get(n) or [] if isinstance(x, (int, float))]
-            out.append(_num(sum(xs) / len(xs)) if xs else "—")
-        return out
+    def parts_of(ev) -> list[str]:
+        means = part_means(ev["timings"])
+        return [_num(means[n]) if means.get(n) is not None else "—" for n in part_names]
     for ev in record.events():
         if ev["event"] == "eval":
             rows.append(eval_text(ev))
             continue
         t = step_seconds(ev)
-        rows.append([ev["step"], _num(ev["reward"]), *part_means(ev), _num(ev["min_reward"]), _num(ev["max_reward"]),
+        rows.append([ev["step"], _num(ev["reward"]), *parts_of(ev), _num(ev["min_reward"]), _num(ev["max_reward"]),
                      ev["failures"],
                      ev["coef_q16_min"], ev["coef_q16_max"], *[_num(_t(ev, k), "{:.2f}") for k in PHASES],
                      _num(t, "{:.2f}"), fmt_value(ev["timings"].get("changed")), _num(_t(ev, "rss_mb"), "{:.1f}")])

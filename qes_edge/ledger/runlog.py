@@ -258,6 +258,16 @@ def _s(v) -> str:
     return f"{v:7.2f}s" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'—':>8}"
 
 
+def part_means(timings: dict) -> dict[str, float | None]:
+    """Several --reward: each one's mean over the step's members (reward_parts; None: none scored)."""
+    parts = timings.get("reward_parts")
+    out = {}
+    for name, xs in (parts.items() if isinstance(parts, dict) else ()):
+        ok = [x for x in xs if isinstance(x, (int, float))] if isinstance(xs, list) else []
+        out[name] = sum(ok) / len(ok) if ok else None
+    return out
+
+
 def step_line(row: dict) -> str:
     t = row["timings"]
     coefs = f"{row['coef_q16_min']:+d}..{row['coef_q16_max']:+d}"
@@ -271,10 +281,8 @@ def step_line(row: dict) -> str:
             continue
         if k == "rss_mb" and isinstance(v, (int, float)):
             extra.append(f"rss {v:.1f} MB")
-        elif k == "reward_parts" and isinstance(v, dict):  # each reward's mean over the members
-            for name, xs in v.items():
-                ok = [x for x in xs if isinstance(x, (int, float))] if isinstance(xs, list) else []
-                extra.append(f"{name} {sum(ok) / len(ok):.3f}" if ok else f"{name} —")
+        elif k == "reward_parts" and isinstance(v, dict):
+            extra += [f"{name} {m:.3f}" if m is not None else f"{name} —" for name, m in part_means(t).items()]
         else:
             extra.append(f"{k} {fmt_value(v)}")
     return line + ("  " + ", ".join(extra) if extra else "")

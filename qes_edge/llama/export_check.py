@@ -31,11 +31,16 @@ class ExportCheckFailed(RuntimeError):
         self.problems = problems
 
 
+def modelfile_stops(text: str) -> list[str]:
+    """The stop tokens a Modelfile sets."""
+    return re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
+
+
 def check_modelfile(text: str, template: str | None) -> list[str]:
     """Problems of a Modelfile against the chat template the GGUF declares ([] when none)."""
     from qes_edge.gguf.export import FAMILIES, chat_family
     got_template = re.findall(r'^TEMPLATE """(.*?)"""$', text, flags=re.M | re.S)
-    got_stops = re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
+    got_stops = modelfile_stops(text)
     family = chat_family(template)
     problems = []
     if family:
@@ -131,7 +136,7 @@ def check_export(out: Path, modelfile: Path, base: Path, trained, threads: int) 
     problems = check_modelfile(text, template)
     problems += check_bytes(out, trained)
     problems += check_logits(out, base, trained, threads)
-    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
+    stops = modelfile_stops(text)
     stock, reply = check_stock(out, stops, bool(template), threads)
     problems += stock
     if problems:

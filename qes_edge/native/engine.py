@@ -89,10 +89,7 @@ def digest_tensors(tensors, native: bool = False) -> str:
             stage = ffi.new("uint8_t[]", _DIGEST_STAGE)
         for at in range(0, t.n_bytes, _DIGEST_STAGE):
             n = min(_DIGEST_STAGE, t.n_bytes - at)
-            err = lib.qes_backend_download(t._device, stage, t._c.data + at, n)
-            if err:
-                raise QESError(f"weights digest: tensor {t.name!r}: reading it from the device: "
-                               f"{ffi.string(lib.qes_strerror(err)).decode()}")
+            t._download(stage, at, n)
             h.update(ffi.buffer(stage, n))
     return h.hexdigest()
 
@@ -316,10 +313,14 @@ class CodeTensor:
         if self._device is None:
             return bytes(ffi.buffer(self._ptr + start, count))
         out = ffi.new("uint8_t[]", max(1, count))
-        err = lib.qes_backend_download(self._device, out, self._c.data + start, count)
+        self._download(out, start, count)
+        return bytes(ffi.buffer(out, count))
+
+    def _download(self, dst, start: int, count: int) -> None:
+        """Bytes [start, start+count) of a tensor in device memory into host buffer dst."""
+        err = lib.qes_backend_download(self._device, dst, self._c.data + start, count)
         if err:
             raise QESError(f"tensor {self.name!r}: reading it from the device: {ffi.string(lib.qes_strerror(err)).decode()}")
-        return bytes(ffi.buffer(out, count))
 
     def _need_host(self, what: str):
         if self._device is not None:
@@ -494,13 +495,6 @@ class TensorGroup:
         for d in order:
             idx = [i for i, t in enumerate(self.tensors) if t._device == d]
             self._parts.append((d, idx, ffi.new("qes_tensor *[]", [self.tensors[i]._c for i in idx])))
-
-    def placement(self) -> dict[str, int]:
-        """How many tensors each memory holds: {"host": n, "cuda": m, ...}."""
-        out = {}
-        for t in self.tensors:
-            out[t.resident or "host"] = out.get(t.resident or "host", 0) + 1
-        return out
 
     def _masks(self, threshold: int, masks=None):
         if masks is None:

@@ -251,7 +251,7 @@ class Session:
     def evaluate(self, on_prompt: Callable[[], None] | None = None, split: str = "heldout") -> dict:
         """Score the held-out examples (split "test": a data folder's test.jsonl) on the current
         weights and record them at this step.  Raises RewardFailure when the task cannot score them."""
-        examples = self.task.test_examples() if split == "test" else self.task.heldout_examples()
+        examples = self.task.examples_of(split)
         self.driver.on_prompt = on_prompt
         try:
             m = self.task.evaluate(self.driver, examples)
