@@ -6,7 +6,6 @@ __version__ = "0.1.0"
 from qes_edge import threads as _threads  # noqa: E402,F401
 
 
-
 def batch_reward(fn):
     """Mark a reward function as TRL's batch form, fn(completions, prompts, examples) -> one number
     per completion (tasks/rewards.py; a first parameter named `completions` is detected as well)."""

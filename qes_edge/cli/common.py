@@ -84,13 +84,15 @@ GpuLayersOpt = typer.Option("0", "--gpu-layers", callback=_gpu_layers, metavar="
                                  "depend on it in their last bits: --peers workers must give the same.")
 def _rewards(values):
     """--reward module:function[=weight], each checked for its form now (loaded with the task)."""
+    if not values:
+        return []  # every train parses this option: the rewards module is imported only when it is used
     from qes_edge.tasks.rewards import parse_reward
-    for v in values or ():
+    for v in values:
         try:
             parse_reward(v)
         except ValueError as e:
             _fail(str(e))
-    return list(values or [])
+    return list(values)
 
 
 RewardOpt = typer.Option(None, "--reward", callback=_rewards, metavar="MODULE:FUNCTION[=WEIGHT]",
