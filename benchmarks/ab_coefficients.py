@@ -16,7 +16,13 @@ stopped and started again (a run already there is not run again) and split betwe
 The sweep: run seed 0 of every variant at the --alphas, then seeds 1 and 2 of each variant at its
 best alpha (--variants V --alphas BEST --seeds 1,2).  A run at another --sigma, --population or
 --batch (calibrate's recommendation, for the check of issue 22 item 4) is kept under a key that
-names them.  At population 16, batch 24, --threads 1 two at a time on this 2-core machine: about
+names them.
+
+--calibrated H (issue 22 item 4's check): for each task and seed, `qes-edge calibrate --hours H
+--json` on a fresh home, then `qes-edge train` with exactly the sigma, alpha, population, batch and
+steps it recommends (held-out at four points of the run), kept as `task|calibrated|Hh|seed` beside
+the sweep's rows.  With H the time a sweep run takes (about 0.35 h for sentiment here), it answers
+"does following calibrate for that budget train at least as well as the sweep's best".  At population 16, batch 24, --threads 1 two at a time on this 2-core machine: about
 20 minutes a sentiment run, 70 a continents run (five choices of several tokens each); forward
 passes are 95% of it."""
 
@@ -94,6 +100,45 @@ def run_one(task, variant, alpha, seed, a) -> dict:
             "command": "qes-edge " + " ".join(cmd[3:-2])}
 
 
+def run_calibrated(task, hours, seed, a) -> dict:
+    """calibrate for `hours`, then train with its recommendation, both in one fresh home."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "QES_EDGE_HOME": home, "OMP_WAIT_POLICY": "PASSIVE"}
+        common = ["--threads", str(a.threads), "--eval-batch", str(a.eval_batch)]
+        t0 = time.time()
+        cal = subprocess.run([sys.executable, "-m", "qes_edge", "calibrate", *TASKS[task], "--hours", f"{hours:g}",
+                              "--seed", str(seed), "--json", *common], capture_output=True, text=True, env=env)
+        if cal.returncode != 0:
+            raise SystemExit(f"{task} calibrate failed: {cal.stderr.strip()[-2000:]}")
+        advice = json.loads(cal.stdout.strip().splitlines()[-1])
+        cal_minutes = round((time.time() - t0) / 60, 1)
+        rec = advice["recommendation"]
+        every = max(1, rec["steps_in_budget"] // 4)
+        cmd = [sys.executable, "-m", "qes_edge", "train", *TASKS[task], "--json", "--sigma", f"{rec['sigma']:g}",
+               "--alpha", f"{rec['alpha']:g}", "--population", str(rec["population"]), "--batch", str(rec["batch"]),
+               "--steps", str(rec["steps_in_budget"]), "--seed", str(seed), "--eval-every", str(every), *common,
+               "--ledger", str(Path(home) / "run.qes")]
+        t1 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"{task}|calibrated: train failed: {r.stderr.strip()[-2000:]}")
+        events = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    steps = [e for e in events if e["event"] == "step"]
+    return {"task": task, "variant": "calibrated", "hours": hours, "seed": seed, "sigma": rec["sigma"],
+            "alpha": rec["alpha"], "population": rec["population"], "batch": rec["batch"],
+            "steps": rec["steps_in_budget"], "threads": a.threads, "eval_batch": a.eval_batch,
+            "calibrate": {"command": advice["command"], "reasons": rec["reasons"], "minutes": cal_minutes,
+                          "budget_prompts": advice["budget_prompts"],
+                          "probes": [{k: p[k] for k in ("sigma", "damage", "spread", "resolution", "agreement")}
+                                     for p in advice["probes"]]},
+            "heldout": {e["step"]: {k: v for k, v in e.items() if k not in ("event", "step", "split")}
+                        for e in events if e["event"] == "eval"},
+            "changed": [s["changed"] for s in steps], "train_reward": [s["reward"] for s in steps],
+            "no_signal": [s["step"] for s in steps if s["timings"].get("no_signal")],
+            "minutes": round((time.time() - t1) / 60, 1), "date": time.strftime("%Y-%m-%d"),
+            "command": "qes-edge " + " ".join(cmd[3:-2])}
+
+
 def table(data, a) -> None:
     print(f"{'task':<11} {'variant':<12} {'alpha':>7} {'seed':>4}  held-out at " +
           " ".join(f"{s:>6}" for s in (0, 10, 20, 40)) + "   codes changed per step (median; first 3)")
@@ -111,6 +156,14 @@ def table(data, a) -> None:
                     ch = sorted(r["changed"])
                     print(f"{t:<11} {v:<12} {al:>7g} {s:>4}  {METRIC[t][:11]:>11} {vals}   "
                           f"{ch[len(ch) // 2]:,}; {', '.join(f'{c:,}' for c in r['changed'][:3])}")
+    for r in (r for r in data["runs"].values() if r["variant"] == "calibrated" and r["task"] in a.tasks):
+        h = r["heldout"]
+        marks = sorted(h, key=int)
+        print(f"{r['task']:<11} calibrated {r['hours']:g} h, seed {r['seed']}: --sigma {r['sigma']:g} --alpha "
+              f"{r['alpha']:g} --population {r['population']} --batch {r['batch']} --steps {r['steps']} "
+              f"({r['minutes']} min; calibrate {r['calibrate']['minutes']} min)")
+        print(f"{'':<11} held-out {METRIC[r['task']]} at steps " +
+              ", ".join(f"{m}: {h[m][METRIC[r['task']]]:.3f}" for m in marks))
 
 
 def main(argv=None) -> int:
@@ -128,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-batch", type=int, default=STANDARD["eval_batch"],
                     help="prompts per llama.cpp decode (qes-edge train --eval-batch); 1, as the sweep so far")
+    ap.add_argument("--calibrated", type=float, metavar="HOURS",
+                    help="run calibrate for HOURS and train with its recommendation (per task and seed)")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th of the missing runs, from the I-th")
     ap.add_argument("--list", action="store_true", help="print the table and exit")
     a = ap.parse_args(argv)
@@ -144,6 +199,19 @@ def main(argv=None) -> int:
     if a.list:
         with results(write=False) as data:
             table(data, a)
+        return 0
+    if a.calibrated:
+        for t in a.tasks:
+            for s in a.seeds:
+                k = f"{t}|calibrated|{a.calibrated:g}h|{s}"
+                with results(write=False) as data:
+                    if k in data["runs"]:
+                        continue
+                print(f"{time.strftime('%H:%M')} {k} ...", flush=True)
+                r = run_calibrated(t, a.calibrated, s, a)
+                with results() as data:
+                    data["runs"][k] = r
+                print(f"  done: {r['calibrate']['command']}; held-out {r['heldout'].get(r['steps'])}", flush=True)
         return 0
     i, n = (int(x) for x in a.shard.split("/"))
     plan = [(t, v, al, s) for s in a.seeds for t in a.tasks for v in a.variants for al in a.alphas]

@@ -31,6 +31,10 @@ of its tokens, exactly as `qes-edge eval` scores a choice task):
                   (llama_model_quantize; every tensor's type checked against the base), then
                   `qes-edge eval`; for QES the exported GGUF, `qes-edge eval`.
 
+Every deployed GGUF is also asked the chat check of `qes-edge export` (one reply through its chat
+template ends at an end-of-generation token): "reply ends" in the table; a QES export that fails
+that check is written again with --no-check, scored, and the failure kept in its row.
+
 Results: benchmarks/results/vs_backprop.json (one entry per row, rewritten after each row, so
 a later call with other --rows adds to it); the table is printed at the end (--list: print it)."""
 
@@ -104,6 +108,20 @@ def qes_eval(model: Path, data: Path, threads: int, home: Path) -> dict:
                            "--json"), env=env_for(home), cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"qes-edge eval {model} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def reply_check(model: Path, threads: int, home: Path) -> dict:
+    """The chat check `qes-edge export` makes (export_check.check_stock): does one reply through the
+    model's own chat template end at an end-of-generation token within REPLY_TOKENS?  Asked of every
+    row's deployed GGUF, in its own process (see main: no row starts from a process holding a model)."""
+    code = ("import json, sys; from pathlib import Path; from qes_edge.llama.export_check import check_stock; "
+            "p, saw = check_stock(Path(sys.argv[1]), [], True, int(sys.argv[2])); "
+            "print(json.dumps({'ends': not p, 'saw': saw}))")
+    r = subprocess.run([sys.executable, "-c", code, str(model), str(threads)], env=env_for(home), cwd=ROOT,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"the reply check of {model} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -275,6 +293,7 @@ def backprop_row(row, a, tmp: Path, tokens: Path) -> dict:
     requantize(f32, q, default_model_path(), a.threads)
     f32.unlink()
     out["deployed"] = qes_eval(q, DATA[a.task], a.threads, tmp)
+    out["reply"] = reply_check(q, a.threads, tmp)
     out.update(peak_rss_mb=round(rss, 1), process_wall_s=round(wall, 1),
                command=f"python benchmarks/vs_backprop.py --rows {row} --minutes {a.minutes} --threads {a.threads} "
                        f"--batch {a.batch}" + (f" --lr {a.lr}" if a.lr else ""))
@@ -298,8 +317,13 @@ def qes_row(a, tmp: Path) -> dict:
     rc, rss, wall, err = run_measured(cmd, env_for(tmp), budget_s=a.minutes * 60, on_line=on_line)
     if rc not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
         raise SystemExit(f"qes train failed ({rc}): {err[-3000:]}")
-    r = subprocess.run(qes("export", "--ledger", ledger, "--out", q, "--threads", a.threads),
-                       env=env_for(tmp), cwd=ROOT, capture_output=True, text=True)
+    export = qes("export", "--ledger", ledger, "--out", q, "--threads", a.threads)
+    r = subprocess.run(export, env=env_for(tmp), cwd=ROOT, capture_output=True, text=True)
+    check = "passed"
+    if r.returncode != 0 and "failed its check" in r.stderr:
+        # the trained model is still what the run made: score it as written, and say the check failed
+        check = r.stderr.strip().splitlines()[-1]
+        r = subprocess.run(export + ["--no-check"], env=env_for(tmp), cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"qes-edge export failed: {r.stderr[-2000:]}")
     import numpy as np
@@ -307,7 +331,8 @@ def qes_row(a, tmp: Path) -> dict:
     return {"row": "qes", "steps": len(steps), "qes_args": a.qes, "batch": a.batch, "threads": a.threads,
             "step_s_median": float(np.median(gaps)) if len(gaps) else None,
             "changed_median": int(np.median([e["changed"] for _, e in steps])) if steps else 0,
-            "deployed": qes_eval(q, DATA[a.task], a.threads, tmp), "peak_rss_mb": round(rss, 1),
+            "deployed": qes_eval(q, DATA[a.task], a.threads, tmp), "export_check": check,
+            "reply": reply_check(q, a.threads, tmp), "peak_rss_mb": round(rss, 1),
             "process_wall_s": round(wall, 1),
             "command": f"python benchmarks/vs_backprop.py --rows qes --minutes {a.minutes} --threads {a.threads} "
                        f"--batch {a.batch} --qes {shlex.quote(a.qes)}"}
@@ -318,14 +343,15 @@ def table(data: dict) -> None:
     print(f"base (llama.cpp, Q4_1): held-out accuracy {base.get('accuracy', float('nan')):.3f}; torch float32 "
           f"of the same weights: {data.get('base_float', {}).get('accuracy', float('nan')):.3f}")
     print(f"{'row':<8} {'minutes':>7} {'steps':>6} {'s/step':>7} {'peak RSS MB':>11} {'float acc':>9} "
-          f"{'deployed acc':>12}  deployed = requantized to the base's types / the QES export")
+          f"{'deployed acc':>12} {'reply ends':>10}  deployed = requantized to the base's types / the QES export")
     for name in ROWS:
         r = data["rows"].get(name)
         if r is None:
             continue
         fl = f"{r['float']['accuracy']:.3f}" if "float" in r else "—"
         print(f"{name:<8} {r['minutes']:>7g} {r['steps']:>6} {r['step_s_median'] or float('nan'):>7.1f} "
-              f"{r['peak_rss_mb']:>11.0f} {fl:>9} {r['deployed']['accuracy']:>12.3f}")
+              f"{r['peak_rss_mb']:>11.0f} {fl:>9} {r['deployed']['accuracy']:>12.3f} "
+              f"{('yes' if r['reply']['ends'] else 'no') if 'reply' in r else '—':>10}")
 
 
 def main(argv=None) -> int:
