@@ -22,7 +22,9 @@ names them.
 --json` on a fresh home, then `qes-edge train` with exactly the sigma, alpha, population, batch and
 steps it recommends (held-out at four points of the run), kept as `task|calibrated|Hh|seed` beside
 the sweep's rows.  With H the time a sweep run takes (about 0.35 h for sentiment here), it answers
-"does following calibrate for that budget train at least as well as the sweep's best".  At population 16, batch 24, --threads 1 two at a time on this 2-core machine: about
+"does following calibrate for that budget train at least as well as the sweep's best".
+
+At population 16, batch 24, --threads 1 two at a time on this 2-core machine: about
 20 minutes a sentiment run, 70 a continents run (five choices of several tokens each); forward
 passes are 95% of it."""
 
@@ -84,15 +86,22 @@ def run_one(task, variant, alpha, seed, a) -> dict:
                "--threads", str(a.threads), "--eval-batch", str(a.eval_batch),
                "--ledger", str(Path(home) / "run.qes")]
         env = {**os.environ, "QES_EDGE_HOME": home, "OMP_WAIT_POLICY": "PASSIVE"}
-        t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"{key(task, variant, alpha, seed)}: train failed: {r.stderr.strip()[-2000:]}")
-        events = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    steps = [e for e in events if e["event"] == "step"]
+        outcome = train(cmd, env, key(task, variant, alpha, seed))
     return {"task": task, "variant": variant, "alpha": alpha, "seed": seed, "sigma": a.sigma, "steps": a.steps,
             "population": a.population, "batch": a.batch, "threads": a.threads, "eval_batch": a.eval_batch,
-            "heldout": {e["step"]: {k: v for k, v in e.items() if k not in ("event", "step", "split")}
+            **outcome}
+
+
+def train(cmd, env, what: str) -> dict:
+    """Run one `qes-edge train --json ... --ledger L` (cmd) and keep what the A/B reports of it:
+    held-out by step, codes changed and training reward per step, no-signal steps, minutes."""
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{what}: train failed: {r.stderr.strip()[-2000:]}")
+    events = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    steps = [e for e in events if e["event"] == "step"]
+    return {"heldout": {e["step"]: {k: v for k, v in e.items() if k not in ("event", "step", "split")}
                         for e in events if e["event"] == "eval"},
             "changed": [s["changed"] for s in steps], "train_reward": [s["reward"] for s in steps],
             "no_signal": [s["step"] for s in steps if s["timings"].get("no_signal")],
@@ -118,12 +127,7 @@ def run_calibrated(task, hours, seed, a) -> dict:
                "--alpha", f"{rec['alpha']:g}", "--population", str(rec["population"]), "--batch", str(rec["batch"]),
                "--steps", str(rec["steps_in_budget"]), "--seed", str(seed), "--eval-every", str(every), *common,
                "--ledger", str(Path(home) / "run.qes")]
-        t1 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"{task}|calibrated: train failed: {r.stderr.strip()[-2000:]}")
-        events = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    steps = [e for e in events if e["event"] == "step"]
+        outcome = train(cmd, env, f"{task}|calibrated")
     return {"task": task, "variant": "calibrated", "hours": hours, "seed": seed, "sigma": rec["sigma"],
             "alpha": rec["alpha"], "population": rec["population"], "batch": rec["batch"],
             "steps": rec["steps_in_budget"], "threads": a.threads, "eval_batch": a.eval_batch,
@@ -131,12 +135,7 @@ def run_calibrated(task, hours, seed, a) -> dict:
                           "budget_prompts": advice["budget_prompts"],
                           "probes": [{k: p[k] for k in ("sigma", "damage", "spread", "resolution", "agreement")}
                                      for p in advice["probes"]]},
-            "heldout": {e["step"]: {k: v for k, v in e.items() if k not in ("event", "step", "split")}
-                        for e in events if e["event"] == "eval"},
-            "changed": [s["changed"] for s in steps], "train_reward": [s["reward"] for s in steps],
-            "no_signal": [s["step"] for s in steps if s["timings"].get("no_signal")],
-            "minutes": round((time.time() - t1) / 60, 1), "date": time.strftime("%Y-%m-%d"),
-            "command": "qes-edge " + " ".join(cmd[3:-2])}
+            **outcome}
 
 
 def table(data, a) -> None:
