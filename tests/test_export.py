@@ -156,3 +156,52 @@ def test_the_modelfile_check_names_what_does_not_match():
 def test_export_bad_input(tmp_path):
     r = cli(["export", "--ledger", str(tmp_path / "none.qes")], tmp_path)
     assert r.returncode == 2 and "ledger not found" in r.stderr
+
+
+@pytest.mark.slow
+def test_replay_and_export_an_earlier_step(tmp_path, default_model):
+    """--step N rebuilds the weights after the first N steps (their weights hash, their head),
+    --step best the step of the highest held-out score: what a user exports when a run peaked
+    before its end.  A step the run does not have is a one-line error."""
+    from gguf import GGUFReader
+
+    from qes_edge.gguf.model import GGUFModel
+    from qes_edge.ledger.store import Ledger
+    ledger = tmp_path / "r.qes"
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2})
+                              for i in range(6)) + "\n")
+    r = cli(["train", "--task", "choice", "--data", str(data), "--steps", "2", "--population", "4", "--batch", "4",
+             "--n-ctx", "128", "--alpha", "0.003", "--ledger", str(ledger)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lg = Ledger(ledger)
+    run = lg.run()
+    recs = list(lg.steps(run.run_id))
+    assert [e["step"] for e in lg.evals(run.run_id) if e["split"] == "heldout"] == [0, 2]
+    lg.record_eval(run.run_id, 1, "heldout", {"accuracy": 1.0, "reward": 0.9})  # step 1 scored best
+    lg.close()
+
+    def digest(path):
+        m = GGUFModel(path)
+        return m.weights_digest(m.code_tensors())
+
+    r = cli(["replay", "--ledger", str(ledger), "--out", str(tmp_path / "s1.gguf"), "--step", "1", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["steps"] == 1 and info["head"] == recs[0].hash and info["chosen"] == "the first 1 of 2 steps"
+    assert digest(tmp_path / "s1.gguf") == recs[0].weights_sha256 != recs[1].weights_sha256
+    r = cli(["replay", "--ledger", str(ledger), "--out", str(tmp_path / "s0.gguf"), "--step", "0"], tmp_path)
+    assert r.returncode == 0 and f"head {run.hash}" in r.stdout, r.stderr
+    assert digest(tmp_path / "s0.gguf") == digest(default_model)
+    out = tmp_path / "best.gguf"
+    r = cli(["export", "--ledger", str(ledger), "--out", str(out), "--step", "best", "--no-check", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["steps"] == 1 and info["chosen"] == "step 1 of 2, the best held-out accuracy (1.000)"
+    meta = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
+    assert meta["qes.steps"] == 1 and meta["qes.ledger_head"] == recs[0].hash and meta["general.name"].endswith(", 1 step)")
+    assert digest(out) == recs[0].weights_sha256
+    for bad, says in (("3", "--step 3: the run has 2 steps (give 0 to 2)"), ("-1", "the run has 2 steps"),
+                      ("last", "give a number of steps (0 to 2) or 'best'")):
+        r = cli(["export", "--ledger", str(ledger), "--step", bad, "--no-check"], tmp_path)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr

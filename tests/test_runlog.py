@@ -258,3 +258,31 @@ def test_a_ledger_older_than_the_members_table_reads_the_same(tmp_path):
     strip = lambda out: [{k: v for k, v in strict_json(ln).items() if k != "ledger"} for ln in out.splitlines()]  # noqa
     assert strip(res.stdout) == strip(new.stdout)
     assert (tmp_path / "old.qes").read_bytes() == before
+
+
+def test_choose_step_for_replay_and_export():
+    """--step: every step by default, N steps, or the held-out evaluation with the best score (by
+    balanced accuracy where the task records it, else accuracy, else reward; NaN and other splits
+    never chosen; the earliest of ties)."""
+    from qes_edge.ledger.runlog import choose_step
+    evals = [{"step": 0, "split": "heldout", "accuracy": 0.4, "balanced_accuracy": 0.5},
+             {"step": 0, "split": "memory", "accuracy": 9.0},
+             {"step": 10, "split": "heldout", "accuracy": 0.9, "balanced_accuracy": 0.7},
+             {"step": 20, "split": "heldout", "accuracy": 0.6, "balanced_accuracy": 0.8},
+             {"step": 30, "split": "test", "balanced_accuracy": 0.99},
+             {"step": 40, "split": "heldout", "accuracy": 0.5, "balanced_accuracy": 0.8}]
+    assert choose_step(None, 40, evals) == (40, "all 40 steps")
+    assert choose_step("12", 40, evals)[0] == 12 and choose_step(0, 40, [])[0] == 0
+    assert choose_step("best", 40, evals) == (20, "step 20 of 40, the best held-out balanced_accuracy (0.800)")
+    assert choose_step(" BEST ", 15, evals)[0] == 10  # an evaluation after the steps replayed is not a choice
+    no_balanced = [{k: v for k, v in e.items() if k != "balanced_accuracy"} for e in evals]
+    assert choose_step("best", 40, no_balanced)[0] == 10
+    nan = [{"step": 0, "split": "heldout", "reward": 0.2}, {"step": 5, "split": "heldout", "reward": float("nan")},
+           {"step": 8, "split": "heldout", "reward": 0.3}]
+    assert choose_step("best", 8, nan)[0] == 8
+    for spec, says in (("41", "the run has 40 steps"), ("-1", "the run has 40 steps"), ("1.5", "or 'best'"),
+                       ("", "or 'best'")):
+        with pytest.raises(ValueError, match=says):
+            choose_step(spec, 40, evals)
+    with pytest.raises(ValueError, match="needs held-out evaluations"):
+        choose_step("best", 40, [{"step": 0, "split": "memory", "peak_rss_mb": 100.0}])

@@ -17,10 +17,24 @@ from qes_edge.native.quant import QESError
 from qes_edge.cli.common import (JsonOpt, ThreadsOpt, _fail, _json_output, _one_line, _open_ledger_readonly, app)
 
 
-def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out: Path):
-    """Replay a verified run onto its base: (run, base path, GGUFModel, trained tensors, steps,
-    head hash, whether any code differs from the base).  One-line errors for every bad input;
-    exit 1 on a weights mismatch."""
+StepOpt = typer.Option(None, "--step", help="Rebuild the weights after the first N steps (0: the base), or 'best': "
+                                             "after the step whose held-out score is highest (default: every step).")
+
+
+def _chosen_step(lg, run, n: int, step: Optional[str]) -> tuple[int, str]:
+    from qes_edge.ledger.runlog import choose_step
+    try:
+        return choose_step(step, n, lg.evals(run.run_id))
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out: Path,
+             step: Optional[str] = None):
+    """Replay a verified run onto its base, all its steps or the first --step of them: (run, base
+    path, GGUFModel, trained tensors, steps replayed, their head hash, whether any code differs
+    from the base, which steps and why).  One-line errors for every bad input; exit 1 on a weights
+    mismatch."""
     from qes_edge.atomic import check_output_path
     from qes_edge.native.engine import digest_tensors
     from qes_edge.gguf.model import GGUFModel, file_sha256
@@ -36,6 +50,7 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
         _fail(str(e))
     lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
+        n, chosen = _chosen_step(lg, run, n, step)
         try:
             base_path = run_base_model(run, base)
             check_output_path(out, {"ledger": ledger, "base model": base_path})
@@ -56,14 +71,14 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
             with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TimeRemainingColumn(), console=common.console) as progress:
                 bar = progress.add_task("replay", total=n)
-                replica.catch_up(lg.steps(run.run_id), lambda done, total: progress.update(bar, completed=done))
+                replica.catch_up(lg.steps(run.run_id, 0, n), lambda done, total: progress.update(bar, completed=done))
         except LedgerError as e:
             typer.echo(f"mismatch: {_one_line(e)}", err=True)
             raise typer.Exit(1)
-        head = lg.head_hash(run.run_id)
+        head = lg.step_hashes(run.run_id, [n - 1])[n - 1] if n else run.hash
     finally:
         lg.close()
-    return run, base_path, m, tensors, n, head, digest_tensors(tensors) != base_digest
+    return run, base_path, m, tensors, n, head, digest_tensors(tensors) != base_digest, chosen
 
 
 @app.command()
@@ -72,23 +87,27 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
            base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
                                                           "if the ledger names it)."),
            run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           step: Optional[str] = StepOpt,
            threads: int = ThreadsOpt,
            as_json: bool = JsonOpt):
     """Rebuild a trained model from its base GGUF and the ledger alone, checking every recorded
-    hash and the ledger's head; prints the head hash; exits 1 on a weights mismatch.
+    hash and the ledger's head; prints the head hash (of the last step replayed); exits 1 on a
+    weights mismatch.  --step N or --step best rebuilds an earlier point of the run (a run whose
+    held-out score peaked before its end).
 
-    Example: qes-edge replay --ledger run.qes --out trained.gguf"""
+    Example: qes-edge replay --ledger run.qes --out trained.gguf [--step best]"""
     with _json_output(as_json):
-        run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
+        run, base_path, m, tensors, n, head, changed, chosen = _rebuild(ledger, run_id, base, threads, out, step)
         try:
             m.write(tensors, out)
         except OSError as e:
             _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
-        common.console.print(f"{n} steps replayed, every weights hash matched; wrote {out}")
+        common.console.print(f"{n} steps replayed ({chosen}), every weights hash matched; wrote {out}", highlight=False)
         if not changed:
             common.console.print("note: no code differs from the base model: the file written is the base's weights")
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "run_id": run.run_id, "steps": n, "head": head, "changed": changed}))
+        typer.echo(json.dumps({"out": str(out), "run_id": run.run_id, "steps": n, "head": head, "changed": changed,
+                               "chosen": chosen}))
     else:
         typer.echo(f"head {head}")
 
@@ -99,6 +118,7 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
            base: Optional[str] = typer.Option(None, help="Base model, any name --model takes (default: the default model, "
                                                           "if the ledger names it)."),
            run_id: Optional[str] = typer.Option(None, help="Run in the ledger (default: the latest)."),
+           step: Optional[str] = StepOpt,
            name: Optional[str] = typer.Option(None, help="general.name of the export (default: the base's name, the task, "
                                                           "the run and its steps)."),
            ollama: Optional[str] = typer.Option(None, "--ollama", help="Also register it with ollama under this name "
@@ -114,18 +134,19 @@ def export(ledger: Path = typer.Option(..., help="The run's ledger."),
     head, base sha256, steps), and an ollama Modelfile beside it, then check them before saying done
     (gguf/export_check.py: the Modelfile against the GGUF's chat template, the trained bytes, the
     logits bit for bit, stock llama-cpp-python loading it and ending a reply); a failed check
-    removes what was written and exits 1.  Prints the head hash.
+    removes what was written and exits 1.  Prints the head hash.  --step N or --step best exports an
+    earlier point of the run (its qes.steps and qes.ledger_head are then that step's).
 
-    Example: qes-edge export --ledger run.qes --out smollm2-sentiment.gguf --ollama smollm2-sentiment"""
+    Example: qes-edge export --ledger run.qes --out smollm2-sentiment.gguf --ollama smollm2-sentiment [--step best]"""
     with _json_output(as_json):
-        result = _export(ledger, out, base, run_id, name, ollama, threads, check=not no_check)
+        result = _export(ledger, out, base, run_id, name, ollama, threads, check=not no_check, step=step)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"head {result['head']}")
 
 
-def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True) -> dict:
+def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True, step: Optional[str] = None) -> dict:
     import shutil
     import subprocess
 
@@ -136,14 +157,17 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
     if ollama is not None and not ollama.strip():
         _fail("--ollama needs a model name")
     lg, run, n = _open_ledger_readonly(ledger, run_id)
-    lg.close()
+    try:
+        n, _ = _chosen_step(lg, run, n, step)
+    finally:
+        lg.close()
     if out is None:
         out = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
-    run, base_path, m, tensors, n, head, changed = _rebuild(ledger, run_id, base, threads, out)
+    run, base_path, m, tensors, n, head, changed, chosen = _rebuild(ledger, run_id, base, threads, out, step)
     meta = check_gguf(base_path).metadata
     base_name = meta.get("general.name") or Path(run.base_name).stem
-    title = name or f"{base_name} (qes-edge {run.config.get('task')}, run {run.run_id[:8]}, {n} steps)"
+    title = name or f"{base_name} (qes-edge {run.config.get('task')}, run {run.run_id[:8]}, {n} step{'s' if n != 1 else ''})"
     qes = {"run_id": run.run_id, "ledger_head": head, "base_sha256": run.base_sha256, "steps": n,
            "task": str(run.config.get("task")), "noise_spec": int(run.noise_spec)}
     modelfile = out.with_name(out.name + ".Modelfile")
@@ -154,8 +178,8 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
             f.write(modelfile_text(out.name, meta.get("tokenizer.chat_template")))
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror or e} (nothing was written; the ledger is untouched)")
-    common.console.print(f"{n} steps replayed, every weights hash matched; wrote {out} ({title!r}) and {modelfile.name}",
-                         highlight=False)
+    common.console.print(f"{n} steps replayed ({chosen}), every weights hash matched; wrote {out} ({title!r}) and "
+                         f"{modelfile.name}", highlight=False)
     if not changed:
         common.console.print("note: no code differs from the base model: the export carries the base's weights")
     checked = None
@@ -173,7 +197,7 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
         for line in checked:
             common.console.print(line, highlight=False, markup=False)
     result = {"out": str(out), "modelfile": str(modelfile), "name": title, "run_id": run.run_id, "steps": n,
-              "head": head, "changed": changed, "ollama": None, "checked": checked}
+              "chosen": chosen, "head": head, "changed": changed, "ollama": None, "checked": checked}
     if ollama:
         exe = shutil.which("ollama")
         if exe is None:

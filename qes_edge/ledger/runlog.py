@@ -166,6 +166,33 @@ def eval_row(ev: dict) -> dict:
             **{k: _num(v) if isinstance(v, float) else v for k, v in metrics.items()}}
 
 
+#: what `--step best` compares held-out evaluations by: the first of these the task records
+BEST_BY = ("balanced_accuracy", "accuracy", "reward")
+
+
+def choose_step(spec: str | int | None, n_steps: int, evals: list[dict]) -> tuple[int, str]:
+    """The number of steps to rebuild, from --step: None (all of them), N (the first N, 0 the base)
+    or "best" (the held-out evaluation with the highest score, by BEST_BY; the earliest of ties,
+    the fewest edits for the same score).  Returns (steps, why); ValueError says what is wrong."""
+    if spec is None:
+        return n_steps, f"all {n_steps} steps"
+    text = str(spec).strip().lower()
+    if text == "best":
+        scored = [e for e in evals if e.get("split") == "heldout" and e.get("step", -1) <= n_steps]
+        by = next((k for k in BEST_BY if any(_num(e.get(k)) is not None for e in scored)), None)
+        if by is None:
+            raise ValueError("--step best needs held-out evaluations, and this run has none (train with --eval-every N)")
+        best = max((e for e in scored if _num(e.get(by)) is not None), key=lambda e: (e[by], -e["step"]))
+        return best["step"], f"step {best['step']} of {n_steps}, the best held-out {by} ({best[by]:.3f})"
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"--step {spec!r}: give a number of steps (0 to {n_steps}) or 'best'") from None
+    if not 0 <= k <= n_steps:
+        raise ValueError(f"--step {k}: the run has {n_steps} step{'s' if n_steps != 1 else ''} (give 0 to {n_steps})")
+    return k, f"the first {k} of {n_steps} steps"
+
+
 @dataclass
 class RunRecord:
     path: Path
