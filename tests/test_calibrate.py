@@ -108,6 +108,20 @@ def test_calibrate_on_the_real_model_prints_a_train_command_that_runs(tiny_choic
     assert t.returncode == 0, t.stderr
 
 
+def test_the_held_out_evaluations_come_out_of_the_budget():
+    """A run's held-out evaluations (start and end) cost prompts too: the steps get what is left,
+    and where that is too little for the grid's size, a smaller population and batch."""
+    free = recommend([probe(0.01, 0.9, seconds=0.1)], hours=1, alpha_of=fixed_alpha)
+    taxed = recommend([probe(0.01, 0.9, seconds=0.1)], hours=1, alpha_of=fixed_alpha, eval_prompts=900)
+    assert (taxed.population, taxed.batch) == (free.population, free.batch)
+    g = free.population * free.batch * 0.1 * 1.05
+    assert free.steps_in_budget == int(3600 / g) and taxed.steps_in_budget == int((3600 - 90) / g)
+    assert "after 2 min of held-out evaluations" in taxed.reasons[1] and "held-out" not in free.reasons[1]
+    squeezed = recommend([probe(0.01, 0.9, seconds=0.1)], hours=1, alpha_of=fixed_alpha, eval_prompts=9000)
+    assert squeezed.population * squeezed.batch < free.population * free.batch
+    assert squeezed.steps_in_budget * squeezed.population * squeezed.batch * 0.1 * 1.05 <= 3600 - 900
+
+
 def test_a_batch_never_holds_more_than_the_training_examples():
     rec = recommend([probe(0.01, 0.9, seconds=0.001)], hours=8, alpha_of=fixed_alpha, n_train=8)
     assert rec.batch == 8 and rec.population == 32

@@ -91,7 +91,8 @@ def calibrate(model: Optional[str] = ModelOpt,
                                           on_member=lambda: progress.advance(bar)))
     except (RewardFailure, ValueError, QESError) as e:
         _fail(f"{path}: {e}")
-    rec = recommend(probes, hours, cfg.beta, n_train=len(task_obj.train_examples()))
+    rec = recommend(probes, hours, cfg.beta, n_train=len(task_obj.train_examples()),
+                    eval_prompts=2 * len(list(task_obj.heldout_examples())))  # train's evaluations: start and end
     line = ["qes-edge", "train"] + (["--model", str(model)] if model else []) + ["--task", task] + \
         (["--data", str(data)] if data else []) + ["--sigma", f"{rec.sigma:g}", "--alpha", f"{rec.alpha:g}",
                                                    "--population", str(rec.population), "--batch", str(rec.batch),

@@ -123,8 +123,10 @@ class Recommendation:
 
 
 def recommend(probes: list[Probe], hours: float, beta: float = 0.9, alpha_of=alpha_for,
-              n_train: int | None = None) -> Recommendation:
-    """n_train: the task's training examples (a batch holds at most that many)."""
+              n_train: int | None = None, eval_prompts: int = 0) -> Recommendation:
+    """n_train: the task's training examples (a batch holds at most that many); eval_prompts: the
+    prompts the run's held-out evaluations score (train's default: the held-out set at the start
+    and at the end), spent before the steps' share of the budget."""
     reasons = []
     good = [p for p in probes if p.resolved and p.agreement >= AGREE and p.damage <= MAX_DAMAGE]
     if good:
@@ -138,7 +140,8 @@ def recommend(probes: list[Probe], hours: float, beta: float = 0.9, alpha_of=alp
                        f"(corr {pick.agreement:+.2f}, damage {pick.damage:.1%}). Expect slow learning: a larger "
                        "batch, or a reward that separates better, gives the steps a signal")
     spp = sum(p.seconds for p in probes) / max(1, sum(p.prompts for p in probes))
-    budget = hours * 3600
+    evals_s = eval_prompts * spp
+    budget = max(0.0, hours * 3600 - evals_s)
     weak = pick.agreement < 0.6
     sizes = GRID if n_train is None else sorted({(p, min(b, n_train)) for p, b in GRID})
     grid = sorted(sizes, key=lambda g: (g[0] * g[1], g[1] if weak else g[0]), reverse=True)
@@ -148,7 +151,8 @@ def recommend(probes: list[Probe], hours: float, beta: float = 0.9, alpha_of=alp
     steps = steps_of((population, batch))
     if fit:
         reasons.append(f"population {population}, batch {batch}: the largest of the grid that gives at least "
-                       f"{MIN_STEPS} steps in {hours:g} h at {spp:.3f} s a prompt ({steps} steps)"
+                       f"{MIN_STEPS} steps in {hours:g} h at {spp:.3f} s a prompt ({steps} steps"
+                       + (f", after {evals_s / 60:.0f} min of held-out evaluations" if eval_prompts else "") + ")"
                        + ("; the signal is weak, so the batch grows before the population" if weak else ""))
     else:
         reasons.append(f"population {population}, batch {batch}: even the smallest gives only {steps} steps in "
