@@ -80,6 +80,24 @@ def test_split_keeps_mirrored_pairs_together():
             assert max(map(len, shares)) - min(map(len, shares)) <= 2
 
 
+def test_shares_gathered_from_several_places_come_back_in_member_order():
+    """Gathered, as the peer and Ray executors use it: shares arrive in any order, rewards and
+    parts land at their members, failures come out by member, the members' phases are summed
+    and the executor's own timings sit beside them."""
+    from qes_edge.training.executors.local import Gathered
+    g = Gathered(6)
+    assert g.evaluation().parts is None and np.isnan(g.evaluation().rewards).all()
+    g.add(np.arange(4, 6), [0.5, 0.6], {5: "member 5 (seed 9): timeout"}, {"eval_s": 2.0, "peer_wait_s": 7.0},
+          [{"a": 0.5}, None])
+    g.add(np.arange(0, 2), [0.1, 0.2], {0: "member 0 (seed 3): bad"}, {"perturb_s": 0.25, "eval_s": 1.0})
+    e = g.evaluation(remote_members=2)
+    assert e.rewards.tolist()[:2] == [0.1, 0.2] and e.rewards.tolist()[4:] == [0.5, 0.6]
+    assert np.isnan(e.rewards[2:4]).all()
+    assert e.failures == ["member 0 (seed 3): bad", "member 5 (seed 9): timeout"]
+    assert e.parts == [None, None, None, None, {"a": 0.5}, None]
+    assert e.timings == {"perturb_s": 0.25, "eval_s": 3.0, "restore_s": 0.0, "remote_members": 2}
+
+
 def test_messages_round_trip_bit_for_bit():
     e = M.Evaluate(3, 7, [2, 3], [11, -11], [0, 5], 7, "ab" * 32)
     assert M.decode_evaluate(M.evaluate(e)) == e

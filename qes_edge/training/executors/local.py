@@ -52,6 +52,35 @@ class Evaluation:
     parts: list | None = None  # per member: {reward: its batch mean} (several --reward), None where not known
 
 
+class Gathered:
+    """A step's members scored in shares, in several places (this process, peers, Ray actors),
+    put back in member order: the step's Evaluation once every share is in."""
+
+    def __init__(self, n: int):
+        self.rewards = np.full(n, np.nan)
+        self.parts: list = [None] * n
+        self.failures: dict[int, str] = {}
+        self.timings = dict.fromkeys(MEMBER_PHASES, 0.0)
+
+    def add(self, idx, rewards, failures: dict[int, str], timings: dict, parts: list | None = None) -> None:
+        """The share of members idx: their rewards (and parts) in idx's order, their failures by
+        member index, their MEMBER_PHASES summed (other timings are not added up)."""
+        self.rewards[idx] = rewards
+        for i, p in zip(idx, parts or ()):
+            self.parts[int(i)] = p
+        self.failures.update(failures)
+        for k in MEMBER_PHASES:
+            self.timings[k] += timings.get(k, 0.0)
+
+    def add_members(self, idx, m: Members) -> None:
+        self.add(idx, m.rewards, m.failures, m.timings, m.parts)
+
+    def evaluation(self, **timings) -> Evaluation:
+        """The step's Evaluation, with the executor's own timings (waits, counts) beside the members'."""
+        return Evaluation(self.rewards, [self.failures[k] for k in sorted(self.failures)], {**self.timings, **timings},
+                          self.parts if any(p is not None for p in self.parts) else None)
+
+
 class Executor(Protocol):
     def evaluate(self, step: int, seeds: np.ndarray, batch_ids: np.ndarray) -> Evaluation:
         """The reward of each member seed on the training examples `batch_ids` (indices into the

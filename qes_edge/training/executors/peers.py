@@ -31,7 +31,7 @@ from qes_edge.ledger.store import Ledger, LedgerError
 from qes_edge.sync import messages as M
 from qes_edge.sync.link import Link, LinkClosed
 from qes_edge.sync.messages import MessageError, T
-from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
+from qes_edge.training.executors.local import Evaluation, Gathered, LocalExecutor, StepAbandoned
 from qes_edge.training.replica import Replica
 
 
@@ -220,23 +220,14 @@ class PeerExecutor:
             except LinkClosed as e:
                 self._drop(p, str(e))
                 here.append(idx)
-        rewards = np.full(len(seeds), np.nan)
-        parts: list = [None] * len(seeds)
-        failures: dict[int, str] = {}
-        t = dict.fromkeys(MEMBER_PHASES, 0.0)
+        got = Gathered(len(seeds))
         batch = [self.local.examples[i] for i in batch_ids]
         def stop(k):
             if self.local.should_stop is not None and self.local.should_stop():
                 raise StepAbandoned(f"step {step} abandoned with members still to evaluate")
 
         def run_here(idx):
-            m = self.local.evaluate_members(idx, seeds[idx], batch, stop)
-            rewards[idx] = m.rewards
-            for i, p_ in zip(idx, m.parts or ()):
-                parts[int(i)] = p_
-            failures.update(m.failures)
-            for k in MEMBER_PHASES:
-                t[k] += m.timings[k]
+            got.add_members(idx, self.local.evaluate_members(idx, seeds[idx], batch, stop))
 
         for idx in here:
             run_here(idx)
@@ -254,20 +245,14 @@ class PeerExecutor:
                 p.fallbacks += 1
                 run_here(idx)
                 continue
-            rewards[idx] = r.rewards
-            for i, p_ in zip(idx, r.parts or ()):
-                parts[int(i)] = p_
+            fails: dict[int, str] = {}
             for line in r.failures:
                 i = int(line.split()[1]) if line.startswith("member ") else None
-                failures[i if i is not None else -1 - len(failures)] = line
-            for k in t:
-                t[k] += r.timings.get(k, 0.0)
+                fails[i if i is not None else -1 - len(got.failures) - len(fails)] = line
+            got.add(idx, r.rewards, fails, r.timings, r.parts)
             remote += len(idx)
             p.members += len(idx)
-        t["peer_wait_s"] = time.perf_counter() - t0
-        t["remote_members"] = remote
-        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t,
-                          parts if any(x is not None for x in parts) else None)
+        return got.evaluation(peer_wait_s=time.perf_counter() - t0, remote_members=remote)
 
     def _late(self, p: Peer, e: Exception) -> None:
         # a peer that is only slow keeps its place: its late answer is dropped by the request number

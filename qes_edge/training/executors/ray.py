@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from qes_edge.training.executors.local import MEMBER_PHASES, Evaluation, LocalExecutor, StepAbandoned
+from qes_edge.training.executors.local import Evaluation, Gathered, LocalExecutor, StepAbandoned
 from qes_edge.training.executors.peers import split_members
 
 INSTALL = "pip install 'qes-edge[ray]'"
@@ -140,10 +140,7 @@ class RayExecutor:
             mine = [by_step[k] for k in range(self.sent[a], step)]
             futures.append(actor.evaluate.remote(mine, step, [int(i) for i in idx], [int(seeds[i]) for i in idx],
                                                  batch))
-        rewards = np.full(len(seeds), np.nan)
-        parts: list = [None] * len(seeds)
-        failures: dict[int, str] = {}
-        t = dict.fromkeys(MEMBER_PHASES, 0.0)
+        got = Gathered(len(seeds))
         t0 = time.perf_counter()
         self._wait(futures)
         for a, (fut, idx) in enumerate(zip(futures, shares)):
@@ -165,16 +162,8 @@ class RayExecutor:
                 r, fails, tt, n = m.rewards, m.failures, {**m.timings, "parts": m.parts}, None
             else:
                 self.sent[a] = n
-            rewards[idx] = r
-            for i, p_ in zip(idx, tt.get("parts") or ()):
-                parts[int(i)] = p_
-            failures.update(fails)
-            for k in t:
-                t[k] += tt.get(k, 0.0)
-        t["ray_wait_s"] = time.perf_counter() - t0
-        t["actors"] = self.n_actors
-        return Evaluation(rewards, [failures[k] for k in sorted(failures)], t,
-                          parts if any(x is not None for x in parts) else None)
+            got.add(idx, r, fails, tt, tt.get("parts"))
+        return got.evaluation(ray_wait_s=time.perf_counter() - t0, actors=self.n_actors)
 
     def _kill_actors(self) -> None:
         for actor in self.actors:
