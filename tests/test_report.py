@@ -87,6 +87,7 @@ def test_report_is_one_self_contained_file_and_a_png(tmp_path):
     assert summary["best training reward"] == "0.445 (step 7)"
     assert summary["first held-out (at the start)"] == "accuracy 0.200, reward 0.250"
     assert summary["last held-out (after 8 steps)"] == "accuracy 0.600, reward 0.300"
+    assert summary["best held-out"] == "accuracy 0.600 (after 8 steps)"  # the last: nothing to say
     steps = [sum([0.5, 10.0 + i, 0.25, 1.0 + (i == 3), 0.5]) for i in range(8)]
     assert summary["median step time"] == f"{np.median(steps):.2f} s"
     overhead = (8 * 0.5 + 8 * 0.25 + 9.0) / sum(10.0 + i for i in range(8))
@@ -127,6 +128,22 @@ def test_summary_numbers_from_a_record():
     assert s["qes_overhead"] == 1.0 and s["median_step_s"] == 8.5
     assert s["peak_rss_mb"] == 303.0 and s["peak_vs_inference"] == 303.0 / 250.0
     assert s["first_heldout"] == s["last_heldout"] == {"accuracy": 0.5} and s["last_heldout_step"] == 4
+    assert s["best_heldout"] == (4, "accuracy", 0.5)
+    evals[1:1] = [{"event": "eval", "step": 2, "split": "heldout", "accuracy": 0.75}]
+    s = summary(RunRecord(None, run, 4, "1" * 64, rows, evals))
+    assert s["best_heldout"] == (2, "accuracy", 0.75) and s["last_heldout"] == {"accuracy": 0.5}
+
+
+def test_a_run_that_scored_best_midway_says_how_to_export_that_point(tmp_path):
+    from qes_edge.ledger.store import Ledger
+    run_id, _ = make_ledger(tmp_path / "r.qes")
+    lg = Ledger(tmp_path / "r.qes")
+    lg.record_eval(run_id, 2, "heldout", {"accuracy": 0.9, "reward": 0.3})
+    lg.close()
+    res = report(tmp_path / "r.qes", "--out", tmp_path / "rep.html")
+    assert res.exit_code == 0, res.output
+    assert ("<tr><td>best held-out</td><td>accuracy 0.900 (after 2 steps); the run scored less since: "
+            "qes-edge export --step best exports this point</td></tr>") in (tmp_path / "rep.html").read_text()
 
 
 def test_a_long_run_and_odd_records_still_draw(tmp_path):

@@ -88,6 +88,7 @@ def summary(record: RunRecord) -> dict:
     heldout = record.evals_of("heldout")
     metrics = lambda e: {k: v for k, v in e.items() if k not in ("event", "step", "split")}  # noqa: E731
     from qes_edge.training.no_signal import KEY, streak
+    from qes_edge.ledger.runlog import best_heldout
     quiet = [r["step"] for r in steps if (r.get("timings") or {}).get(KEY)]
     return {
         "no_signal_steps": quiet, "no_signal_streak": streak(r.get("timings") for r in steps),
@@ -98,6 +99,7 @@ def summary(record: RunRecord) -> dict:
         "first_heldout_step": heldout[0]["step"] if heldout else None,
         "last_heldout": metrics(heldout[-1]) if heldout else None,
         "last_heldout_step": heldout[-1]["step"] if heldout else None,
+        "best_heldout": best_heldout(heldout, record.n_steps),
         "median_step_s": statistics.median(times) if times else None,
         "qes_overhead": overhead,
         "peak_rss_mb": max(rss) if rss else None,
@@ -292,6 +294,12 @@ def page(record: RunRecord, s: dict, png: bytes) -> str:
     best = f"{_num(s['best_reward'])} (step {s['best_step']})" if s["best_reward"] is not None else "—"
     fh = f" ({after(s['first_heldout_step'])})" if s["first_heldout"] else ""
     lh = f" ({after(s['last_heldout_step'])})" if s["last_heldout"] else ""
+    best_held = "—"
+    if s["best_heldout"] is not None:
+        step, by, score = s["best_heldout"]
+        best_held = f"{by} {score:.3f} ({after(step)})" + (
+            "; the run scored less since: qes-edge export --step best exports this point"
+            if step < s["last_heldout_step"] else "")
     peak = "not recorded"
     if s["peak_rss_mb"] is not None and s["inference_rss_mb"] is not None:
         peak = (f"{s['peak_vs_inference']:.3f}× ({s['peak_rss_mb']:.1f} MB peak / "
@@ -304,6 +312,7 @@ def page(record: RunRecord, s: dict, png: bytes) -> str:
         ["first training reward", _num(s["first_reward"])], ["last training reward", _num(s["last_reward"])],
         ["best training reward", best],
         ["first held-out" + fh, _metrics(s["first_heldout"])], ["last held-out" + lh, _metrics(s["last_heldout"])],
+        ["best held-out", best_held],
         ["median step time", _num(s["median_step_s"], "{:.2f} s")],
         ["QES overhead (perturb + restore + update) / eval",
          "—" if s["qes_overhead"] is None else f"{s['qes_overhead']:.1%}"],

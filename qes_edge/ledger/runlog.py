@@ -170,20 +170,30 @@ def eval_row(ev: dict) -> dict:
 BEST_BY = ("balanced_accuracy", "accuracy", "reward")
 
 
+def best_heldout(evals: list[dict], n_steps: int | None = None) -> tuple[int, str, float] | None:
+    """(step, metric, score) of the held-out evaluation that scored highest (at most n_steps in),
+    by the first metric of BEST_BY the evaluations record; the earliest of ties (the fewest edits
+    for the same score); NaN never wins.  None when the run has no held-out score."""
+    scored = [e for e in evals if e.get("split") == "heldout" and (n_steps is None or e.get("step", -1) <= n_steps)]
+    by = next((k for k in BEST_BY if any(_num(e.get(k)) is not None for e in scored)), None)
+    if by is None:
+        return None
+    best = max((e for e in scored if _num(e.get(by)) is not None), key=lambda e: (e[by], -e["step"]))
+    return best["step"], by, float(best[by])
+
+
 def choose_step(spec: str | int | None, n_steps: int, evals: list[dict]) -> tuple[int, str]:
     """The number of steps to rebuild, from --step: None (all of them), N (the first N, 0 the base)
-    or "best" (the held-out evaluation with the highest score, by BEST_BY; the earliest of ties,
-    the fewest edits for the same score).  Returns (steps, why); ValueError says what is wrong."""
+    or "best" (best_heldout's step).  Returns (steps, why); ValueError says what is wrong."""
     if spec is None:
         return n_steps, f"all {n_steps} steps"
     text = str(spec).strip().lower()
     if text == "best":
-        scored = [e for e in evals if e.get("split") == "heldout" and e.get("step", -1) <= n_steps]
-        by = next((k for k in BEST_BY if any(_num(e.get(k)) is not None for e in scored)), None)
-        if by is None:
+        best = best_heldout(evals, n_steps)
+        if best is None:
             raise ValueError("--step best needs held-out evaluations, and this run has none (train with --eval-every N)")
-        best = max((e for e in scored if _num(e.get(by)) is not None), key=lambda e: (e[by], -e["step"]))
-        return best["step"], f"step {best['step']} of {n_steps}, the best held-out {by} ({best[by]:.3f})"
+        step, by, score = best
+        return step, f"step {step} of {n_steps}, the best held-out {by} ({score:.3f})"
     try:
         k = int(text)
     except ValueError:
