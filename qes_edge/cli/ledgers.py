@@ -17,7 +17,7 @@ from qes_edge.native.quant import QESError
 from qes_edge.cli.common import (JsonOpt, ThreadsOpt, _fail, _json_output, _one_line, _open_ledger_readonly, app)
 
 
-StepOpt = typer.Option(None, "--step", help="Rebuild the weights after the first N steps (0: the base), or 'best': "
+StepOpt = typer.Option(None, "--step", metavar="N|best", help="Rebuild the weights after the first N steps (0: the base), or 'best': "
                                              "after the step whose held-out score is highest (default: every step).")
 
 
