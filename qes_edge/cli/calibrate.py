@@ -75,7 +75,8 @@ def calibrate(model: Optional[str] = ModelOpt,
         n_threads = resolve_threads(threads)
         driver = open_driver(path, n_ctx, n_threads, cfg.frozen)
         prepare_driver(driver, task_obj, cfg)
-    held = list(task_obj.heldout_examples())[:heldout]
+    all_held = list(task_obj.heldout_examples())
+    held = all_held[:heldout]
     prompts = len(values) * (2 * pairs * (2 * batch + len(held)) + len(held))
     err = common.make_console(stderr=True)
     err.print(f"calibrating {path.name} on task {task}: {len(values)} sigmas x {pairs} mirrored pairs, two batches of "
@@ -92,7 +93,7 @@ def calibrate(model: Optional[str] = ModelOpt,
     except (RewardFailure, ValueError, QESError) as e:
         _fail(f"{path}: {e}")
     rec = recommend(probes, hours, cfg.beta, n_train=len(task_obj.train_examples()),
-                    eval_prompts=2 * len(list(task_obj.heldout_examples())))  # train's evaluations: start and end
+                    eval_prompts=2 * len(all_held))  # train's evaluations: start and end
     line = ["qes-edge", "train"] + (["--model", str(model)] if model else []) + ["--task", task] + \
         (["--data", str(data)] if data else []) + ["--sigma", f"{rec.sigma:g}", "--alpha", f"{rec.alpha:g}",
                                                    "--population", str(rec.population), "--batch", str(rec.batch),
