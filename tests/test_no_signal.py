@@ -104,3 +104,26 @@ def test_status_shows_the_streak_of_the_run_it_shows(tmp_path):
     con = Console(record=True, width=200)
     status.render({"daemon": {"running": False}, "run": info, "pauses": [], "queue": []}, con)
     assert f"no signal for the last {STREAK} steps: the reward is saturated" in con.export_text()
+
+
+def test_status_picks_the_held_out_metric_and_best_step_as_export_does(tmp_path):
+    """status shows balanced accuracy where the task records it (the metric `export --step best`
+    ranks by), and the step that scored best, so a user sees a run that peaked before its end."""
+    from rich.console import Console
+
+    from qes_edge.agent import status
+    cfg = TrainConfig(task="toy", population=4, sigma=0.2, alpha=0.05, batch=2, window=5)
+    drv, lg, run, tr = make(tmp_path, cfg)
+    for _ in range(3):
+        tr.step()
+    for step, acc, bal in [(0, 0.5, 0.50), (1, 0.8, 0.75), (2, 0.9, 0.75), (3, 0.7, 0.6)]:
+        lg.record_eval(run.run_id, step, "heldout", {"accuracy": acc, "balanced_accuracy": bal})
+    lg.close()
+    info = status._run_progress(str(tmp_path / "toy0.qes"), run.run_id)
+    assert info["heldout_metric"] == "balanced_accuracy"
+    assert [h["value"] for h in info["heldout"]] == [0.5, 0.75, 0.75, 0.6]
+    assert info["best_heldout"] == {"step": 1, "value": 0.75}  # the earliest of the ties
+    info.update(job=1, state="running", target=10)
+    con = Console(record=True, width=200)
+    status.render({"daemon": {"running": False}, "run": info, "pauses": [], "queue": []}, con)
+    assert "balanced_accuracy 0.500 → 0.600 (4 evaluations, best 0.750 at step 1)" in con.export_text()

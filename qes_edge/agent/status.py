@@ -12,7 +12,7 @@ import numpy as np
 
 from qes_edge.agent.daemon import daemon_paths, running_pid
 from qes_edge.agent.db import DaemonDB
-from qes_edge.ledger.runlog import PHASES
+from qes_edge.ledger.runlog import PHASES, best_heldout
 
 SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -54,10 +54,8 @@ def _run_progress(ledger: str, run_id: str | None) -> dict:
         lg.close()
     rewards = [float(np.nanmean(r.rewards)) if np.isfinite(r.rewards).any() else None for r in steps]
     heldout = [e for e in evals if e.get("split") == "heldout"]
-    metric = None
-    if heldout:
-        keys = [k for k in heldout[-1] if k not in ("step", "split")]
-        metric = next((k for k in ("accuracy", "balanced_accuracy", "reward") if k in keys), keys[0] if keys else None)
+    best = best_heldout(evals)  # the same rule as `export --step best` and `report`
+    metric = best[1] if best else None
     times = [sum(r.timings.get(k, 0.0) for k in PHASES) for r in steps]
     memory = [e for e in evals if e.get("split") == "memory"]
     from qes_edge.training.no_signal import streak
@@ -66,6 +64,7 @@ def _run_progress(ledger: str, run_id: str | None) -> dict:
             "no_signal_steps": n_quiet, "no_signal_cause": cause,
             "rewards": rewards, "heldout_metric": metric,
             "heldout": [{"step": e["step"], "value": e.get(metric)} for e in heldout] if metric else [],
+            "best_heldout": {"step": best[0], "value": best[2]} if best else None,
             "median_step_s": float(np.median(times[-20:])) if times else None,
             "peak_rss_mb": max((r.timings.get("rss_mb", 0) for r in steps), default=None) or None,
             "inference_rss_mb": memory[-1].get("inference_rss_mb") if memory else None}
@@ -138,10 +137,12 @@ def render(info: dict, console) -> None:
             if rw:
                 console.print(f"  reward    {sparkline(r['rewards'])}  {rw[0]:.3f} → {rw[-1]:.3f} "
                               f"(best {max(rw):.3f})", markup=False)
-            if r["heldout"]:
-                vals = [h["value"] for h in r["heldout"]]
+            vals = [h["value"] for h in r["heldout"] if h["value"] is not None]
+            if vals:
+                b = r.get("best_heldout")
+                best = f", best {b['value']:.3f} at step {b['step']}" if b else ""
                 console.print(f"  held-out  {sparkline(vals)}  {r['heldout_metric']} {vals[0]:.3f} → {vals[-1]:.3f} "
-                              f"({len(vals)} evaluations)", markup=False)
+                              f"({len(vals)} evaluations{best})", markup=False)
             from qes_edge.training.no_signal import alarm
             quiet = alarm(r.get("no_signal_steps", 0), r.get("no_signal_cause"))
             if quiet:
