@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,12 @@ def test_replay_and_export_an_earlier_step(tmp_path, default_model):
     meta = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
     assert meta["qes.steps"] == 1 and meta["qes.ledger_head"] == recs[0].hash and meta["general.name"].endswith(", 1 step)")
     assert digest(out) == recs[0].weights_sha256
+    # no --out: the default name carries the step exported
+    r = cli(["export", "--ledger", str(ledger), "--step", "best", "--no-check", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    default = Path(os.environ["QES_EDGE_HOME"]) / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s1.gguf"
+    assert info["out"] == str(default) and digest(default) == recs[0].weights_sha256
     for bad, says in (("3", "--step 3: the run has 2 steps (give 0 to 2)"), ("-1", "the run has 2 steps"),
                       ("last", "give a number of steps (0 to 2) or 'best'")):
         r = cli(["export", "--ledger", str(ledger), "--step", bad, "--no-check"], tmp_path)

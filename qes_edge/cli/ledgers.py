@@ -29,12 +29,13 @@ def _chosen_step(lg, run, n: int, step: Optional[str]) -> tuple[int, str]:
         _fail(str(e))
 
 
-def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out: Path,
+def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out,
              step: Optional[str] = None):
     """Replay a verified run onto its base, all its steps or the first --step of them: (run, base
     path, GGUFModel, trained tensors, steps replayed, their head hash, whether any code differs
-    from the base, which steps and why).  One-line errors for every bad input; exit 1 on a weights
-    mismatch."""
+    from the base, which steps and why, the output path).  `out` is a path, or a function of
+    (run, steps) that names one (export's default name carries the step).  The ledger is opened
+    and verified once.  One-line errors for every bad input; exit 1 on a weights mismatch."""
     from qes_edge.atomic import check_output_path
     from qes_edge.native.engine import digest_tensors
     from qes_edge.gguf.model import GGUFModel, file_sha256
@@ -44,13 +45,16 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
     from qes_edge.training.config import TrainConfig
     from qes_edge.training.replica import Replica
 
-    try:
-        check_output_path(out, {"ledger": ledger, "base model": base})
-    except ValueError as e:
-        _fail(str(e))
+    if not callable(out):
+        try:
+            check_output_path(out, {"ledger": ledger, "base model": base})
+        except ValueError as e:
+            _fail(str(e))
     lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
         n, chosen = _chosen_step(lg, run, n, step)
+        if callable(out):
+            out = out(run, n)
         try:
             base_path = run_base_model(run, base)
             check_output_path(out, {"ledger": ledger, "base model": base_path})
@@ -78,7 +82,7 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
         head = lg.step_hashes(run.run_id, [n - 1])[n - 1] if n else run.hash
     finally:
         lg.close()
-    return run, base_path, m, tensors, n, head, digest_tensors(tensors) != base_digest, chosen
+    return run, base_path, m, tensors, n, head, digest_tensors(tensors) != base_digest, chosen, out
 
 
 @app.command()
@@ -97,7 +101,7 @@ def replay(ledger: Path = typer.Option(..., help="The run's ledger."),
 
     Example: qes-edge replay --ledger run.qes --out trained.gguf [--step best]"""
     with _json_output(as_json):
-        run, base_path, m, tensors, n, head, changed, chosen = _rebuild(ledger, run_id, base, threads, out, step)
+        run, base_path, m, tensors, n, head, changed, chosen, out = _rebuild(ledger, run_id, base, threads, out, step)
         try:
             m.write(tensors, out)
         except OSError as e:
@@ -156,15 +160,12 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
 
     if ollama is not None and not ollama.strip():
         _fail("--ollama needs a model name")
-    lg, run, n = _open_ledger_readonly(ledger, run_id)
-    try:
-        n, _ = _chosen_step(lg, run, n, step)
-    finally:
-        lg.close()
-    if out is None:
-        out = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
-        out.parent.mkdir(parents=True, exist_ok=True)
-    run, base_path, m, tensors, n, head, changed, chosen = _rebuild(ledger, run_id, base, threads, out, step)
+    def default_out(run, n: int) -> Path:
+        path = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    run, base_path, m, tensors, n, head, changed, chosen, out = _rebuild(ledger, run_id, base, threads,
+                                                                         out if out is not None else default_out, step)
     meta = check_gguf(base_path).metadata
     base_name = meta.get("general.name") or Path(run.base_name).stem
     title = name or f"{base_name} (qes-edge {run.config.get('task')}, run {run.run_id[:8]}, {n} step{'s' if n != 1 else ''})"
