@@ -29,13 +29,20 @@ def _chosen_step(lg, run, n: int, step: Optional[str]) -> tuple[int, str]:
         _fail(str(e))
 
 
-def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out,
+def _export_path(run, n: int) -> Path:
+    """export's default output: <home>/exports/<model>.<run>.s<steps>.gguf (the folder made)."""
+    from qes_edge.home import home
+    path = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: int, out: Optional[Path],
              step: Optional[str] = None):
     """Replay a verified run onto its base, all its steps or the first --step of them: (run, base
     path, GGUFModel, trained tensors, steps replayed, their head hash, whether any code differs
-    from the base, which steps and why, the output path).  `out` is a path, or a function of
-    (run, steps) that names one (export's default name carries the step).  The ledger is opened
-    and verified once.  One-line errors for every bad input; exit 1 on a weights mismatch."""
+    from the base, which steps and why, the output path).  `out` None: export's default name,
+    which carries the chosen step (_export_path).  The ledger is opened and verified once.  One-line errors for every bad input; exit 1 on a weights mismatch."""
     from qes_edge.atomic import check_output_path
     from qes_edge.native.engine import digest_tensors
     from qes_edge.gguf.model import GGUFModel, file_sha256
@@ -45,7 +52,7 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
     from qes_edge.training.config import TrainConfig
     from qes_edge.training.replica import Replica
 
-    if not callable(out):
+    if out is not None:
         try:
             check_output_path(out, {"ledger": ledger, "base model": base})
         except ValueError as e:
@@ -53,8 +60,8 @@ def _rebuild(ledger: Path, run_id: Optional[str], base: Optional[str], threads: 
     lg, run, n = _open_ledger_readonly(ledger, run_id)
     try:
         n, chosen = _chosen_step(lg, run, n, step)
-        if callable(out):
-            out = out(run, n)
+        if out is None:
+            out = _export_path(run, n)
         try:
             base_path = run_base_model(run, base)
             check_output_path(out, {"ledger": ledger, "base model": base_path})
@@ -156,16 +163,10 @@ def _export(ledger, out, base, run_id, name, ollama, threads, check: bool = True
 
     from qes_edge.gguf.export import modelfile_text, write_gguf
     from qes_edge.gguf.check import check_gguf
-    from qes_edge.home import home
 
     if ollama is not None and not ollama.strip():
         _fail("--ollama needs a model name")
-    def default_out(run, n: int) -> Path:
-        path = home() / "exports" / f"{Path(run.base_name).stem}.{run.run_id[:8]}.s{n}.gguf"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-    run, base_path, m, tensors, n, head, changed, chosen, out = _rebuild(ledger, run_id, base, threads,
-                                                                         out if out is not None else default_out, step)
+    run, base_path, m, tensors, n, head, changed, chosen, out = _rebuild(ledger, run_id, base, threads, out, step)
     meta = check_gguf(base_path).metadata
     base_name = meta.get("general.name") or Path(run.base_name).stem
     title = name or f"{base_name} (qes-edge {run.config.get('task')}, run {run.run_id[:8]}, {n} step{'s' if n != 1 else ''})"
